@@ -1,0 +1,40 @@
+"""sparta: Structured Pruning Adapters for PyTorch.
+
+A frozen, shared base network; per task a tiny set of learned tensors (masks, adapters, biases,
+norms, head); per task a physically pruned, fused model. See the README for a quick start.
+"""
+
+from .adapters import (
+    AdaptedLayer,
+    Adapter,
+    SPLoRA,
+    SPPaRA,
+    get_adapter,
+    list_adapters,
+    register_adapter,
+)
+from .errors import ConfigError, NotAdaptableError, SpartaError, UnknownNameError
+from .measure import learned_parameters
+from .wrap import SkippedLayer, WrapReport, fuse, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptedLayer",
+    "Adapter",
+    "ConfigError",
+    "NotAdaptableError",
+    "SPLoRA",
+    "SPPaRA",
+    "SkippedLayer",
+    "SpartaError",
+    "UnknownNameError",
+    "WrapReport",
+    "__version__",
+    "fuse",
+    "get_adapter",
+    "learned_parameters",
+    "list_adapters",
+    "register_adapter",
+    "wrap",
+]

@@ -1,0 +1,171 @@
+"""The adapter protocol and its registry.
+
+An adapter is the task-specific part of one frozen weight. Whatever the layer (``Linear``,
+``ConvNd`` or a projection inside ``MultiheadAttention``), the adapter sees the weight as a matrix
+of shape ``(out, in // groups)``: for a k x k convolution the delta lives at the kernel's centre
+tap, so it is a pointwise branch in parallel with the frozen layer (paper, Sec. 3; design.md).
+
+Every adapter also owns the layer's channel masks ``mask_out`` (out) and ``mask_in`` (in), so one
+module holds all the per-layer task state. The effective weight is
+
+    W_task = (W + delta) * (mask_out mask_in^T)
+
+where, for grouped layers, ``mask_in`` is read per group of output rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, UnknownNameError
+
+_ADAPTERS: dict[str, type[Adapter]] = {}
+
+#: The kinds of layer an adapter may declare support for.
+LAYER_KINDS = ("linear", "conv", "attention")
+
+_POINTWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def register_adapter(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    """Class decorator that makes an :class:`Adapter` available to :func:`sparta.wrap` by name."""
+
+    def decorate(cls: type[Adapter]) -> type[Adapter]:
+        if name in _ADAPTERS and _ADAPTERS[name] is not cls:
+            raise ConfigError(f"an adapter named {name!r} is already registered")
+        cls.name = name
+        _ADAPTERS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_adapter(name: str) -> type[Adapter]:
+    """The adapter class registered under ``name``; unknown names list the known ones."""
+    if not isinstance(name, str) or name not in _ADAPTERS:
+        raise UnknownNameError("adapter", name, _ADAPTERS)
+    return _ADAPTERS[name]
+
+
+def list_adapters() -> list[str]:
+    """Names of every registered adapter, sorted."""
+    return sorted(_ADAPTERS)
+
+
+def pointwise(x: Tensor, weight: Tensor, spatial_dims: int, stride=1, groups: int = 1) -> Tensor:
+    """Apply a matrix ``weight`` (out, in // groups) to the channels of ``x``.
+
+    ``spatial_dims == 0`` means features-last input (as for ``nn.Linear``); otherwise ``x`` is
+    channels-first with that many spatial dimensions and the product is a strided 1x1 conv.
+    """
+    if spatial_dims == 0:
+        return F.linear(x, weight)
+    kernel = weight.reshape(*weight.shape, *([1] * spatial_dims))
+    return _POINTWISE_CONV[spatial_dims](x, kernel, stride=stride, groups=groups)
+
+
+def check_init_scale(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise ConfigError(f"init_scale must be a finite number >= 0, got {value!r}")
+
+
+class Adapter(nn.Module, metaclass=ABCMeta):
+    """Base class: a learned delta of shape ``(out_features, in_features // groups)`` plus masks.
+
+    Subclasses define :meth:`delta` and :meth:`num_learned`, and may override :meth:`apply` with
+    a cheaper way to compute ``x -> masked delta applied to x`` (SPLoRA does it in two thin steps).
+    Options accepted by ``__init__`` after ``groups`` are the adapter's user-facing options.
+    """
+
+    name: ClassVar[str] = ""
+    #: Layer kinds this adapter can adapt (a subset of :data:`LAYER_KINDS`).
+    kinds: ClassVar[tuple[str, ...]] = LAYER_KINDS
+
+    def __init__(self, out_features: int, in_features: int, groups: int = 1):
+        super().__init__()
+        if in_features % groups or out_features % groups:
+            raise ConfigError(
+                f"in_features={in_features} and out_features={out_features} must both be "
+                f"divisible by groups={groups}"
+            )
+        self.out_features, self.in_features, self.groups = out_features, in_features, groups
+        self.register_buffer("mask_out", torch.ones(out_features))
+        self.register_buffer("mask_in", torch.ones(in_features))
+
+    # -- options -------------------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> list[str]:
+        params = list(inspect.signature(cls.__init__).parameters)
+        return params[params.index("groups") + 1 :]
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Refuse unknown options, naming the accepted ones; subclasses add range checks."""
+        unknown = set(options) - set(cls.option_names())
+        if unknown:
+            accepted = ", ".join(cls.option_names()) or "none"
+            raise ConfigError(
+                f"adapter {cls.name!r} takes no option {sorted(unknown)[0]!r}; "
+                f"its options are: {accepted}"
+            )
+
+    @classmethod
+    def resolve_options(cls, options: dict) -> dict:
+        """Checked options with every default filled in."""
+        cls.check_options(options)
+        params = inspect.signature(cls.__init__).parameters
+        return {n: options.get(n, params[n].default) for n in cls.option_names()}
+
+    @classmethod
+    def unsupported_reason(
+        cls, out_features: int, in_features: int, groups: int, options: dict
+    ) -> str | None:
+        """Why this adapter cannot adapt a weight of this shape, or ``None`` if it can."""
+        return None
+
+    # -- maths ---------------------------------------------------------------------------------
+    @property
+    def in_per_group(self) -> int:
+        return self.in_features // self.groups
+
+    @abstractmethod
+    def delta(self) -> Tensor:
+        """The unmasked delta, shape ``(out_features, in_features // groups)``."""
+
+    def mask_matrix(self) -> Tensor:
+        """``mask_out mask_in^T`` laid out like the weight matrix, ``mask_in`` read per group."""
+        g, out, in_g = self.groups, self.out_features, self.in_per_group
+        grouped_in = self.mask_in.view(g, 1, in_g).expand(g, out // g, in_g).reshape(out, in_g)
+        return self.mask_out[:, None] * grouped_in
+
+    def masked_delta(self) -> Tensor:
+        return self.delta() * self.mask_matrix()
+
+    def apply(self, x: Tensor, spatial_dims: int, stride=1) -> Tensor:
+        """The adapter branch: the masked delta applied pointwise to ``x``'s channels."""
+        return pointwise(x, self.masked_delta(), spatial_dims, stride, self.groups)
+
+    @abstractmethod
+    def num_learned(self) -> int:
+        """Learned parameters that still reach the output under the current masks."""
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+    def kept_in_columns(self) -> Tensor:
+        """Bool (in // groups): columns of the delta kept by the input mask in any group."""
+        return self.mask_in.view(self.groups, self.in_per_group).bool().any(0)
+
+    def kept_out_rows(self) -> Tensor:
+        return self.mask_out.bool()
+
+    def extra_repr(self) -> str:
+        kept_out = int(self.mask_out.sum())
+        kept_in = int(self.mask_in.sum())
+        text = f"out={kept_out}/{self.out_features}, in={kept_in}/{self.in_features}"
+        return text + (f", groups={self.groups}" if self.groups > 1 else "")

@@ -1,0 +1,36 @@
+"""Exception types raised by sparta.
+
+Every error derives from :class:`SpartaError` and from the built-in type a caller would
+naturally catch (``ValueError`` for bad values, ``TypeError`` for wrong types, ``KeyError``-like
+lookups are reported as ``ValueError`` with the known names listed).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SpartaError(Exception):
+    """Base class of every error raised on purpose by sparta."""
+
+
+class ConfigError(SpartaError, ValueError):
+    """A value given by the user is out of range or inconsistent."""
+
+
+class UnknownNameError(ConfigError):
+    """A registered name (adapter, criterion, model, ...) does not exist."""
+
+    def __init__(self, kind: str, name: object, known: Iterable[str]):
+        known = sorted(known)
+        hint = difflib.get_close_matches(str(name), known, n=1)
+        msg = f"unknown {kind} {name!r}; known {kind}s: {', '.join(known) or '(none)'}"
+        if hint:
+            msg += f" (did you mean {hint[0]!r}?)"
+        super().__init__(msg)
+        self.kind, self.name, self.known = kind, name, known
+
+
+class NotAdaptableError(ConfigError):
+    """A layer cannot carry the requested adapter (the message says why)."""

@@ -1,0 +1,261 @@
+"""``sparta.wrap``: turn a model into a frozen base plus adapters; ``sparta.fuse``: back to plain."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
+
+from .adapters.attention import AdaptedWeight, adapt_attention
+from .adapters.base import get_adapter
+from .adapters.layer import AdaptedLayer, centre_reason, layer_geometry
+from .errors import ConfigError
+
+#: Norm layers whose affine parameters a task learns (paper: "plus every norm layer's affine").
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+
+
+@dataclass
+class SkippedLayer:
+    name: str
+    type: str
+    reason: str
+
+
+@dataclass
+class WrapReport:
+    """What :func:`wrap` did: adapted layers, skipped layers with reasons, and the head."""
+
+    adapter: str
+    options: dict
+    adapted: list[str] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    head: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"adapter {self.adapter} {self.options}: {len(self.adapted)} layers adapted, "
+            f"{len(self.skipped)} skipped, {len(self.excluded)} excluded by pattern",
+            f"head (plain, trainable): {', '.join(self.head) or '(none)'}",
+        ]
+        lines += [f"skipped {s.name} ({s.type}): {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention | nn.Linear):
+        return True
+    return isinstance(module, _ConvNd) and not module.transposed
+
+
+def _kind(module: nn.Module) -> str:
+    return "attention" if isinstance(module, nn.MultiheadAttention) else layer_geometry(module)[0]
+
+
+def _check_patterns(patterns, names: list[str], what: str) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    patterns = list(patterns)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{what} patterns must be strings, got {p!r}")
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            hint = difflib.get_close_matches(p, names, n=3)
+            raise ConfigError(
+                f"{what} pattern {p!r} matches no module"
+                + (f"; close names: {', '.join(hint)}" if hint else "")
+            )
+    return patterns
+
+
+def _resolve_head(model: nn.Module, head, candidates: dict[str, nn.Module]) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    if head is None:
+        return []
+    if head == "auto":
+        # The classifier is, in every torchvision and Hugging Face classification model, the
+        # last Linear registered; pass head=... to choose otherwise.
+        linears = [n for n, m in candidates.items() if isinstance(m, nn.Linear)]
+        return linears[-1:]
+    heads = [head] if isinstance(head, str) else list(head)
+    for h in heads:
+        if h not in names:
+            hint = difflib.get_close_matches(h, names, n=3)
+            raise ConfigError(
+                f"head {h!r} is not a module of the model"
+                + (f"; close names: {', '.join(hint)}" if hint else "")
+            )
+    return heads
+
+
+def _inside(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _replace(model: nn.Module, paths: list[str], new: nn.Module) -> None:
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        model.get_submodule(parent)._modules[child] = new
+
+
+def wrap(
+    model: nn.Module,
+    adapter: str = "splora",
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    head: str | Iterable[str] | None = "auto",
+    train_norms: bool = True,
+    train_biases: bool = True,
+    inplace: bool = False,
+    **options,
+) -> nn.Module:
+    """Adapt ``model``: freeze its weights and add ``adapter`` to every target layer.
+
+    Targets are ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` modules the
+    adapter supports, narrowed by ``include``/``exclude`` glob patterns on module names. The head
+    (by default the last ``nn.Linear``) stays plain and trainable, as do norm affine parameters
+    and the biases of adapted layers. ``options`` go to the adapter (SPLoRA: ``rank``,
+    ``init_scale``). Layers that cannot be adapted are skipped with a warning and listed, with the
+    reason, in ``returned_model.sparta_report`` (a :class:`WrapReport`).
+
+    Returns an adapted deep copy, or ``model`` itself when ``inplace=True``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap expects a torch.nn.Module, got {type(model).__name__}")
+    cls = get_adapter(adapter)
+    options = cls.resolve_options(options)
+    if any(isinstance(m, AdaptedLayer | AdaptedWeight) for m in model.modules()):
+        raise ConfigError("model is already wrapped; call sparta.fuse(model) first to re-wrap")
+    all_names = [n for n, _ in model.named_modules() if n]
+    include = _check_patterns(include, all_names, "include")
+    exclude = _check_patterns(exclude, all_names, "exclude")
+
+    model = model if inplace else copy.deepcopy(model)
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    candidates = {
+        n: m
+        for n, m in model.named_modules()
+        if n and _is_candidate(m) and not _inside(n, _attention_names(model, n))
+    }
+    report = WrapReport(adapter=cls.name, options=dict(options))
+    report.head = _resolve_head(model, head, candidates)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in candidates.items():
+        if _inside(name, report.head):
+            continue
+        if (include and not any(fnmatch.fnmatchcase(name, p) for p in include)) or any(
+            fnmatch.fnmatchcase(name, p) for p in exclude
+        ):
+            report.excluded.append(name)
+            continue
+        reason = _unsupported(module, cls, options)
+        if reason:
+            report.skipped.append(SkippedLayer(name, type(module).__name__, reason))
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            adapt_attention(module, lambda o, i: cls(o, i, 1, **options))
+            for p in (module.in_proj_bias, module.out_proj.bias):
+                if p is not None:
+                    p.requires_grad_(train_biases)
+        else:
+            layer = AdaptedLayer(module, cls(*layer_geometry(module)[1:], **options))
+            if module.bias is not None:
+                module.bias.requires_grad_(train_biases)
+            _replace(model, paths[id(module)], layer)
+        report.adapted.append(name)
+
+    if not report.adapted:
+        why = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:5]) or "no target layers"
+        raise ConfigError(f"wrap adapted no layer with adapter {cls.name!r} ({why})")
+    for name in report.head:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    if train_norms:
+        for m in model.modules():
+            if isinstance(m, NORM_TYPES):
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(True)
+    if report.skipped:
+        listed = "; ".join(f"{s.name} ({s.reason})" for s in report.skipped)
+        warnings.warn(
+            f"sparta.wrap left {len(report.skipped)} layer(s) frozen and unadapted: {listed}",
+            stacklevel=2,
+        )
+    model.sparta_report = report
+    return model
+
+
+def _attention_names(model: nn.Module, name: str) -> list[str]:
+    """Names of the MultiheadAttention modules strictly above ``name`` (their projections are
+    adapted through the attention module, never as separate Linear layers)."""
+    parts = name.split(".")
+    above = [".".join(parts[:i]) for i in range(1, len(parts))]
+    return [a for a in above if isinstance(model.get_submodule(a), nn.MultiheadAttention)]
+
+
+def _unsupported(module: nn.Module, cls, options: dict) -> str | None:
+    kind = _kind(module)
+    if kind not in cls.kinds:
+        return f"adapter {cls.name!r} adapts {', '.join(cls.kinds)} layers, not {kind}"
+    if kind == "attention":
+        e = module.embed_dim
+        shapes = [(e, e), (e, module.kdim), (e, module.vdim)]
+        return next((r for o, i in shapes if (r := cls.unsupported_reason(o, i, 1, options))), None)
+    reason = centre_reason(module)
+    return reason or cls.unsupported_reason(*layer_geometry(module)[1:], options)
+
+
+def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Plain torch modules computing the same function: adapters and masks baked into weights.
+
+    Every :class:`AdaptedLayer` becomes its base layer type holding ``(W + delta) * M`` and the
+    masked bias; every parametrised attention weight becomes a plain tensor.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    for m in list(model.modules()):
+        if isinstance(m, AdaptedLayer):
+            plain = _fused_copy(m)
+            if paths[id(m)] == [""]:
+                return plain
+            _replace(model, paths[id(m)], plain)
+        elif parametrize.is_parametrized(m):
+            for attr in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, attr, leave_parametrized=True)
+    model.__dict__.pop("sparta_report", None)
+    return model
+
+
+def _fused_copy(layer: AdaptedLayer) -> nn.Module:
+    with torch.no_grad():
+        weight, bias = layer.fused_weight()
+    plain = copy.copy(layer.base)  # same class and hyper-parameters; tensors replaced below
+    for slot in ("_parameters", "_buffers", "_modules"):
+        setattr(plain, slot, dict(getattr(plain, slot)))
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias, requires_grad=layer.base.bias.requires_grad)
+    return plain
