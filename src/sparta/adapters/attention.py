@@ -29,7 +29,9 @@ class AdaptedWeight(nn.Module):
 
     def _compute(self, weight: Tensor) -> Tensor:
         rows = weight.split([a.out_features for a in self.adapters.values()])
-        return _cat([(w + a.delta()) * a.mask_matrix() for w, a in zip(rows, self.adapters.values())])
+        return _cat(
+            [(w + a.delta()) * a.mask_matrix() for w, a in zip(rows, self.adapters.values())]
+        )
 
     def forward(self, weight: Tensor) -> Tensor:
         if _needs_grad(self.adapters.parameters()):
@@ -70,7 +72,9 @@ def _needs_grad(params) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in params)
 
 
-def adapt_attention(mha: nn.MultiheadAttention, make: Callable[[int, int], Adapter]) -> list[AdaptedWeight]:
+def adapt_attention(
+    mha: nn.MultiheadAttention, make: Callable[[int, int], Adapter]
+) -> list[AdaptedWeight]:
     """Parametrise ``mha`` in place; ``make(out, in)`` builds one adapter. Returns the weights."""
     e = mha.embed_dim
     added: list[tuple[nn.Module, str, AdaptedWeight]] = []

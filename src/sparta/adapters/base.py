@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnknownNameError
@@ -30,8 +29,6 @@ _ADAPTERS: dict[str, type[Adapter]] = {}
 
 #: The kinds of layer an adapter may declare support for.
 LAYER_KINDS = ("linear", "conv", "attention")
-
-_POINTWISE_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def register_adapter(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
@@ -59,28 +56,20 @@ def list_adapters() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def pointwise(x: Tensor, weight: Tensor, spatial_dims: int, stride=1, groups: int = 1) -> Tensor:
-    """Apply a matrix ``weight`` (out, in // groups) to the channels of ``x``.
-
-    ``spatial_dims == 0`` means features-last input (as for ``nn.Linear``); otherwise ``x`` is
-    channels-first with that many spatial dimensions and the product is a strided 1x1 conv.
-    """
-    if spatial_dims == 0:
-        return F.linear(x, weight)
-    kernel = weight.reshape(*weight.shape, *([1] * spatial_dims))
-    return _POINTWISE_CONV[spatial_dims](x, kernel, stride=stride, groups=groups)
-
-
 def check_init_scale(value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value < float("inf")
+    ):
         raise ConfigError(f"init_scale must be a finite number >= 0, got {value!r}")
 
 
 class Adapter(nn.Module, metaclass=ABCMeta):
     """Base class: a learned delta of shape ``(out_features, in_features // groups)`` plus masks.
 
-    Subclasses define :meth:`delta` and :meth:`num_learned`, and may override :meth:`apply` with
-    a cheaper way to compute ``x -> masked delta applied to x`` (SPLoRA does it in two thin steps).
+    Subclasses define :meth:`delta` and :meth:`num_learned`, and may override :meth:`factors`
+    when the delta is a product of thin matrices (SPLoRA).
     Options accepted by ``__init__`` after ``groups`` are the adapter's user-facing options.
     """
 
@@ -148,9 +137,13 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     def masked_delta(self) -> Tensor:
         return self.delta() * self.mask_matrix()
 
-    def apply(self, x: Tensor, spatial_dims: int, stride=1) -> Tensor:
-        """The adapter branch: the masked delta applied pointwise to ``x``'s channels."""
-        return pointwise(x, self.masked_delta(), spatial_dims, stride, self.groups)
+    def factors(self) -> tuple[Tensor, Tensor | None]:
+        """The masked delta as ``(left, right)`` with delta = left @ right, or ``(delta, None)``.
+
+        The training kernel differentiates a factored delta with thin products (see
+        ``delta_fn``); adapters without a cheap factorisation keep the default.
+        """
+        return self.masked_delta(), None
 
     @abstractmethod
     def num_learned(self) -> int:

@@ -1,14 +1,13 @@
 """``AdaptedLayer``: a frozen ``nn.Linear`` or ``nn.ConvNd`` plus an adapter, one code path.
 
-Two ways to compute the same function (tested to agree within 1e-5 relative, fp32):
+Both paths run the base layer once with ``(W + delta) * M`` and ``b * mask_out``
+(tested to agree within 1e-5 relative, fp32):
 
-* gradient path (whenever autograd must reach the adapter or bias): the frozen layer runs on
-  its masked weight, which needs no weight gradient, and the adapter runs beside it on the
-  input sampled at the kernel's centre tap (a strided 1x1 branch). A training step therefore
-  costs less than full fine-tuning.
-* fused path (otherwise, e.g. under ``torch.no_grad()``): one call of the base layer with
-  ``(W + delta) * M`` and ``b * mask_out``, cached until a weight, adapter or mask changes, so
-  inference runs at plain-layer speed.
+* gradient path (whenever autograd must reach the adapter or bias): through ``DeltaLayerFn``,
+  whose backward forms no gradient for the frozen weight and only thin ones for the adapter,
+  so a training step costs less than full fine-tuning;
+* fused path (otherwise, e.g. under ``torch.no_grad()``): the fused weight is cached until a
+  weight, adapter or mask changes, so inference runs at plain-layer speed.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..errors import ConfigError, NotAdaptableError
 from .base import Adapter, get_adapter
+from .delta_fn import DeltaLayerFn, Geometry
 
 
 class TensorMemo:
@@ -68,9 +68,7 @@ def layer_geometry(layer: nn.Module) -> tuple[str, int, int, int]:
         return "linear", layer.out_features, layer.in_features, 1
     if isinstance(layer, _ConvNd) and not layer.transposed:
         return "conv", layer.out_channels, layer.in_channels, layer.groups
-    raise NotAdaptableError(
-        f"expected nn.Linear or nn.Conv1d/2d/3d, got {type(layer).__name__}"
-    )
+    raise NotAdaptableError(f"expected nn.Linear or nn.Conv1d/2d/3d, got {type(layer).__name__}")
 
 
 def centre_reason(layer: nn.Module) -> str | None:
@@ -91,7 +89,9 @@ class AdaptedLayer(nn.Module):
     channels in weight, delta and bias; ``mask_in`` zeroes input channels.
     """
 
-    def __init__(self, base: nn.Module, adapter: str | Adapter = "splora", name: str = "", **options):
+    def __init__(
+        self, base: nn.Module, adapter: str | Adapter = "splora", name: str = "", **options
+    ):
         super().__init__()
         if not isinstance(base, nn.Module):
             raise TypeError(f"expected an nn.Module to adapt, got {type(base).__name__}")
@@ -107,7 +107,7 @@ class AdaptedLayer(nn.Module):
                     f"cannot adapt {label}: adapter {cls.name!r} supports {', '.join(cls.kinds)}"
                     f" layers, not {kind}"
                 )
-            cls.check_options(options)
+            options = cls.resolve_options(options)
             why = cls.unsupported_reason(out_f, in_f, groups, options)
             if why:
                 raise NotAdaptableError(f"cannot adapt {label}: {why}")
@@ -123,11 +123,10 @@ class AdaptedLayer(nn.Module):
         self.base = base
         self.adapter = adapter.to(device=base.weight.device, dtype=base.weight.dtype)
         base.weight.requires_grad_(False)
-        self.spatial_dims = 0 if kind == "linear" else len(base.kernel_size)
+        self.geometry = _geometry(base)
         self._masked_weight = TensorMemo()
         self._fused = TensorMemo()
 
-    # -- masks -----------------------------------------------------------------------------------
     @property
     def mask_out(self) -> Tensor:
         return self.adapter.mask_out
@@ -138,25 +137,15 @@ class AdaptedLayer(nn.Module):
 
     def _weight_mask(self) -> Tensor:
         matrix = self.adapter.mask_matrix()
-        return matrix.reshape(*matrix.shape, *([1] * self.spatial_dims))
-
-    # -- weights -----------------------------------------------------------------------------------
-    def _centre(self) -> tuple:
-        """Index of the kernel's centre tap in the weight tensor."""
-        return (slice(None), slice(None), *(k // 2 for k in getattr(self.base, "kernel_size", ())))
+        return matrix.reshape(*matrix.shape, *([1] * self.geometry.spatial_dims))
 
     def fused_weight(self) -> tuple[Tensor, Tensor | None]:
         """``((W + delta) * M, b * mask_out)``; differentiable when called with grad enabled."""
-        weight = self.base.weight.clone()
-        weight[self._centre()] += self.adapter.delta()
-        weight = weight * self._weight_mask()
+        weight = (
+            self.geometry.with_delta(self.base.weight, self.adapter.delta()) * self._weight_mask()
+        )
         bias = self.base.bias
         return weight, (None if bias is None else bias * self.mask_out)
-
-    def _cache_keys(self) -> list[Tensor]:
-        return [self.base.weight, *self.adapter.parameters(), *self.adapter.buffers()] + (
-            [] if self.base.bias is None else [self.base.bias]
-        )
 
     def _needs_grad(self) -> bool:
         if not torch.is_grad_enabled():
@@ -166,67 +155,51 @@ class AdaptedLayer(nn.Module):
             p.requires_grad for p in self.adapter.parameters()
         )
 
-    # -- forward -----------------------------------------------------------------------------------
-    def _call_base(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self.spatial_dims == 0:
-            return F.linear(x, weight, bias)
-        return self.base._conv_forward(x, weight, bias)
+    def _pad(self, x: Tensor) -> Tensor:
+        """Apply a non-zero padding mode up front, as ``nn.ConvNd`` does."""
+        mode = getattr(self.base, "padding_mode", "zeros")
+        if mode == "zeros":
+            return x
+        return F.pad(x, self.base._reversed_padding_repeated_twice, mode=mode)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self._pad(x)
         if not self._needs_grad():
-            weight, bias = self._fused.get(self._cache_keys(), self.fused_weight)
-            return self._call_base(x, weight, bias)
+            keys = [self.base.weight, *self.adapter.parameters(), *self.adapter.buffers()]
+            keys += [] if self.base.bias is None else [self.base.bias]
+            weight, bias = self._fused.get(keys, self.fused_weight)
+            return self.geometry.layer(x, weight, bias)
         weight = self._masked_weight.get(
             [self.base.weight, self.mask_out, self.mask_in], self._masked_base_weight
         )
         bias = None if self.base.bias is None else self.base.bias * self.mask_out
-        out = self._call_base(x, weight, bias)
-        branch = self.adapter.apply(self._centre_taps(x), self.spatial_dims, self._stride())
-        if self.spatial_dims:
-            branch = _crop_to(branch, out.shape[2:])
-        return out + branch
+        left, right = self.adapter.factors()
+        return DeltaLayerFn.apply(x, weight, bias, left, right, self.geometry)
 
     def _masked_base_weight(self) -> Tensor:
         if bool(self.mask_out.all()) and bool(self.mask_in.all()):
             return self.base.weight  # nothing pruned: no copy
         return self.base.weight * self._weight_mask()
 
-    def _stride(self):
-        return getattr(self.base, "stride", 1)
-
-    def _centre_taps(self, x: Tensor) -> Tensor:
-        """Shift ``x`` so that a strided 1x1 conv reads what the kernel's centre tap reads."""
-        if self.spatial_dims == 0:
-            return x
-        conv = self.base
-        offsets = [d * (k - 1) // 2 - p for d, k, p in zip(conv.dilation, conv.kernel_size, _padding(conv))]
-        if any(o < 0 for o in offsets):
-            # The centre tap reads into the padding: pad by the shortfall in the layer's own
-            # mode (reflect/replicate/circular values at those positions do not depend on the
-            # total padding amount).
-            pad = [v for o in reversed(offsets) for v in (max(-o, 0),) * 2]
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = F.pad(x, pad, mode=mode)
-            offsets = [max(o, 0) for o in offsets]
-        for dim, o in enumerate(offsets):
-            if o:
-                x = x.narrow(2 + dim, o, x.shape[2 + dim] - o)
-        return x
-
     def extra_repr(self) -> str:
         return f"adapter={self.adapter.name!r}"
 
 
-def _padding(conv: _ConvNd) -> tuple[int, ...]:
-    if conv.padding == "valid":
-        return (0,) * len(conv.kernel_size)
-    if conv.padding == "same":  # odd kernels only (even ones are refused): symmetric
-        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
-    return tuple(conv.padding)
-
-
-def _crop_to(x: Tensor, size: torch.Size) -> Tensor:
-    for dim, n in enumerate(size):
-        if x.shape[2 + dim] != n:
-            x = x.narrow(2 + dim, 0, n)
-    return x
+def _geometry(layer: nn.Module) -> Geometry:
+    if isinstance(layer, nn.Linear):
+        return Geometry()
+    d = len(layer.kernel_size)
+    if layer.padding_mode != "zeros" or layer.padding == "valid":
+        padding = (0,) * d  # non-zero modes pad the input before the kernel (see _pad)
+    elif layer.padding == "same":  # odd kernels only (even ones are refused): symmetric
+        padding = tuple(dl * (k - 1) // 2 for dl, k in zip(layer.dilation, layer.kernel_size))
+    else:
+        padding = tuple(layer.padding)
+    return Geometry(
+        d,
+        tuple(layer.stride),
+        padding,
+        tuple(layer.dilation),
+        tuple(layer.kernel_size),
+        layer.groups,
+    )

@@ -2,9 +2,9 @@
 
     W_task = (W + B A) * (mask_out mask_in^T),  B: (out x r),  A: (r x in/groups)
 
-For a k x k convolution B A sits at the kernel's centre tap, so in training it runs as two thin
-pointwise (strided 1x1) convolutions beside the frozen layer: r * (in + out) multiply-adds per
-output position instead of a weight gradient for the whole kernel.
+For a k x k convolution B A sits at the kernel's centre tap. In training the layer runs once
+with the delta folded in, and the gradients of A and B come from thin products over the
+centre-tap input (``delta_fn``), never from a weight gradient of the whole kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import Adapter, check_init_scale, pointwise, register_adapter
+from .base import Adapter, check_init_scale, register_adapter
 
 
 @register_adapter("splora")
@@ -69,14 +69,11 @@ class SPLoRA(Adapter):
     def delta(self) -> Tensor:
         return self.B @ self.A
 
-    def apply(self, x: Tensor, spatial_dims: int, stride=1) -> Tensor:
-        g, r = self.groups, self.rank
-        # Masking the factors is exact: a zero column of A (row of B) zeroes that column (row)
-        # of B A. With groups, A is shared across groups, so it is repeated per group first.
-        a = (self.A.unsqueeze(0) * self.mask_in.view(g, 1, self.in_per_group)).reshape(g * r, -1)
-        b = self.B * self.mask_out[:, None]
-        hidden = pointwise(x, a, spatial_dims, stride, groups=g)
-        return pointwise(hidden, b, spatial_dims, 1, groups=g)
+    def factors(self) -> tuple[Tensor, Tensor | None]:
+        if self.groups > 1:  # A is shared by the groups but masked per group: no thin form
+            return super().factors()
+        # Masking the factors is exact: diag(m_out) B A diag(m_in) = (B A) * (m_out m_in^T).
+        return self.B * self.mask_out[:, None], self.A * self.mask_in[None, :]
 
     def num_learned(self) -> int:
         # Paper count: r * (kept in + kept out) for every adapted layer.

@@ -18,7 +18,9 @@ class SPPaRA(Adapter):
 
     kinds = ("conv",)
 
-    def __init__(self, out_features: int, in_features: int, groups: int = 1, init_scale: float = 1e-4):
+    def __init__(
+        self, out_features: int, in_features: int, groups: int = 1, init_scale: float = 1e-4
+    ):
         super().__init__(out_features, in_features, groups)
         self.check_options({"init_scale": init_scale})
         self.init_scale = init_scale
