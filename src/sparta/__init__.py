@@ -13,7 +13,13 @@ from .adapters import (
     list_adapters,
     register_adapter,
 )
-from .errors import ConfigError, NotAdaptableError, SpartaError, UnknownNameError
+from .errors import (
+    ConfigError,
+    NotAdaptableError,
+    SkippedLayerWarning,
+    SpartaError,
+    UnknownNameError,
+)
 from .measure import learned_parameters
 from .wrap import SkippedLayer, WrapReport, fuse, wrap
 
@@ -27,6 +33,7 @@ __all__ = [
     "SPLoRA",
     "SPPaRA",
     "SkippedLayer",
+    "SkippedLayerWarning",
     "SpartaError",
     "UnknownNameError",
     "WrapReport",

@@ -34,3 +34,7 @@ class UnknownNameError(ConfigError):
 
 class NotAdaptableError(ConfigError):
     """A layer cannot carry the requested adapter (the message says why)."""
+
+
+class SkippedLayerWarning(UserWarning):
+    """``sparta.wrap`` left some layers unadapted (the report lists each with its reason)."""

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from .adapters.attention import AdaptedWeight, adapt_attention
 from .adapters.base import get_adapter
 from .adapters.layer import AdaptedLayer, centre_reason, layer_geometry
-from .errors import ConfigError
+from .errors import ConfigError, SkippedLayerWarning
 
 #: Norm layers whose affine parameters a task learns (paper: "plus every norm layer's affine").
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -198,6 +198,7 @@ def wrap(
         listed = "; ".join(f"{s.name} ({s.reason})" for s in report.skipped)
         warnings.warn(
             f"sparta.wrap left {len(report.skipped)} layer(s) frozen and unadapted: {listed}",
+            SkippedLayerWarning,
             stacklevel=2,
         )
     model.sparta_report = report

@@ -71,9 +71,11 @@ class Geometry:
         return gx, gw
 
     def centre_taps(self, x: Tensor, like: Tensor) -> Tensor:
-        """``(N, C, P)`` view of what the kernel's centre tap reads for each output position."""
+        """What the kernel's centre tap reads for each output position of ``like``:
+        ``(N, C, *out_spatial)`` for convs (a strided view where possible), ``(M, C)`` for Linear.
+        """
         if self.spatial_dims == 0:
-            return _flat(x).t().unsqueeze(0)
+            return _flat(x)
         offsets = [
             d * (k - 1) // 2 - p for d, k, p in zip(self.dilation, self.kernel_size, self.padding)
         ]
@@ -85,19 +87,34 @@ class Geometry:
             slice(o, o + s * (n - 1) + 1, s)
             for o, s, n in zip(offsets, self.stride, like.shape[2:])
         ]
-        taps = x[tuple(index)]
-        return taps.reshape(taps.shape[0], taps.shape[1], -1)
+        return x[tuple(index)]
+
+    def centre_delta_grad(self, grad: Tensor, taps: Tensor, shape: torch.Size) -> Tensor:
+        """Gradient of a delta at the centre tap: the weight gradient of a 1x1 layer over the
+        centre-tap input, ``out * in / groups`` multiply-adds per output position."""
+        if self.spatial_dims == 0:
+            return _flat(grad).t() @ taps
+        one = [1] * self.spatial_dims
+        kernel = taps.new_empty(*shape, *one)  # only its shape is read
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            grad, taps, kernel, None, one, [0] * self.spatial_dims, one,
+            False, [0] * self.spatial_dims, self.groups, [False, True, False],
+        )  # fmt: skip
+        return gw.reshape(shape)
 
 
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _channels(grad: Tensor, geom: Geometry) -> Tensor:
-    """Output gradient as ``(N, out, P)``."""
-    if geom.spatial_dims == 0:
-        return _flat(grad).t().unsqueeze(0)
-    return grad.reshape(grad.shape[0], grad.shape[1], -1)
+def _prefer_thin(left: Tensor, right: Tensor | None) -> bool:
+    """Whether four thin products (2 r (in + out) per position) beat one centre-tap weight
+    gradient (out x in per position). Thin products with r rows run at a fraction of a full
+    GEMM's speed on CPUs, hence the factor 2 in their disfavour."""
+    if right is None:
+        return False
+    (out, rank), inp = left.shape, right.shape[1]
+    return 2 * 2 * rank * (inp + out) < out * inp
 
 
 class DeltaLayerFn(torch.autograd.Function):
@@ -105,42 +122,59 @@ class DeltaLayerFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, left, right, geom: Geometry):
-        delta = left if right is None else left @ right
-        ctx.save_for_backward(x, weight, left, right)
+        w_eff = geom.with_delta(weight, left if right is None else left @ right)
+        # Saving the fused weight (one weight-sized tensor per layer, far less than the
+        # gradient and two optimiser states of full fine-tuning) spares rebuilding it.
+        ctx.save_for_backward(x, w_eff, left, right)
         ctx.geom = geom
-        return geom.layer(x, geom.with_delta(weight, delta), bias)
+        return geom.layer(x, w_eff, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, left, right = ctx.saved_tensors
+        x, w_eff, left, right = ctx.saved_tensors
         geom: Geometry = ctx.geom
         need_x, need_w, need_b, need_l, need_r, _ = ctx.needs_input_grad
         gx = gw = gb = gl = gr = None
         if need_x or need_w:
-            w_eff = geom.with_delta(weight, left if right is None else left @ right)
             gx, gw = geom.input_grad(grad, x, w_eff, (need_x, need_w))
-            if gw is not None and geom.spatial_dims == 0:
-                gw = gw.reshape(weight.shape)
+            if gw is not None:
+                gw = gw.reshape(w_eff.shape)
         if need_b:
-            gb = _channels(grad, geom).sum(dim=(0, 2))
+            channel = 1 if geom.spatial_dims else grad.dim() - 1
+            gb = grad.sum(dim=[d for d in range(grad.dim()) if d != channel])
         if need_l or need_r:
-            taps = geom.centre_taps(x, grad)  # (N, in, P)
-            g = _channels(grad, geom)  # (N, out, P)
-            if right is None:
-                gl = _centre_weight_grad(g, taps, geom.groups)
+            taps = geom.centre_taps(x, grad)
+            if _prefer_thin(left, right):
+                gl, gr = _low_rank_grads(grad, taps, left, right, geom, need_l, need_r)
             else:
-                # delta = L R with L (out x r), R (r x in):  dL = G (R X)^T,  dR = (L^T G) X^T
-                if need_l:
-                    gl = (g @ (right @ taps).transpose(1, 2)).sum(0)
-                if need_r:
-                    gr = ((left.t() @ g) @ taps.transpose(1, 2)).sum(0)
+                d = geom.centre_delta_grad(grad, taps, torch.Size((w_eff.shape[0], w_eff.shape[1])))
+                gl = d if right is None else (d @ right.t() if need_l else None)
+                gr = left.t() @ d if need_r and right is not None else None
         return gx, gw, gb, gl, gr, None
 
 
-def _centre_weight_grad(g: Tensor, taps: Tensor, groups: int) -> Tensor:
-    """Gradient of a pointwise weight (out, in/groups): sum over positions of g x^T, per group."""
-    n, out, p = g.shape
-    cin = taps.shape[1]
-    g = g.reshape(n, groups, out // groups, p)
-    taps = taps.reshape(n, groups, cin // groups, p)
-    return (g @ taps.transpose(2, 3)).sum(0).reshape(out, cin // groups)
+def _low_rank_grads(grad, taps, left, right, geom: Geometry, need_l, need_r):
+    """For delta = L R, L (out x r), R (r x in): dL = G (R X)^T and dR = (L^T G) X^T.
+
+    Convolutions use explicit ``bmm`` with the small factor broadcast over the batch:
+    ``torch.matmul`` of a matrix with a batch folds the batch by copying the large operand
+    transposed.
+    """
+    gl = gr = None
+    if geom.spatial_dims == 0:
+        g = _flat(grad)  # (M, out), taps (M, in)
+        if need_l:
+            gl = g.t() @ (taps @ right.t())
+        if need_r:
+            gr = (g @ left).t() @ taps
+        return gl, gr
+    n = grad.shape[0]
+    g = grad.reshape(n, grad.shape[1], -1)  # (N, out, P)
+    x = taps.reshape(n, taps.shape[1], -1)  # (N, in, P)
+    if need_l:
+        hidden = torch.bmm(right.expand(n, -1, -1), x)  # (N, r, P)
+        gl = torch.bmm(g, hidden.transpose(1, 2)).sum(0)
+    if need_r:
+        back = torch.bmm(left.t().expand(n, -1, -1), g)  # (N, r, P)
+        gr = torch.bmm(back, x.transpose(1, 2)).sum(0)
+    return gl, gr

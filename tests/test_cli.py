@@ -1,0 +1,171 @@
+"""The ``sparta`` command line and the demo behind ``sparta demo``.
+
+Expected parameter counts are computed here from the model itself, independently of
+``sparta.learned_parameters``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torchvision
+from rich.console import Console
+from torch import nn
+from typer.testing import CliRunner
+
+import sparta
+from sparta.cli import app
+from sparta.demo import run_demo
+
+runner = CliRunner()
+
+
+def _resnet18_parts():
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # The counts below assume what holds for ResNet-18: plain, bias-free, ungrouped convs.
+    assert all(c.groups == 1 and c.bias is None for c in convs)
+    norms = sum(2 * m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    head = model.fc.weight.numel() + model.fc.bias.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return convs, norms + head, total
+
+
+def expected_splora(rank: int) -> int:
+    """Paper count: r * (in + out) per conv, plus BatchNorm affine parameters and the head."""
+    convs, rest, _ = _resnet18_parts()
+    return sum(rank * (c.in_channels + c.out_channels) for c in convs) + rest
+
+
+def expected_sppara() -> int:
+    """Paper count: in x out per conv (a full pointwise matrix), plus norms and the head."""
+    convs, rest, _ = _resnet18_parts()
+    return sum(c.in_channels * c.out_channels for c in convs) + rest
+
+
+def _one_red_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"sparta {sparta.__version__}"
+
+
+def test_python_dash_m_runs_the_same_app():
+    result = subprocess.run(
+        [sys.executable, "-m", "sparta", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"sparta {sparta.__version__}"
+
+
+def test_help_has_examples():
+    for command in (["--help"], ["inspect", "--help"], ["demo", "--help"], ["adapters", "--help"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0
+        assert "Example" in result.stdout and "sparta " in result.stdout
+
+
+def test_adapters_lists_every_adapter_with_kinds_and_defaults():
+    result = runner.invoke(app, ["adapters"])
+    assert result.exit_code == 0, result.output
+    for name in sparta.list_adapters():
+        assert name in result.stdout
+    assert {"splora", "sppara"} <= set(sparta.list_adapters())
+    assert "rank=8" in result.stdout
+    assert "linear, conv, attention" in result.stdout
+
+
+def test_inspect_resnet18_prints_the_learned_count():
+    result = runner.invoke(app, ["inspect", "resnet18", "--rank", "8"])
+    assert result.exit_code == 0, result.output
+    _, _, total = _resnet18_parts()
+    assert f"{expected_splora(8):,}" in result.stdout
+    assert f"{total:,}" in result.stdout
+    assert "adapted 20 layers" in result.stdout
+    assert "head (plain, trainable): fc" in result.stdout
+
+
+def test_inspect_json_is_machine_readable():
+    result = runner.invoke(app, ["inspect", "resnet18", "--rank", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    _, _, total = _resnet18_parts()
+    assert data["params"]["learned"] == expected_splora(4)
+    assert data["params"]["base_total"] == data["params"]["full_finetune"] == total
+    assert data["options"]["rank"] == 4
+    assert data["report"]["head"] == ["fc"] and len(data["report"]["adapted"]) == 20
+
+
+def test_inspect_sppara_takes_no_rank():
+    result = runner.invoke(app, ["inspect", "resnet18", "--adapter", "sppara", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert "rank" not in data["options"]
+    assert data["params"]["learned"] == expected_sppara()
+
+
+def test_inspect_include_exclude_patterns():
+    args = ["inspect", "resnet18", "--json", "--include", "layer4*", "--exclude", "*.downsample.*"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    adapted = json.loads(result.stdout)["report"]["adapted"]
+    assert adapted and all(n.startswith("layer4") and "downsample" not in n for n in adapted)
+
+
+@pytest.mark.parametrize(
+    "args, hint",
+    [
+        (["inspect", "resnet5"], "resnet50"),
+        (["inspect", "not_a_model_at_all"], "resnet50"),
+        (["inspect", "resnet18", "--adapter", "lora"], "splora"),
+        (["inspect", "resnet18", "--rank", "0"], "rank must be a positive integer, got 0"),
+        (["inspect", "resnet18", "--num-classes", "0"], "num-classes"),
+        (["inspect", "resnet18", "--include", "layer9*"], "layer4"),
+        (["demo", "--epochs", "0"], "epochs"),
+    ],
+)
+def test_bad_input_exits_2_with_one_helpful_line(args, hint):
+    line = _one_red_line(runner.invoke(app, args))
+    assert hint in line
+
+
+def test_demo_writes_results(tmp_path):
+    result = runner.invoke(app, ["demo", "--epochs", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "SPLoRA" in result.stdout and "fuse diff" in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left over
+    data = json.loads((tmp_path / "results.json").read_text())
+    methods = data["methods"]
+    assert list(methods) == ["full_finetune", "splora", "sppara"]
+    assert methods["splora"]["learned_params"] < methods["full_finetune"]["learned_params"]
+    assert methods["sppara"]["learned_params"] < methods["full_finetune"]["learned_params"]
+    for key in ("splora", "sppara"):
+        assert methods[key]["fuse_max_abs_diff"] < 1e-4
+        assert methods[key]["frozen_unchanged"] is True and methods[key]["frozen_tensors"] == 3
+    for m in methods.values():
+        assert 0.0 <= m["test_accuracy"] <= 1.0 and m["ms_per_step"] > 0 and m["steps"] > 0
+
+
+def test_demo_is_deterministic_given_the_seed():
+    quiet = Console(file=io.StringIO())
+    runs = [run_demo(seed=3, epochs=1, console=quiet) for _ in range(2)]
+    for key in ("source", "methods"):
+        a, b = (_without_timings(r[key]) for r in runs)
+        assert a == b
+
+
+def _without_timings(tree):
+    if isinstance(tree, dict):
+        return {k: _without_timings(v) for k, v in tree.items() if k != "ms_per_step"}
+    return tree
