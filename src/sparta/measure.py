@@ -8,7 +8,9 @@ user unfroze) counts in full. Frozen tensors are the shared base and count nothi
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from .adapters.attention import AdaptedWeight, MaskedBias
@@ -31,11 +33,7 @@ def learned_parameters(model: nn.Module) -> int:
             counted.update(id(p) for p in module.parameters())
         elif parametrize.is_parametrized(module):
             for plist in module.parametrizations.values():
-                for fn in plist:
-                    if isinstance(fn, AdaptedWeight) and _trainable(fn):
-                        total += fn.num_learned()
-                    elif isinstance(fn, MaskedBias) and plist.original.requires_grad:
-                        total += fn.num_kept()
+                total += _parametrized_learned(plist)
                 counted.update(id(p) for p in plist.parameters())
     for p in model.parameters():
         if p.requires_grad and id(p) not in counted:
@@ -43,5 +41,131 @@ def learned_parameters(model: nn.Module) -> int:
     return total
 
 
+def _parametrized_learned(plist) -> int:
+    """Learned entries of one parametrised tensor: adapters count their own way, masks keep
+    only the entries they let through."""
+    from .pruning.masks import ChannelMask, SharedMask
+
+    original = plist.original
+    for fn in plist:
+        if isinstance(fn, AdaptedWeight):
+            return fn.num_learned() if _trainable(fn) else 0
+        if isinstance(fn, MaskedBias | ChannelMask | SharedMask):
+            if not original.requires_grad:
+                return 0
+            return fn.num_kept() if isinstance(fn, MaskedBias) else fn.kept(original.shape)
+    return original.numel() if original.requires_grad else 0
+
+
 def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
+
+
+# -- multiply-accumulates ----------------------------------------------------------------------
+def _batch_size(inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 1
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim():
+            return int(v.shape[0])
+    return 1
+
+
+def _call(model: nn.Module, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _kept_entries(module: nn.Module) -> int:
+    """Weight entries of a Linear/ConvNd (adapted or plain) that survive its masks."""
+    from .pruning.masks import channel_mask_of
+
+    if isinstance(module, AdaptedLayer):
+        kernel = module.base.weight[0, 0].numel()
+        return int(module.adapter.mask_matrix().sum()) * kernel
+    mask = channel_mask_of(module, "weight")
+    if mask is not None:
+        return mask.kept(module.weight.shape)
+    return module.weight.numel()
+
+
+class MacCounter:
+    """Multiply-accumulates per example of every Linear, ConvNd and MultiheadAttention,
+    honouring channel masks (a masked channel costs nothing, as in the compact model).
+
+    Positions per layer are recorded once with ``example_inputs``; :meth:`count` then reads
+    only the masks, so it is cheap to call after every pruning step. Elementwise operations,
+    norms and pooling are not counted (as in torch-pruning's and fvcore's conventions).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs):
+        self.positions: dict[str, float] = {}
+        self.attention: dict[str, tuple[float, float]] = {}
+        batch = _batch_size(example_inputs)
+        hooks = []
+        for name, m in model.named_modules():
+            if isinstance(m, nn.MultiheadAttention):
+                hooks.append(m.register_forward_hook(self._attention_hook(name, batch)))
+            elif isinstance(m, AdaptedLayer | nn.Linear | _ConvNd) and not _in_attention(
+                model, name
+            ):
+                hooks.append(m.register_forward_hook(self._layer_hook(name, batch)))
+        try:
+            with torch.no_grad():
+                _call(model, example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _layer_hook(self, name: str, batch: int):
+        def hook(module, inputs, output):
+            out = output if isinstance(output, torch.Tensor) else output[0]
+            width = out.shape[1] if isinstance(_base(module), _ConvNd) else out.shape[-1]
+            self.positions[name] = out.numel() / width / batch
+
+        return hook
+
+    def _attention_hook(self, name: str, batch: int):
+        def hook(module, args, output):
+            query, key = args[0], args[1]
+            seq = 1 if module.batch_first else 0
+            self.attention[name] = (query.shape[seq], key.shape[seq])
+
+        return hook
+
+    def count(self, model: nn.Module) -> int:
+        total = 0.0
+        for name, positions in self.positions.items():
+            total += positions * _kept_entries(model.get_submodule(name))
+        for name, (lq, lk) in self.attention.items():
+            total += _attention_macs(model.get_submodule(name), lq, lk)
+        return int(round(total))
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, AdaptedLayer) else module
+
+
+def _in_attention(model: nn.Module, name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    return bool(parent) and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+
+
+def _attention_macs(
+    mha: nn.MultiheadAttention, lq: float, lk: float, products: bool = True
+) -> float:
+    """Projections plus the two attention products, with masked q/k/v rows and out columns."""
+    from .pruning.masks import resolve_mask
+
+    e = mha.embed_dim
+    masks = [resolve_mask(mha, "", s, create=False) for s in "qkvo"]
+    kq, kk, kv, ko = (float(e) if m is None else float(m.sum()) for m in masks)
+    projections = lq * kq * e + lk * kk * mha.kdim + lk * kv * mha.vdim + lq * ko * e
+    if not products:
+        return projections
+    # q.k over the dims kept in both, then the weighted sum of v (masks are head-aligned).
+    return projections + lq * lk * min(kq, kk) + lq * lk * kv

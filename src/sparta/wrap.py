@@ -67,9 +67,7 @@ def _kind(module: nn.Module) -> str:
 def _check_patterns(patterns, names: list[str], what: str) -> list[str]:
     if patterns is None:
         return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    patterns = list(patterns)
+    patterns = _names_list(patterns, what)
     for p in patterns:
         if not isinstance(p, str):
             raise TypeError(f"{what} patterns must be strings, got {p!r}")
@@ -82,6 +80,14 @@ def _check_patterns(patterns, names: list[str], what: str) -> list[str]:
     return patterns
 
 
+def _names_list(value, what: str) -> list:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable):
+        return list(value)
+    raise TypeError(f"{what} must be a name or a list of names, got {type(value).__name__}")
+
+
 def _resolve_head(model: nn.Module, head, candidates: dict[str, nn.Module]) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     if head is None:
@@ -91,7 +97,7 @@ def _resolve_head(model: nn.Module, head, candidates: dict[str, nn.Module]) -> l
         # last Linear registered; pass head=... to choose otherwise.
         linears = [n for n, m in candidates.items() if isinstance(m, nn.Linear)]
         return linears[-1:]
-    heads = [head] if isinstance(head, str) else list(head)
+    heads = _names_list(head, "head")
     for h in heads:
         if h not in names:
             hint = difflib.get_close_matches(h, names, n=3)
@@ -137,6 +143,13 @@ def wrap(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap expects a torch.nn.Module, got {type(model).__name__}")
+    for flag, value in (
+        ("train_norms", train_norms),
+        ("train_biases", train_biases),
+        ("inplace", inplace),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
     cls = get_adapter(adapter)
     options = cls.resolve_options(options)
     if any(isinstance(m, AdaptedLayer | AdaptedWeight) for m in model.modules()):
@@ -145,20 +158,11 @@ def wrap(
     include = _check_patterns(include, all_names, "include")
     exclude = _check_patterns(exclude, all_names, "exclude")
 
-    model = model if inplace else copy.deepcopy(model)
-    paths: dict[int, list[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(m), []).append(name)
-    candidates = {
-        n: m
-        for n, m in model.named_modules()
-        if n and _is_candidate(m) and not _inside(n, _attention_names(model, n))
-    }
+    # Plan on the caller's model first, so that a refusal leaves it exactly as it was.
+    candidates = _candidates(model)
     report = WrapReport(adapter=cls.name, options=dict(options))
     report.head = _resolve_head(model, head, candidates)
-
-    for p in model.parameters():
-        p.requires_grad_(False)
+    targets = []
     for name, module in candidates.items():
         if _inside(name, report.head):
             continue
@@ -166,26 +170,23 @@ def wrap(
             fnmatch.fnmatchcase(name, p) for p in exclude
         ):
             report.excluded.append(name)
-            continue
-        reason = _unsupported(module, cls, options)
-        if reason:
+        elif reason := _unsupported(module, cls, options):
             report.skipped.append(SkippedLayer(name, type(module).__name__, reason))
-            continue
-        if isinstance(module, nn.MultiheadAttention):
-            adapt_attention(module, lambda o, i: cls(o, i, 1, **options))
-            for p in (module.in_proj_bias, module.out_proj.bias):
-                if p is not None:
-                    p.requires_grad_(train_biases)
         else:
-            layer = AdaptedLayer(module, cls(*layer_geometry(module)[1:], **options))
-            if module.bias is not None:
-                module.bias.requires_grad_(train_biases)
-            _replace(model, paths[id(module)], layer)
-        report.adapted.append(name)
-
-    if not report.adapted:
+            targets.append(name)
+    if not targets:
         why = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:5]) or "no target layers"
         raise ConfigError(f"wrap adapted no layer with adapter {cls.name!r} ({why})")
+
+    model = model if inplace else copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    for name in targets:
+        _adapt(model, name, paths, cls, options, train_biases)
+        report.adapted.append(name)
     for name in report.head:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -203,6 +204,33 @@ def wrap(
         )
     model.sparta_report = report
     return model
+
+
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if n and _is_candidate(m) and not _inside(n, _attention_names(model, n))
+    }
+
+
+def _adapt(model: nn.Module, name: str, paths, cls, options: dict, train_biases: bool) -> None:
+    module = model.get_submodule(name)
+    if isinstance(module, nn.MultiheadAttention):
+        # Set the bias flags before parametrising: afterwards the attribute names return
+        # computed tensors and the real parameters live under .parametrizations.
+        for p in (module.in_proj_bias, module.out_proj.bias):
+            if p is not None:
+                p.requires_grad_(train_biases)
+        adapt_attention(module, lambda o, i: cls(o, i, 1, **options))
+    else:
+        if module.bias is not None:
+            module.bias.requires_grad_(train_biases)
+        _replace(
+            model,
+            paths[id(module)],
+            AdaptedLayer(module, cls(*layer_geometry(module)[1:], **options)),
+        )
 
 
 def _attention_names(model: nn.Module, name: str) -> list[str]:
@@ -244,10 +272,23 @@ def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
                 return plain
             _replace(model, paths[id(m)], plain)
         elif parametrize.is_parametrized(m):
-            for attr in list(m.parametrizations):
-                parametrize.remove_parametrizations(m, attr, leave_parametrized=True)
+            bake_parametrizations(m)
     model.__dict__.pop("sparta_report", None)
     return model
+
+
+def bake_parametrizations(module: nn.Module) -> None:
+    """Replace every parametrised tensor of ``module`` by its current value, in place.
+
+    A deep copy of a parametrised module shares the class torch generated for the original,
+    and removing a parametrisation deletes the property from that class; so the module gets a
+    class of its own first, which keeps the original (and other copies) working.
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    with torch.no_grad():
+        for attr in list(module.parametrizations):
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
 
 
 def _fused_copy(layer: AdaptedLayer) -> nn.Module:

@@ -56,6 +56,14 @@ def list_adapters() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def grouped_mask(mask_out: Tensor, mask_in: Tensor, groups: int = 1) -> Tensor:
+    """``mask_out mask_in^T`` shaped like a (out, in // groups) weight: output row ``o`` of
+    group ``j`` reads input channels ``j * in/groups ... (j + 1) * in/groups - 1``."""
+    out, in_g = mask_out.shape[0], mask_in.shape[0] // groups
+    grouped_in = mask_in.view(groups, 1, in_g).expand(groups, out // groups, in_g)
+    return mask_out[:, None] * grouped_in.reshape(out, in_g)
+
+
 def check_init_scale(value: object) -> None:
     if (
         isinstance(value, bool)
@@ -130,9 +138,7 @@ class Adapter(nn.Module, metaclass=ABCMeta):
 
     def mask_matrix(self) -> Tensor:
         """``mask_out mask_in^T`` laid out like the weight matrix, ``mask_in`` read per group."""
-        g, out, in_g = self.groups, self.out_features, self.in_per_group
-        grouped_in = self.mask_in.view(g, 1, in_g).expand(g, out // g, in_g).reshape(out, in_g)
-        return self.mask_out[:, None] * grouped_in
+        return grouped_mask(self.mask_out, self.mask_in, self.groups)
 
     def masked_delta(self) -> Tensor:
         return self.delta() * self.mask_matrix()

@@ -1,0 +1,1 @@
+"""Structured pruning on a frozen base: coupled groups, masks, importance, schedules."""

@@ -1,0 +1,228 @@
+"""Coupled channel groups: which mask entries must be cleared together.
+
+Convolutional and MLP structure comes from torch-pruning's dependency graph, traced on a plain
+proxy of the model (``sparta.fuse`` of it, every parameter set to require grad: torch-pruning
+follows ``grad_fn`` and would see nothing on a frozen base). Transformer attention heads and
+FFN hidden units are found structurally (``nn.MultiheadAttention``; Hugging Face BERT-style
+``query/key/value`` + ``output.dense`` and ``intermediate.dense`` + ``output.dense``).
+
+A group has ``size`` prunable units (filters, heads, FFN neurons); each member says which
+entries of which mask belong to which unit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from ..adapters.layer import AdaptedLayer
+from ..errors import ConfigError
+from .masks import can_mask
+
+#: Mask sites: "out"/"in" of a layer or norm; for nn.MultiheadAttention the output rows of the
+#: q, k and v projections ("q", "k", "v") and the input columns of out_proj ("o").
+SITES = ("out", "in", "q", "k", "v", "o")
+
+
+@dataclass
+class Member:
+    """Entries ``idxs`` of mask ``site`` of module ``module`` belong to units ``units``."""
+
+    module: str
+    site: str
+    idxs: Tensor
+    units: Tensor
+
+
+@dataclass
+class Group:
+    name: str
+    kind: str  # "channels", "heads" or "neurons"
+    size: int
+    members: list[Member] = field(default_factory=list)
+
+    def outputs(self) -> list[Member]:
+        """Members whose masked entries are produced (scored) rather than consumed."""
+        return [m for m in self.members if m.site in ("out", "q", "k", "v")]
+
+
+def check_inputs(model: nn.Module, example_inputs) -> None:
+    """Run the model once; a failure becomes a clear error about the example inputs."""
+    try:
+        with torch.no_grad():
+            _call(model, example_inputs)
+    except Exception as exc:  # any failure here means the inputs do not fit the model
+        shape = _describe(example_inputs)
+        raise ConfigError(
+            f"example_inputs {shape} do not fit the model: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _call(model, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _describe(inputs) -> str:
+    if isinstance(inputs, Tensor):
+        return f"of shape {tuple(inputs.shape)}"
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, tuple | list):
+        return "(" + ", ".join(_describe(v) for v in inputs) + ")"
+    return repr(type(inputs).__name__)
+
+
+def find_groups(
+    model: nn.Module, example_inputs, ignored: set[str]
+) -> tuple[list[Group], list[str]]:
+    """Groups of ``model`` (wrapped or plain) and notes on what could not be grouped.
+
+    ``ignored`` names modules whose outputs must not be pruned (typically the head).
+    """
+    notes: list[str] = []
+    groups = _transformer_groups(model)
+    claimed = {(m.module, m.site) for g in groups for m in g.members}
+    claimed_modules = {m.module for g in groups for m in g.members}
+    try:
+        tp_groups = _traced_groups(model, example_inputs, ignored | claimed_modules, notes)
+    except Exception as exc:  # torch-pruning cannot trace every model; say so, keep the rest
+        notes.append(f"dependency graph unavailable ({type(exc).__name__}: {exc})")
+        tp_groups = []
+    for g in tp_groups:
+        if any((m.module, m.site) in claimed for m in g.members):
+            continue
+        groups.append(g)
+    return groups, notes
+
+
+# -- torch-pruning -----------------------------------------------------------------------------
+def _plain_proxy(model: nn.Module) -> nn.Module:
+    from ..wrap import fuse
+
+    proxy = fuse(model)  # a copy with plain modules, same names, same function
+    for p in proxy.parameters():
+        p.requires_grad_(True)
+    return proxy.eval()
+
+
+def _traced_groups(model, example_inputs, ignored: set[str], notes: list[str]) -> list[Group]:
+    import torch_pruning as tp
+
+    proxy = _plain_proxy(model)
+    names = {m: n for n, m in proxy.named_modules()}
+    real = dict(model.named_modules())
+    ignored_modules = [m for m, n in names.items() if n in ignored]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-pruning warns about modules it does not know
+        graph = tp.DependencyGraph().build_dependency(proxy, example_inputs=example_inputs)
+        raw = list(
+            graph.get_all_groups(
+                ignored_layers=ignored_modules, root_module_types=(_ConvNd, nn.Linear)
+            )
+        )
+    groups = []
+    for tp_group in raw:
+        group = _convert(graph, tp_group, names, real)
+        if isinstance(group, str):
+            notes.append(group)
+        elif group is not None:
+            groups.append(group)
+    return groups
+
+
+def _convert(graph, tp_group, names: dict, real: dict) -> Group | str | None:
+    root = tp_group[0].dep.target.module
+    root_name = names.get(root)
+    members: list[Member] = []
+    for item in tp_group:
+        module, handler = item.dep.target.module, item.dep.handler
+        if graph.is_out_channel_pruning_fn(handler):
+            site = "out"
+        elif graph.is_in_channel_pruning_fn(handler):
+            site = "in"
+        else:
+            continue
+        if module not in names:
+            if isinstance(module, nn.Parameter):
+                return f"{root_name}: coupled with a bare parameter; not pruned"
+            continue  # a functional op (add, cat, flatten...): it holds no tensor to mask
+        name = names[module]
+        if not can_mask(real[name]) or isinstance(real[name], nn.MultiheadAttention):
+            return f"{root_name}: coupled with {type(real[name]).__name__} {name!r}; not pruned"
+        idxs = torch.tensor([int(i) for i in item.idxs], dtype=torch.long)
+        units = torch.tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+        members.append(Member(name, site, idxs, units))
+    if root_name is None or not members:
+        return None
+    size = int(max(int(m.units.max()) for m in members) + 1)
+    return Group(root_name, "channels", size, members)
+
+
+# -- transformers ------------------------------------------------------------------------------
+def _transformer_groups(model: nn.Module) -> list[Group]:
+    groups: list[Group] = []
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
+        if isinstance(m, nn.MultiheadAttention):
+            groups.append(_mha_heads(name, m))
+        elif _is_hf_self_attention(m):
+            parent = name.rpartition(".")[0]
+            out = modules.get(f"{parent}.output.dense")
+            if out is not None and can_mask(out):
+                groups.append(_hf_heads(name, m, f"{parent}.output.dense"))
+        elif _is_hf_ffn(name, modules):
+            groups.append(_ffn(name, modules))
+    return groups
+
+
+def _heads_member(module: str, site: str, width: int, head_dim: int) -> Member:
+    idxs = torch.arange(width)
+    return Member(module, site, idxs, idxs // head_dim)
+
+
+def _mha_heads(name: str, mha: nn.MultiheadAttention) -> Group:
+    e, h = mha.embed_dim, mha.num_heads
+    members = [_heads_member(name, s, e, e // h) for s in ("q", "k", "v", "o")]
+    return Group(name, "heads", h, members)
+
+
+def _is_hf_self_attention(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("query", "key", "value")) and hasattr(
+        m, "attention_head_size"
+    )
+
+
+def _hf_heads(name: str, m: nn.Module, out_name: str) -> Group:
+    heads = getattr(m, "num_attention_heads", None) or m.config.num_attention_heads
+    d = m.attention_head_size
+    width = heads * d
+    members = [_heads_member(f"{name}.{p}", "out", width, d) for p in ("query", "key", "value")]
+    members.append(_heads_member(out_name, "in", width, d))
+    return Group(name, "heads", heads, members)
+
+
+def _is_hf_ffn(name: str, modules: dict) -> bool:
+    up, down = modules.get(f"{name}.intermediate.dense"), modules.get(f"{name}.output.dense")
+    return up is not None and down is not None and can_mask(up) and can_mask(down)
+
+
+def _ffn(name: str, modules: dict) -> Group:
+    up = f"{name}.intermediate.dense"
+    width = out_width(modules[up])
+    idxs = torch.arange(width)
+    members = [Member(up, "out", idxs, idxs), Member(f"{name}.output.dense", "in", idxs, idxs)]
+    return Group(f"{name}.intermediate", "neurons", width, members)
+
+
+def out_width(module: nn.Module) -> int:
+    if isinstance(module, AdaptedLayer):
+        return module.adapter.out_features
+    return module.out_features

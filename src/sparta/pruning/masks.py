@@ -1,0 +1,173 @@
+"""Channel masks on every prunable layer: the only thing a pruning step edits.
+
+Adapted layers carry their masks on the adapter (``adapter.mask_out`` / ``mask_in``). Plain
+layers that take part in pruning (the head, norms, layers ``wrap`` skipped, and every layer of
+a fine-pruned model) get them through a ``torch.nn.utils.parametrize`` parametrisation, so
+their own ``forward`` runs unchanged on the masked tensors and the gradient of a masked entry is
+zero: pruned channels cannot regrow.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
+
+from ..adapters.base import grouped_mask
+from ..adapters.layer import AdaptedLayer
+from ..errors import NotAdaptableError
+
+#: Norm layers whose channels are masked with the layer that feeds them.
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+class ChannelMask(nn.Module):
+    """Parametrisation ``w -> w * mask``: rows by ``mask_out``, columns (per group) by ``mask_in``.
+
+    One-dimensional tensors (norm affine parameters, biases) are masked by ``mask_out`` only.
+    """
+
+    def __init__(self, out_features: int, in_features: int = 0, groups: int = 1):
+        super().__init__()
+        self.groups = groups
+        self.register_buffer("mask_out", torch.ones(out_features))
+        self.register_buffer("mask_in", torch.ones(in_features) if in_features else None)
+
+    def matrix(self) -> Tensor:
+        return grouped_mask(self.mask_out, self.mask_in, self.groups)
+
+    def forward(self, tensor: Tensor) -> Tensor:
+        if tensor.dim() == 1 or self.mask_in is None:
+            shape = (-1,) + (1,) * (tensor.dim() - 1)
+            return tensor * self.mask_out.view(shape)
+        matrix = self.matrix()
+        return tensor * matrix.reshape(*matrix.shape, *([1] * (tensor.dim() - 2)))
+
+    def kept(self, tensor_shape: torch.Size) -> int:
+        """Entries of a tensor of this shape that survive the mask."""
+        if len(tensor_shape) == 1 or self.mask_in is None:
+            return int(self.mask_out.sum()) * int(torch.Size(tensor_shape[1:]).numel())
+        return int(self.matrix().sum()) * int(torch.Size(tensor_shape[2:]).numel())
+
+
+class SharedMask(nn.Module):
+    """Parametrisation of a second tensor (a bias) by the ``mask_out`` of another mask.
+
+    The owner is held in a plain list so its buffers are registered (and saved) only once.
+    """
+
+    def __init__(self, owner: ChannelMask):
+        super().__init__()
+        self._owner = [owner]
+
+    def forward(self, tensor: Tensor) -> Tensor:
+        return tensor * self._owner[0].mask_out
+
+    def kept(self, tensor_shape: torch.Size) -> int:
+        return int(self._owner[0].mask_out.sum())
+
+
+def ensure_masks(module: nn.Module, create: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """``(mask_out, mask_in)`` of a prunable layer, attaching a :class:`ChannelMask` if needed
+    (``create=False``: ``(None, None)`` instead).
+
+    Supports :class:`AdaptedLayer`, ``nn.Linear``, ``nn.ConvNd`` (not transposed) and norms
+    with affine parameters (``mask_in`` is ``None`` for those).
+    """
+    if isinstance(module, AdaptedLayer):
+        return module.adapter.mask_out, module.adapter.mask_in
+    existing = channel_mask_of(module, "weight")
+    if existing is not None:
+        return existing.mask_out, existing.mask_in
+    if not create:
+        return None, None
+    if isinstance(module, nn.Linear):
+        mask = ChannelMask(module.out_features, module.in_features)
+    elif isinstance(module, _ConvNd) and not module.transposed:
+        mask = ChannelMask(module.out_channels, module.in_channels, module.groups)
+    elif isinstance(module, NORMS) and getattr(module, "weight", None) is not None:
+        if module.weight.dim() != 1:
+            raise NotAdaptableError(
+                f"cannot mask {type(module).__name__} with a {tuple(module.weight.shape)} weight"
+            )
+        mask = ChannelMask(module.weight.shape[0])
+    else:
+        raise NotAdaptableError(f"cannot mask channels of {type(module).__name__}")
+    mask = mask.to(module.weight.device)
+    parametrize.register_parametrization(module, "weight", mask)
+    if getattr(module, "bias", None) is not None:
+        parametrize.register_parametrization(module, "bias", SharedMask(mask))
+    return mask.mask_out, mask.mask_in
+
+
+def can_mask(module: nn.Module) -> bool:
+    if isinstance(module, AdaptedLayer | nn.Linear):
+        return True
+    if isinstance(module, _ConvNd):
+        return not module.transposed
+    return isinstance(module, NORMS) and getattr(module, "weight", None) is not None
+
+
+def resolve_mask(model: nn.Module, module_name: str, site: str, create: bool = True):
+    """The mask tensor (or a view of it) behind a group member's site; see ``groups.SITES``.
+
+    Plain layers get a mask attached on first use; ``create=False`` returns ``None`` instead.
+    """
+    module = model.get_submodule(module_name)
+    if site in ("out", "in"):
+        out, inp = ensure_masks(module, create)
+        if site == "in" and inp is None and out is not None:
+            raise NotAdaptableError(f"{module_name!r} has no input mask")
+        return out if site == "out" else inp
+    if not isinstance(module, nn.MultiheadAttention):
+        raise NotAdaptableError(f"site {site!r} needs a MultiheadAttention, got {module_name!r}")
+    return _attention_mask(module, site, create)
+
+
+def _attention_mask(mha: nn.MultiheadAttention, site: str, create: bool):
+    if site == "o":
+        adapted = _adapted(mha.out_proj, "weight")
+        if adapted is not None:
+            return adapted.adapters["out"].mask_in
+        return ensure_masks(mha.out_proj, create)[1]
+    if mha.in_proj_weight is None and not parametrize.is_parametrized(mha, "in_proj_weight"):
+        adapted = _adapted(mha, f"{site}_proj_weight")
+        if adapted is None:
+            raise NotAdaptableError(
+                "masking heads of a plain MultiheadAttention with separate q/k/v weights "
+                "(kdim/vdim != embed_dim) is not supported; wrap it with an adapter first"
+            )
+        return adapted.adapters[site].mask_out
+    adapted = _adapted(mha, "in_proj_weight")
+    if adapted is not None:
+        return adapted.adapters[site].mask_out
+    e = mha.embed_dim
+    mask = channel_mask_of(mha, "in_proj_weight")
+    if mask is None and not create:
+        return None
+    if mask is None:
+        mask = ChannelMask(3 * e, e).to(mha.in_proj_weight.device)
+        parametrize.register_parametrization(mha, "in_proj_weight", mask)
+        if mha.in_proj_bias is not None:
+            parametrize.register_parametrization(mha, "in_proj_bias", SharedMask(mask))
+    start = "qkv".index(site) * e
+    return mask.mask_out[start : start + e]
+
+
+def _adapted(module: nn.Module, attr: str):
+    from ..adapters.attention import AdaptedWeight
+
+    if parametrize.is_parametrized(module, attr):
+        for fn in module.parametrizations[attr]:
+            if isinstance(fn, AdaptedWeight):
+                return fn
+    return None
+
+
+def channel_mask_of(module: nn.Module, attr: str) -> ChannelMask | None:
+    if parametrize.is_parametrized(module, attr):
+        for fn in module.parametrizations[attr]:
+            if isinstance(fn, ChannelMask):
+                return fn
+    return None

@@ -1,0 +1,364 @@
+"""``Pruner``: scores coupled groups, ranks them and clears masks, step by step.
+
+The same engine prunes an adapted model (SPA: frozen base, masks on adapters) and a plain one
+(the fine-pruning baseline: masks attached to every prunable layer, all weights trainable), so
+the two are compared under identical decisions. Nothing here changes a weight: a step only
+writes zeros into masks, and never writes a one, so pruned channels cannot regrow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..measure import MacCounter
+from .groups import Group, check_inputs, find_groups
+from .masks import resolve_mask
+from .schedules import Schedule, levels
+
+TARGET_KINDS = ("density", "sparsity", "macs")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to reach: ``density`` (fraction of filters kept, as in the paper's tables),
+    ``sparsity`` (fraction of prunable weights removed) or ``macs`` (fraction of MACs kept)."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self):
+        if self.kind not in TARGET_KINDS:
+            raise ConfigError(
+                f"target kind must be one of {', '.join(TARGET_KINDS)}, got {self.kind!r}"
+            )
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{self.kind} target must be a number, got {v!r}")
+        low_ok = v >= 0 if self.kind == "sparsity" else v > 0
+        high_ok = v < 1 if self.kind == "sparsity" else v <= 1
+        if not (low_ok and high_ok):
+            bounds = "[0, 1)" if self.kind == "sparsity" else "(0, 1]"
+            raise ConfigError(f"{self.kind} target must be in {bounds}, got {v!r}")
+
+    @property
+    def level(self) -> float:
+        """The kept fraction of the measured quantity."""
+        return 1.0 - self.value if self.kind == "sparsity" else float(self.value)
+
+    @classmethod
+    def parse(cls, target) -> Target:
+        if isinstance(target, Target):
+            return target
+        if isinstance(target, str) and "=" in target:
+            kind, _, value = target.partition("=")
+            try:
+                return cls(kind.strip(), float(value))
+            except ValueError as exc:
+                raise ConfigError(f"cannot read target {target!r}: {exc}") from None
+        return cls("density", target)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    level: float
+    criterion: str
+    achieved: dict
+    pruned: dict[str, list[int]] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+
+
+class Pruner:
+    """Iterative structured pruning of ``model`` by editing its masks.
+
+    Args:
+        model: an adapted model (``sparta.wrap``) or a plain one (fine-pruning).
+        example_inputs: a batch the model accepts (tensor, tuple or dict of tensors).
+        criterion: a registered importance criterion (``sparta.list_criteria()``).
+        target: a :class:`Target`, ``"macs=0.1"``-style text, or a number (density).
+        steps: number of pruning steps; ``schedule`` spreads the target over them.
+        ignored: module names whose outputs are never pruned (default: the head).
+        min_channels: units every group keeps at least.
+        round_to: keep a multiple of this many units per group (e.g. 8 for hardware).
+        ranking: ``"global"`` (the paper) or ``"local"`` (the same fraction in every group).
+        criterion_options: passed to the criterion (e.g. ``seed`` for ``random``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs,
+        criterion: str = "l1",
+        target=0.5,
+        steps: int = 1,
+        schedule: str | Schedule = "linear",
+        ignored: Iterable[str] | None = None,
+        min_channels: int = 1,
+        round_to: int | None = None,
+        ranking: str = "global",
+        **criterion_options,
+    ):
+        from .importance import get_criterion
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Pruner expects a torch.nn.Module, got {type(model).__name__}")
+        self.target = Target.parse(target)
+        _check_int("steps", steps, 1)
+        _check_int("min_channels", min_channels, 1)
+        if round_to is not None:
+            _check_int("round_to", round_to, 1)
+        if ranking not in ("global", "local"):
+            raise ConfigError(f"ranking must be 'global' or 'local', got {ranking!r}")
+        self.criterion_cls = get_criterion(criterion)
+        self.criterion_name, self.criterion_options = criterion, criterion_options
+        self.model, self.example_inputs = model, example_inputs
+        self.levels = levels(schedule, steps, self.target.level)
+        self.min_channels, self.round_to, self.ranking = min_channels, round_to, ranking
+        self.ignored = _resolve_ignored(model, ignored)
+        check_inputs(model, example_inputs)
+        self.groups, self.notes = find_groups(model, example_inputs, self.ignored)
+        if not self.groups:
+            raise ConfigError(
+                "found no prunable group of channels in the model: " + "; ".join(self.notes)
+            )
+        for g in self.groups:  # attach masks to plain members now, before the criterion hooks in
+            for m in g.members:
+                resolve_mask(model, m.module, m.site)
+        self.macs = MacCounter(model, example_inputs)
+        self.initial = self._totals()
+        self.history: list[StepRecord] = []
+        self._criterion = self.criterion_cls(model, self.groups, **criterion_options)
+
+    # -- public API -----------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return len(self.history) >= len(self.levels)
+
+    def score(self, batches: Iterable, loss_fn: Callable, progress: Callable | None = None) -> int:
+        """Accumulate a data-driven criterion over ``batches`` of ``(inputs, targets)``."""
+        n = 0
+        for batch in batches:
+            self._criterion.accumulate(batch, loss_fn)
+            n += 1
+            if progress is not None:
+                progress(n)
+        return n
+
+    def step(self) -> StepRecord:
+        """Prune to the next level of the schedule; returns what was decided."""
+        if self.done:
+            raise ConfigError(f"all {len(self.levels)} pruning steps are done")
+        level = self.levels[len(self.history)]
+        scores = {name: s.detach().double() for name, s in self._criterion.scores().items()}
+        alive = self._alive()
+        chosen = self._select(level, scores, alive)
+        self._apply(chosen)
+        record = StepRecord(
+            step=len(self.history) + 1,
+            level=level,
+            criterion=self.criterion_name,
+            achieved=self.achieved(),
+            pruned={g: units.tolist() for g, units in chosen.items() if len(units)},
+            scores={
+                g: [round(float(v), 6) for v in scores[g][units]]
+                for g, units in chosen.items()
+                if len(units)
+            },
+        )
+        self.history.append(record)
+        self._criterion = self.criterion_cls(self.model, self.groups, **self.criterion_options)
+        return record
+
+    def achieved(self) -> dict:
+        """Density, sparsity and MAC fraction of the model under its current masks."""
+        now = self._totals()
+        return {
+            "density": now["filters"] / self.initial["filters"],
+            "sparsity": 1.0 - now["weights"] / self.initial["weights"],
+            "macs": now["macs"] / self.initial["macs"],
+            "macs_abs": now["macs"],
+        }
+
+    def history_dicts(self) -> list[dict]:
+        return [asdict(r) for r in self.history]
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _mask(self, member) -> Tensor:
+        return resolve_mask(self.model, member.module, member.site)
+
+    def _alive(self) -> dict[str, Tensor]:
+        """Per group, which units still have any entry alive in their produced members."""
+        alive = {}
+        for g in self.groups:
+            hit = torch.zeros(g.size, dtype=torch.bool)
+            for m in g.outputs() or g.members:
+                hit.index_put_((m.units,), self._mask(m)[m.idxs].bool().cpu(), accumulate=True)
+            alive[g.name] = hit
+        return alive
+
+    def _sites(self) -> dict[tuple[str, str], Tensor]:
+        return {(m.module, m.site): self._mask(m) for g in self.groups for m in g.members}
+
+    def _totals(self, masks: dict | None = None) -> dict:
+        """Filters (produced units), prunable weights and MACs under ``masks`` (default: now)."""
+        saved = None
+        if masks is not None:  # evaluate a tentative state: swap in, measure, swap back
+            saved = {k: t.clone() for k, t in self._sites().items()}
+            for k, t in masks.items():
+                self._sites()[k].copy_(t)
+        try:
+            filters = sum(
+                float(t.sum())
+                for (_, site), t in self._sites().items()
+                if site in ("out", "q", "k", "v") and self._is_layer(_)
+            )
+            weights = self._prunable_weights()
+            macs = self.macs.count(self.model)
+        finally:
+            if saved is not None:
+                for k, t in saved.items():
+                    self._sites()[k].copy_(t)
+        return {"filters": filters, "weights": weights, "macs": macs}
+
+    def _is_layer(self, name: str) -> bool:
+        from .masks import NORMS
+
+        return not isinstance(self.model.get_submodule(name), NORMS)
+
+    def _prunable_weights(self) -> float:
+        from ..measure import _attention_macs, _kept_entries
+
+        total = 0.0
+        for name in {m.module for g in self.groups for m in g.members}:
+            module = self.model.get_submodule(name)
+            if isinstance(module, nn.MultiheadAttention):
+                total += _attention_macs(module, 1.0, 1.0, products=False)  # weights
+            elif self._is_layer(name):
+                total += _kept_entries(module)
+        return total
+
+    # -- selection ------------------------------------------------------------------------------
+    def _order(self, scores: dict[str, Tensor], alive: dict[str, Tensor]) -> list[tuple[str, int]]:
+        """Alive units, least important first: scores normalised per group (L2, Molchanov et
+        al. 2017), compared across groups (global) or as within-group quantiles (local)."""
+        keys: list[tuple[float, str, int]] = []
+        for g in self.groups:
+            s = scores[g.name]
+            if s.shape != (g.size,):
+                raise ConfigError(
+                    f"criterion returned {tuple(s.shape)} scores for group {g.name!r} of {g.size}"
+                )
+            idx = alive[g.name].nonzero().flatten()
+            norm = s / (s.norm() + 1e-12)
+            if self.ranking == "local":
+                ranks = torch.argsort(torch.argsort(norm[idx]))
+                values = (ranks.double() + 1) / max(len(idx), 1)
+            else:
+                values = norm[idx]
+            keys += [(float(v), g.name, int(u)) for v, u in zip(values, idx)]
+        keys.sort()
+        return [(name, unit) for _, name, unit in keys]
+
+    def _select(self, level: float, scores, alive) -> dict[str, Tensor]:
+        order = self._order(scores, alive)
+        keep_min = {g.name: self._floor(g) for g in self.groups}
+        kept = {name: int(a.sum()) for name, a in alive.items()}
+        candidates = []
+        for name, unit in order:  # respect the per-group minimum in ranking order
+            if kept[name] > keep_min[name]:
+                candidates.append((name, unit))
+                kept[name] -= 1
+        lo, hi = 0, len(candidates)
+        while lo < hi:  # smallest prefix of candidates that reaches the level
+            mid = (lo + hi) // 2
+            if self._level_after(candidates[:mid]) <= level + 1e-9:
+                hi = mid
+            else:
+                lo = mid + 1
+        chosen = self._by_group(candidates[:lo])
+        if self.round_to:
+            chosen = self._round(chosen, alive, order)
+        return chosen
+
+    def _floor(self, g: Group) -> int:
+        floor = min(self.min_channels, g.size)
+        if self.round_to:
+            floor = max(floor, min(self.round_to, g.size))
+        return floor
+
+    def _by_group(self, units: list[tuple[str, int]]) -> dict[str, Tensor]:
+        out: dict[str, list[int]] = {g.name: [] for g in self.groups}
+        for name, unit in units:
+            out[name].append(unit)
+        return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in out.items()}
+
+    def _round(self, chosen, alive, order) -> dict[str, Tensor]:
+        """Adjust each group so that it keeps a multiple of ``round_to`` units."""
+        result = {}
+        by_group: dict[str, list[int]] = {}
+        for name, unit in order:
+            by_group.setdefault(name, []).append(unit)
+        for g in self.groups:
+            ranked = by_group.get(g.name, [])  # alive units, least important first
+            n_alive = int(alive[g.name].sum())
+            keep = n_alive - len(chosen[g.name])
+            target = max(self._floor(g), int(round(keep / self.round_to)) * self.round_to)
+            target = min(target, n_alive)
+            result[g.name] = torch.tensor(sorted(ranked[: n_alive - target]), dtype=torch.long)
+        return result
+
+    def _level_after(self, units: list[tuple[str, int]]) -> float:
+        state = {k: t.clone() for k, t in self._sites().items()}
+        groups = {g.name: g for g in self.groups}
+        for name, chosen in self._by_group(units).items():
+            for m in groups[name].members:
+                hit = torch.isin(m.units, chosen)
+                state[(m.module, m.site)][m.idxs[hit].to(state[(m.module, m.site)].device)] = 0
+        totals = self._totals(state)
+        return self._level_of(totals)
+
+    def _level_of(self, totals: dict) -> float:
+        key = {"density": "filters", "sparsity": "weights", "macs": "macs"}[self.target.kind]
+        return totals[key] / self.initial[key]
+
+    def _apply(self, chosen: dict[str, Tensor]) -> None:
+        groups = {g.name: g for g in self.groups}
+        with torch.no_grad():
+            for name, units in chosen.items():
+                if not len(units):
+                    continue
+                for m in groups[name].members:
+                    mask = self._mask(m)
+                    hit = torch.isin(m.units, units)
+                    mask[m.idxs[hit].to(mask.device)] = 0
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _resolve_ignored(model: nn.Module, ignored) -> set[str]:
+    import difflib
+
+    names = [n for n, _ in model.named_modules() if n]
+    if ignored is None:
+        report = getattr(model, "sparta_report", None)
+        if report is not None:
+            return set(report.head)
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return set(linears[-1:])
+    ignored = [ignored] if isinstance(ignored, str) else list(ignored)
+    for name in ignored:
+        if name not in names:
+            hint = difflib.get_close_matches(name, names, n=3)
+            raise ConfigError(
+                f"ignored layer {name!r} is not a module of the model"
+                + (f"; close names: {', '.join(hint)}" if hint else "")
+            )
+    return set(ignored)

@@ -1,0 +1,71 @@
+"""Pruning schedules: plain functions from a step to the level kept after it.
+
+A *level* is the fraction kept of whatever the target measures (filters for a density target,
+prunable weights for a sparsity target, MACs for a MAC budget), starting from 1.0. Every
+schedule has the signature ``schedule(step, steps, final) -> level`` for ``step = 1 .. steps``
+and reaches ``final`` exactly at the last step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import ConfigError, UnknownNameError
+
+Schedule = Callable[[int, int, float], float]
+
+
+def linear(step: int, steps: int, final: float) -> float:
+    """Equal amounts per step: the paper's iterative schedule (e.g. 19 steps of 5% of filters
+    to reach 5% density) is ``linear`` with ``steps=19, final=0.05``."""
+    return 1.0 - (1.0 - final) * step / steps
+
+
+def geometric(step: int, steps: int, final: float) -> float:
+    """The same fraction of what is left removed at every step."""
+    return final ** (step / steps)
+
+
+def cubic(step: int, steps: int, final: float) -> float:
+    """Fast first, slow last (Zhu & Gupta 2017; Sanh et al. 2020): 1 - (1 - final)(1 - (1 - t)^3)."""
+    t = step / steps
+    return 1.0 - (1.0 - final) * (1.0 - (1.0 - t) ** 3)
+
+
+def one_shot(step: int, steps: int, final: float) -> float:
+    """Everything at the first step."""
+    return final
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "linear": linear,
+    "iterative": linear,
+    "geometric": geometric,
+    "cubic": cubic,
+    "one-shot": one_shot,
+}
+
+
+def get_schedule(schedule: str | Schedule) -> Schedule:
+    if callable(schedule):
+        return schedule
+    if schedule not in SCHEDULES:
+        raise UnknownNameError("schedule", schedule, SCHEDULES)
+    return SCHEDULES[schedule]
+
+
+def steps_for(amount: float, final: float) -> int:
+    """Steps of ``amount`` (fraction of the original) needed to go from 1.0 down to ``final``:
+    ``steps_for(0.05, 0.05) == 19`` (the paper's 19 steps of 5%)."""
+    if not 0 < amount <= 1:
+        raise ConfigError(f"amount per step must be in (0, 1], got {amount!r}")
+    return max(1, round((1.0 - final) / amount))
+
+
+def levels(schedule: str | Schedule, steps: int, final: float) -> list[float]:
+    """The level after each of ``steps`` steps; checked to be non-increasing and end at final."""
+    fn = get_schedule(schedule)
+    out = [float(fn(k, steps, final)) for k in range(1, steps + 1)]
+    if any(b > a + 1e-12 for a, b in zip([1.0, *out], out)) or abs(out[-1] - final) > 1e-9:
+        raise ConfigError(f"schedule {schedule!r} must decrease monotonically to {final}")
+    return out
