@@ -20,7 +20,8 @@ from .errors import (
     SpartaError,
     UnknownNameError,
 )
-from .measure import learned_parameters
+from .measure import MacCounter, learned_parameters
+from .pruning import Pruner, StepRecord, Target
 from .wrap import SkippedLayer, WrapReport, fuse, wrap
 
 __version__ = "0.1.0"
@@ -29,12 +30,16 @@ __all__ = [
     "AdaptedLayer",
     "Adapter",
     "ConfigError",
+    "MacCounter",
     "NotAdaptableError",
+    "Pruner",
     "SPLoRA",
     "SPPaRA",
     "SkippedLayer",
     "SkippedLayerWarning",
     "SpartaError",
+    "StepRecord",
+    "Target",
     "UnknownNameError",
     "WrapReport",
     "__version__",

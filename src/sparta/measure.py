@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 
 from .adapters.attention import AdaptedWeight, MaskedBias
 from .adapters.layer import AdaptedLayer
+from .utils import batch_size, call, evaluating
 
 
 def learned_parameters(model: nn.Module) -> int:
@@ -62,31 +63,13 @@ def _trainable(module: nn.Module) -> bool:
 
 
 # -- multiply-accumulates ----------------------------------------------------------------------
-def _batch_size(inputs) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 1
-    values = inputs.values() if isinstance(inputs, dict) else inputs
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.dim():
-            return int(v.shape[0])
-    return 1
-
-
-def _call(model: nn.Module, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _kept_entries(module: nn.Module) -> int:
     """Weight entries of a Linear/ConvNd (adapted or plain) that survive its masks."""
     from .pruning.masks import channel_mask_of
 
     if isinstance(module, AdaptedLayer):
         kernel = module.base.weight[0, 0].numel()
-        return int(module.adapter.mask_matrix().sum()) * kernel
+        return module.adapter.kept_entries() * kernel
     mask = channel_mask_of(module, "weight")
     if mask is not None:
         return mask.kept(module.weight.shape)
@@ -105,7 +88,7 @@ class MacCounter:
     def __init__(self, model: nn.Module, example_inputs):
         self.positions: dict[str, float] = {}
         self.attention: dict[str, tuple[float, float]] = {}
-        batch = _batch_size(example_inputs)
+        batch = batch_size(example_inputs)
         hooks = []
         for name, m in model.named_modules():
             if isinstance(m, nn.MultiheadAttention):
@@ -115,8 +98,8 @@ class MacCounter:
             ):
                 hooks.append(m.register_forward_hook(self._layer_hook(name, batch)))
         try:
-            with torch.no_grad():
-                _call(model, example_inputs)
+            with evaluating(model):
+                call(model, example_inputs)
         finally:
             for h in hooks:
                 h.remove()

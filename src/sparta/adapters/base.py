@@ -64,6 +64,12 @@ def grouped_mask(mask_out: Tensor, mask_in: Tensor, groups: int = 1) -> Tensor:
     return mask_out[:, None] * grouped_in.reshape(out, in_g)
 
 
+def kept_entries(mask_out: Tensor, mask_in: Tensor, groups: int = 1) -> int:
+    """``grouped_mask(...).sum()`` without building the matrix (a VGG classifier's is 100M)."""
+    per_group = mask_out.view(groups, -1).sum(1) * mask_in.view(groups, -1).sum(1)
+    return int(per_group.sum())
+
+
 def check_init_scale(value: object) -> None:
     if (
         isinstance(value, bool)
@@ -139,6 +145,10 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     def mask_matrix(self) -> Tensor:
         """``mask_out mask_in^T`` laid out like the weight matrix, ``mask_in`` read per group."""
         return grouped_mask(self.mask_out, self.mask_in, self.groups)
+
+    def kept_entries(self) -> int:
+        """Entries of the weight matrix kept by the masks."""
+        return kept_entries(self.mask_out, self.mask_in, self.groups)
 
     def masked_delta(self) -> Tensor:
         return self.delta() * self.mask_matrix()

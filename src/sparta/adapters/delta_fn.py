@@ -43,8 +43,8 @@ class Geometry:
         return (slice(None), slice(None), *(k // 2 for k in self.kernel_size))
 
     def with_delta(self, weight: Tensor, delta: Tensor) -> Tensor:
-        if self.spatial_dims == 0:
-            return weight + delta
+        if all(k == 1 for k in self.kernel_size):  # Linear or 1x1: one pass, no clone
+            return weight + delta.view(weight.shape)
         out = weight.clone()
         out[self.centre] += delta
         return out
@@ -108,13 +108,12 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _prefer_thin(left: Tensor, right: Tensor | None) -> bool:
-    """Whether four thin products (2 r (in + out) per position) beat one centre-tap weight
-    gradient (out x in per position). Thin products with r rows run at a fraction of a full
-    GEMM's speed on CPUs, hence the factor 2 in their disfavour."""
-    if right is None:
-        return False
-    (out, rank), inp = left.shape, right.shape[1]
-    return 2 * 2 * rank * (inp + out) < out * inp
+    """Whether to differentiate a factored delta through thin products rather than through
+    the centre-tap weight gradient. Measured on ResNet-50 (2-core CPU, r=16, a training step
+    as a multiple of full fine-tuning; noisy to a few hundredths): thin everywhere about 0.81,
+    the centre-tap weight gradient everywhere about 0.99, a per-layer choice by multiply-add
+    count about 0.86. So a factored delta always takes the thin products."""
+    return right is not None
 
 
 class DeltaLayerFn(torch.autograd.Function):

@@ -40,4 +40,4 @@ class SPPaRA(Adapter):
 
     def num_learned(self) -> int:
         # Paper count: kept in x kept out (per group for grouped convolutions).
-        return int(self.mask_matrix().sum())
+        return self.kept_entries()

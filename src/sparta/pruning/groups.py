@@ -21,6 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError
+from ..utils import call, evaluating
 from .masks import can_mask
 
 #: Mask sites: "out"/"in" of a layer or norm; for nn.MultiheadAttention the output rows of the
@@ -53,21 +54,13 @@ class Group:
 def check_inputs(model: nn.Module, example_inputs) -> None:
     """Run the model once; a failure becomes a clear error about the example inputs."""
     try:
-        with torch.no_grad():
-            _call(model, example_inputs)
+        with evaluating(model):
+            call(model, example_inputs)
     except Exception as exc:  # any failure here means the inputs do not fit the model
         shape = _describe(example_inputs)
         raise ConfigError(
             f"example_inputs {shape} do not fit the model: {type(exc).__name__}: {exc}"
         ) from exc
-
-
-def _call(model, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _describe(inputs) -> str:

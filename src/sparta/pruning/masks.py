@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from ..adapters.base import grouped_mask
+from ..adapters.base import grouped_mask, kept_entries
 from ..adapters.layer import AdaptedLayer
 from ..errors import NotAdaptableError
 
@@ -48,7 +48,8 @@ class ChannelMask(nn.Module):
         """Entries of a tensor of this shape that survive the mask."""
         if len(tensor_shape) == 1 or self.mask_in is None:
             return int(self.mask_out.sum()) * int(torch.Size(tensor_shape[1:]).numel())
-        return int(self.matrix().sum()) * int(torch.Size(tensor_shape[2:]).numel())
+        kept = kept_entries(self.mask_out, self.mask_in, self.groups)
+        return kept * int(torch.Size(tensor_shape[2:]).numel())
 
 
 class SharedMask(nn.Module):
@@ -131,7 +132,8 @@ def _attention_mask(mha: nn.MultiheadAttention, site: str, create: bool):
         if adapted is not None:
             return adapted.adapters["out"].mask_in
         return ensure_masks(mha.out_proj, create)[1]
-    if mha.in_proj_weight is None and not parametrize.is_parametrized(mha, "in_proj_weight"):
+    # Never read mha.in_proj_weight here: when parametrised, reading it computes W + delta.
+    if not mha._qkv_same_embed_dim:  # separate q/k/v weights
         adapted = _adapted(mha, f"{site}_proj_weight")
         if adapted is None:
             raise NotAdaptableError(
@@ -147,7 +149,7 @@ def _attention_mask(mha: nn.MultiheadAttention, site: str, create: bool):
     if mask is None and not create:
         return None
     if mask is None:
-        mask = ChannelMask(3 * e, e).to(mha.in_proj_weight.device)
+        mask = ChannelMask(3 * e, e).to(mha.out_proj.weight.device)
         parametrize.register_parametrization(mha, "in_proj_weight", mask)
         if mha.in_proj_bias is not None:
             parametrize.register_parametrization(mha, "in_proj_bias", SharedMask(mask))

@@ -132,7 +132,7 @@ class Pruner:
         self.macs = MacCounter(model, example_inputs)
         self.initial = self._totals()
         self.history: list[StepRecord] = []
-        self._criterion = self.criterion_cls(model, self.groups, **criterion_options)
+        self.reset_scores()
 
     # -- public API -----------------------------------------------------------------------------
     @property
@@ -149,12 +149,16 @@ class Pruner:
                 progress(n)
         return n
 
+    def importance(self) -> dict[str, Tensor]:
+        """Raw scores per group from the criterion (data-driven ones need :meth:`score` first)."""
+        return {name: s.detach().double().cpu() for name, s in self._criterion.scores().items()}
+
     def step(self) -> StepRecord:
         """Prune to the next level of the schedule; returns what was decided."""
         if self.done:
             raise ConfigError(f"all {len(self.levels)} pruning steps are done")
         level = self.levels[len(self.history)]
-        scores = {name: s.detach().double() for name, s in self._criterion.scores().items()}
+        scores = self.importance()
         alive = self._alive()
         chosen = self._select(level, scores, alive)
         self._apply(chosen)
@@ -171,8 +175,12 @@ class Pruner:
             },
         )
         self.history.append(record)
-        self._criterion = self.criterion_cls(self.model, self.groups, **self.criterion_options)
+        self.reset_scores()
         return record
+
+    def reset_scores(self) -> None:
+        """Forget accumulated scores (done after every step: each step scores afresh)."""
+        self._criterion = self.criterion_cls(self.model, self.groups, **self.criterion_options)
 
     def achieved(self) -> dict:
         """Density, sparsity and MAC fraction of the model under its current masks."""
@@ -206,24 +214,24 @@ class Pruner:
 
     def _totals(self, masks: dict | None = None) -> dict:
         """Filters (produced units), prunable weights and MACs under ``masks`` (default: now)."""
+        sites = self._sites()
         saved = None
-        if masks is not None:  # evaluate a tentative state: swap in, measure, swap back
-            saved = {k: t.clone() for k, t in self._sites().items()}
+        if masks is not None:  # evaluate a tentative state: swap it in, measure, swap back
+            saved = {k: t.clone() for k, t in sites.items()}
             for k, t in masks.items():
-                self._sites()[k].copy_(t)
+                sites[k].copy_(t)
         try:
             filters = sum(
                 float(t.sum())
-                for (_, site), t in self._sites().items()
-                if site in ("out", "q", "k", "v") and self._is_layer(_)
+                for (name, site), t in sites.items()
+                if site in ("out", "q", "k", "v") and self._is_layer(name)
             )
-            weights = self._prunable_weights()
-            macs = self.macs.count(self.model)
+            totals = {"filters": filters, "weights": self._prunable_weights()}
+            totals["macs"] = self.macs.count(self.model)
         finally:
-            if saved is not None:
-                for k, t in saved.items():
-                    self._sites()[k].copy_(t)
-        return {"filters": filters, "weights": weights, "macs": macs}
+            for k, t in (saved or {}).items():
+                sites[k].copy_(t)
+        return totals
 
     def _is_layer(self, name: str) -> bool:
         from .masks import NORMS
@@ -244,8 +252,11 @@ class Pruner:
 
     # -- selection ------------------------------------------------------------------------------
     def _order(self, scores: dict[str, Tensor], alive: dict[str, Tensor]) -> list[tuple[str, int]]:
-        """Alive units, least important first: scores normalised per group (L2, Molchanov et
-        al. 2017), compared across groups (global) or as within-group quantiles (local)."""
+        """Alive units, least important first: scores normalised per group to unit root mean
+        square (Molchanov et al. 2017 normalise by the L2 norm; dividing by the RMS instead
+        keeps groups of different sizes comparable, else a 12-head group could never compete
+        with a 3072-neuron one), compared across groups (global) or as within-group quantiles
+        (local)."""
         keys: list[tuple[float, str, int]] = []
         for g in self.groups:
             s = scores[g.name]
@@ -254,7 +265,7 @@ class Pruner:
                     f"criterion returned {tuple(s.shape)} scores for group {g.name!r} of {g.size}"
                 )
             idx = alive[g.name].nonzero().flatten()
-            norm = s / (s.norm() + 1e-12)
+            norm = s / (s.norm() / g.size**0.5 + 1e-12)
             if self.ranking == "local":
                 ranks = torch.argsort(torch.argsort(norm[idx]))
                 values = (ranks.double() + 1) / max(len(idx), 1)
