@@ -70,6 +70,9 @@ def _base(name: str, gen: torch.Generator):
     if name == "resnet18":
         base = torchvision.models.resnet18(weights=None, num_classes=10)
         return base, torch.randn(4, 3, 32, 32, generator=gen), 10
+    if name in ("resnet50", "vgg16_bn"):  # the slow marker: large, same code paths as resnet18
+        base = torchvision.models.get_model(name, weights=None, num_classes=10)
+        return base, torch.randn(2, 3, 32, 32, generator=gen), 10
     if name == "vit_b_16":
         base = torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=10)
         nn.init.normal_(base.heads.head.weight, std=0.05)  # torchvision zero-inits the head
@@ -116,7 +119,15 @@ def _logits(out):
 _CASES: dict[str, Case] = {}
 
 
-MODELS = ["cnn", "resnet18", "vit_b_16", "bert", *TINY_MODELS]
+MODELS = [
+    "cnn",
+    "resnet18",
+    "vit_b_16",
+    "bert",
+    *TINY_MODELS,
+    pytest.param("resnet50", marks=pytest.mark.slow),
+    pytest.param("vgg16_bn", marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(scope="module", params=MODELS)

@@ -72,6 +72,24 @@ def _canonize(plain: nn.Module, inputs) -> None:
                 instance.remove()
 
 
+def _positive_zplus(stabilise):
+    """The z+ rule in its deep-Taylor form (Montavon et al. 2017): only positive inputs through
+    positive weights carry relevance, ``R_i = x_i^+ sum_j w_ij^+ R_j / z_j^+``. zennit's
+    ``ZPlus`` (alpha=1, beta=0 over inputs of either sign) evaluates the layer twice; after a
+    ReLU the inputs are non-negative and both agree, at half the cost (the issue's budget for
+    scoring is 2x a forward and backward pass)."""
+    from zennit.core import BasicHook
+    from zennit.rules import ClampMod
+
+    return BasicHook(
+        input_modifiers=[lambda x: x.clamp(min=0)],
+        param_modifiers=[ClampMod(min=0.0)],
+        output_modifiers=[lambda out: out],
+        gradient_mapper=lambda out_grad, outputs: [out_grad / stabilise(outputs[0])],
+        reducer=lambda inputs, gradients: inputs[0] * gradients[0],
+    )
+
+
 def composite(epsilon: float):
     """zennit's ``EpsilonPlus`` (z+ for convolutions, epsilon for linear layers), except:
 
@@ -82,7 +100,8 @@ def composite(epsilon: float):
       block), gets no rule: relevance reaches the heads' contexts and flows through attention
       as a gradient (LRP rules for attention itself are out of scope);
     * LayerNorm passes relevance through (its scaling taken as constant, as transformer LRP
-      does). zennit already passes BatchNorm; its Pass rule fails on GroupNorm, left as is.
+      does). zennit already passes BatchNorm; its Pass rule fails on GroupNorm, left as is;
+    * convolutions take the single-pass z+ of :func:`_positive_zplus`.
     """
     from zennit.composites import EpsilonPlus
     from zennit.rules import Pass
@@ -92,7 +111,8 @@ def composite(epsilon: float):
         return z + eps * (2 * (z >= 0).to(z.dtype) - 1)
 
     norms = (nn.LayerNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else (nn.LayerNorm,)
-    rules = [(nn.MultiheadAttention, None), (norms, Pass())]
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    rules = [(nn.MultiheadAttention, None), (norms, Pass()), (convs, _positive_zplus(stabilise))]
     return EpsilonPlus(epsilon=stabilise, layer_map=rules)
 
 
