@@ -13,6 +13,7 @@ from torch import nn
 import sparta
 from sparta.pruning.masks import resolve_mask
 from sparta.pruning.pruner import Pruner, Target
+from tiny_models import TINY_MODELS
 
 
 class ResidualNet(nn.Module):
@@ -74,7 +75,10 @@ def _zero(module: nn.Module, site: str, idxs: torch.Tensor) -> None:
             module.out_proj.weight[:, idxs] = 0
         else:
             rows = idxs + "qkv".index(site) * e
-            module.in_proj_weight[rows] = 0
+            if module.in_proj_weight is not None:
+                module.in_proj_weight[rows] = 0
+            else:  # separate q/k/v weights (kdim/vdim != embed_dim)
+                getattr(module, f"{site}_proj_weight")[idxs] = 0
             module.in_proj_bias[rows] = 0
         return
     if site == "out":
@@ -136,6 +140,29 @@ def test_masked_model_equals_hand_zeroed_model_on_tiny_net(adapter):
         if n in frozen:
             assert torch.equal(p, frozen[n]), f"pruning changed base tensor {n}"
     assert (resolve_mask(model, "fc", "out") == 1).all(), "the head's outputs are never pruned"
+
+
+@pytest.mark.parametrize("model_name", sorted(TINY_MODELS))
+def test_masked_model_equals_hand_zeroed_model_on_contract_models(model_name):
+    torch.manual_seed(0)
+    model = _quiet_wrap(TINY_MODELS[model_name](), rank=2)
+    _perturb(model)
+    x = TINY_MODELS[model_name].example()
+    pruner = _prune(model, x, criterion="l2", target=0.6, steps=2)
+    assert pruner.history[-1].pruned
+    _check_equivalence(model, pruner, x)
+
+
+def test_wrapped_resnet18_prunes_to_target_and_stays_equivalent():
+    torch.manual_seed(0)
+    model = sparta.wrap(torchvision.models.resnet18(num_classes=10), rank=4)
+    _perturb(model)
+    x = torch.randn(2, 3, 32, 32)
+    frozen = _frozen(model)
+    pruner = _prune(model, x, criterion="l1", target=0.4, steps=2)
+    assert abs(pruner.achieved()["density"] - 0.4) <= 0.01
+    _check_equivalence(model, pruner, x)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
 def test_engine_prunes_a_frozen_base_where_torch_pruning_alone_sees_nothing():
