@@ -311,7 +311,8 @@ class _SiteProbe:
                 q = a.new_zeros(width)
             else:
                 q = a.detach() * g if quantity == "taylor" else g
-                q = q.movedim(self.dim, -1).reshape(-1, width).sum(0)
+                # sum over every other dim in place (a movedim + reshape copies transposed)
+                q = q.sum(dim=[d for d in range(q.dim()) if d != self.dim % q.dim()])
             total = q if total is None else total + q
         return total, count
 

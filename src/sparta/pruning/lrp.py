@@ -66,7 +66,9 @@ def _canonize(plain: nn.Module, inputs) -> None:
         applied = canonizer.apply(plain)
         after = _logits(call(plain, inputs)) if applied else before
     if isinstance(before, Tensor) and before.numel():
-        atol = 1e-4 * float(before.abs().max()) + 1e-6
+        # Merging is exact up to rounding (measured 1.3e-4 of the largest logit on a random
+        # ResNet-50); a merge in the wrong order changes outputs by orders of magnitude more.
+        atol = 1e-3 * float(before.abs().max()) + 1e-6
         if not torch.allclose(after, before, rtol=1e-3, atol=atol):
             for instance in reversed(applied):
                 instance.remove()
