@@ -26,6 +26,7 @@ from .groups import Group
 from .lrp import composite as _composite
 from .lrp import lrp_copy as _lrp_copy
 from .lrp import true_class_start as _true_class_start
+from .masks import NORMS
 
 _CRITERIA: dict[str, type[Criterion]] = {}
 
@@ -391,7 +392,13 @@ def _probes(model: nn.Module, groups: list[Group], split_attention: bool) -> dic
     attention's contexts are the input of its ``out_proj`` module."""
     probes: dict[tuple[str, str], object] = {}
     for g in groups:
-        for m in _scored_members(g):
+        members = _scored_members(g)
+        if split_attention:
+            # LRP passes relevance through norms unchanged (BatchNorm merged or Pass rule),
+            # so a norm's output relevance repeats its producer's: read the layers only.
+            layers = [m for m in members if not isinstance(_module(model, m.module), NORMS)]
+            members = layers or members
+        for m in members:
             key, module = (m.module, m.site), _module(model, m.module)
             if key in probes:
                 continue
