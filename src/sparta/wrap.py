@@ -18,6 +18,7 @@ from .adapters.attention import AdaptedWeight, adapt_attention
 from .adapters.base import get_adapter
 from .adapters.layer import AdaptedLayer, centre_reason, layer_geometry
 from .errors import ConfigError, SkippedLayerWarning
+from .registry import require_modules
 
 #: Norm layers whose affine parameters a task learns (paper: "plus every norm layer's affine").
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -98,13 +99,7 @@ def _resolve_head(model: nn.Module, head, candidates: dict[str, nn.Module]) -> l
         linears = [n for n, m in candidates.items() if isinstance(m, nn.Linear)]
         return linears[-1:]
     heads = _names_list(head, "head")
-    for h in heads:
-        if h not in names:
-            hint = difflib.get_close_matches(h, names, n=3)
-            raise ConfigError(
-                f"head {h!r} is not a module of the model"
-                + (f"; close names: {', '.join(hint)}" if hint else "")
-            )
+    require_modules(heads, names, "head")
     return heads
 
 

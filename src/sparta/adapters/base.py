@@ -23,9 +23,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError
+from ..registry import Registry
 
-_ADAPTERS: dict[str, type[Adapter]] = {}
+_ADAPTERS: Registry[Adapter] = Registry("adapter")
 
 #: The kinds of layer an adapter may declare support for.
 LAYER_KINDS = ("linear", "conv", "attention")
@@ -33,27 +34,17 @@ LAYER_KINDS = ("linear", "conv", "attention")
 
 def register_adapter(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
     """Class decorator that makes an :class:`Adapter` available to :func:`sparta.wrap` by name."""
-
-    def decorate(cls: type[Adapter]) -> type[Adapter]:
-        if name in _ADAPTERS and _ADAPTERS[name] is not cls:
-            raise ConfigError(f"an adapter named {name!r} is already registered")
-        cls.name = name
-        _ADAPTERS[name] = cls
-        return cls
-
-    return decorate
+    return _ADAPTERS.register(name)
 
 
 def get_adapter(name: str) -> type[Adapter]:
     """The adapter class registered under ``name``; unknown names list the known ones."""
-    if not isinstance(name, str) or name not in _ADAPTERS:
-        raise UnknownNameError("adapter", name, _ADAPTERS)
-    return _ADAPTERS[name]
+    return _ADAPTERS.get(name)
 
 
 def list_adapters() -> list[str]:
     """Names of every registered adapter, sorted."""
-    return sorted(_ADAPTERS)
+    return _ADAPTERS.names()
 
 
 def grouped_mask(mask_out: Tensor, mask_in: Tensor, groups: int = 1) -> Tensor:

@@ -20,7 +20,8 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from ..adapters.layer import AdaptedLayer, TensorMemo
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError
+from ..registry import Registry
 from ..utils import call
 from .groups import Group
 from .lrp import composite as _composite
@@ -28,31 +29,21 @@ from .lrp import lrp_copy as _lrp_copy
 from .lrp import true_class_start as _true_class_start
 from .masks import NORMS
 
-_CRITERIA: dict[str, type[Criterion]] = {}
+_CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
 def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]]:
     """Class decorator that makes a :class:`Criterion` available by name."""
-
-    def decorate(cls: type[Criterion]) -> type[Criterion]:
-        if name in _CRITERIA and _CRITERIA[name] is not cls:
-            raise ConfigError(f"a criterion named {name!r} is already registered")
-        cls.name = name
-        _CRITERIA[name] = cls
-        return cls
-
-    return decorate
+    return _CRITERIA.register(name)
 
 
 def get_criterion(name: str) -> type[Criterion]:
     """The criterion class registered under ``name``; unknown names list the known ones."""
-    if not isinstance(name, str) or name not in _CRITERIA:
-        raise UnknownNameError("criterion", name, _CRITERIA)
-    return _CRITERIA[name]
+    return _CRITERIA.get(name)
 
 
 def list_criteria() -> list[str]:
-    return sorted(_CRITERIA)
+    return _CRITERIA.names()
 
 
 class Criterion:

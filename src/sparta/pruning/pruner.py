@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..measure import MacCounter
+from ..registry import require_modules
 from .groups import Group, check_inputs, find_groups
 from .masks import resolve_mask
 from .schedules import Schedule, levels
@@ -355,8 +356,6 @@ def _check_int(name: str, value, low: int) -> None:
 
 
 def _resolve_ignored(model: nn.Module, ignored) -> set[str]:
-    import difflib
-
     names = [n for n, _ in model.named_modules() if n]
     if ignored is None:
         report = getattr(model, "sparta_report", None)
@@ -365,11 +364,5 @@ def _resolve_ignored(model: nn.Module, ignored) -> set[str]:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         return set(linears[-1:])
     ignored = [ignored] if isinstance(ignored, str) else list(ignored)
-    for name in ignored:
-        if name not in names:
-            hint = difflib.get_close_matches(name, names, n=3)
-            raise ConfigError(
-                f"ignored layer {name!r} is not a module of the model"
-                + (f"; close names: {', '.join(hint)}" if hint else "")
-            )
+    require_modules(ignored, names, "ignored layer")
     return set(ignored)
