@@ -8,6 +8,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+#: Norm layers: a task learns their affine parameters (paper: "plus every norm layer's
+#: affine"), and pruning masks their channels with the layer that feeds them.
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+
 
 def call(model: nn.Module, inputs):
     """``model(inputs)``, spreading a tuple/list as positional and a dict as keyword arguments."""

@@ -19,9 +19,7 @@ from .adapters.base import get_adapter
 from .adapters.layer import AdaptedLayer, centre_reason, layer_geometry
 from .errors import ConfigError, SkippedLayerWarning
 from .registry import require_modules
-
-#: Norm layers whose affine parameters a task learns (paper: "plus every norm layer's affine").
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+from .utils import NORMS
 
 
 @dataclass
@@ -187,7 +185,7 @@ def wrap(
             p.requires_grad_(True)
     if train_norms:
         for m in model.modules():
-            if isinstance(m, NORM_TYPES):
+            if isinstance(m, NORMS):
                 for p in m.parameters(recurse=False):
                     p.requires_grad_(True)
     if report.skipped:

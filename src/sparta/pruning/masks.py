@@ -17,9 +17,7 @@ from torch.nn.utils import parametrize
 from ..adapters.base import grouped_mask, kept_entries
 from ..adapters.layer import AdaptedLayer
 from ..errors import NotAdaptableError
-
-#: Norm layers whose channels are masked with the layer that feeds them.
-NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+from ..utils import NORMS
 
 
 class ChannelMask(nn.Module):
