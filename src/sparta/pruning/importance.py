@@ -10,6 +10,7 @@ and remove their hooks and restore every module's train/eval flag after each bat
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import ClassVar
@@ -46,7 +47,7 @@ def list_criteria() -> list[str]:
     return _CRITERIA.names()
 
 
-class Criterion:
+class Criterion(metaclass=ABCMeta):
     """Scores the units of ``groups`` of ``model``.
 
     ``accumulate((inputs, targets), loss_fn)`` feeds a batch: ``inputs`` a tensor, a tuple
@@ -78,8 +79,9 @@ class Criterion:
         _split_batch(batch)  # weight-based criteria read no data but refuse malformed batches
         self._batches += 1
 
+    @abstractmethod
     def scores(self) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """Raw importance per group: a float vector of ``group.size`` (higher = keep)."""
 
 
 # -- weights -------------------------------------------------------------------------------------
