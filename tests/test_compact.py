@@ -14,26 +14,7 @@ from torch.nn.utils import parametrize
 import sparta
 from sparta.export import build_compact
 from sparta.pruning.masks import resolve_mask
-
-
-class ResidualNet(nn.Module):
-    """Residual addition, concatenation, a depthwise conv and a flatten into the head (32x32)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.branch = nn.Conv2d(8, 8, 3, padding=1)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.side = nn.Conv2d(8, 6, 1)
-        self.mix = nn.Conv2d(14, 10, 3, stride=2, padding=1)
-        self.fc = nn.Linear(10 * 8 * 8, 5)
-
-    def forward(self, x):
-        h = torch.relu(self.bn(self.stem(x)))
-        h = h + self.dw(torch.relu(self.branch(h)))
-        h = torch.cat([h, self.side(h)], 1)
-        return self.fc(torch.flatten(torch.relu(self.mix(h)), 1))
+from tiny_models import ResidualNet
 
 
 def _wrap(model):
@@ -136,7 +117,7 @@ def _check(model, groups, x, rtol=1e-5):
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
 def test_tiny_residual_net_compacts_exactly_and_traces():
     torch.manual_seed(0)
-    model = _wrap(ResidualNet())
+    model = _wrap(ResidualNet(image=32, stem_stride=2))
     _perturb(model)
     x = torch.randn(2, 3, 32, 32)
     pruner = _prune(model, x)
@@ -228,7 +209,7 @@ def test_groups_over_a_layer_norm_stay_dense():
 
 def test_a_group_with_every_unit_pruned_keeps_one_zero_unit():
     torch.manual_seed(0)
-    model = ResidualNet().eval()
+    model = ResidualNet(image=32, stem_stride=2).eval()
     x = torch.randn(2, 3, 32, 32)
     pruner = _prune(model, x)
     side = next(g for g in pruner.groups if g.name == "side")

@@ -13,27 +13,7 @@ from torch import nn
 import sparta
 from sparta.pruning.masks import resolve_mask
 from sparta.pruning.pruner import Pruner, Target
-from tiny_models import TINY_MODELS
-
-
-class ResidualNet(nn.Module):
-    """Residual addition, concatenation, a depthwise conv and a flatten into the head."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.branch = nn.Conv2d(8, 8, 3, padding=1)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.side = nn.Conv2d(8, 6, 1)
-        self.mix = nn.Conv2d(14, 10, 3, stride=2, padding=1)
-        self.fc = nn.Linear(10 * 4 * 4, 5)
-
-    def forward(self, x):
-        h = torch.relu(self.bn(self.stem(x)))
-        h = h + self.dw(torch.relu(self.branch(h)))
-        h = torch.cat([h, self.side(h)], 1)
-        return self.fc(torch.flatten(torch.relu(self.mix(h)), 1))
+from tiny_models import TINY_MODELS, ResidualNet
 
 
 def _quiet_wrap(model, **kw):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -118,6 +120,28 @@ class AttentionBlock(nn.Module):
     @staticmethod
     def example(batch=3):
         return torch.randn(batch, 5, 6)
+
+
+class ResidualNet(nn.Module):
+    """Residual addition, concatenation, a depthwise conv and a flatten into the head, for
+    ``image`` x ``image`` inputs (pruning and compaction tests)."""
+
+    def __init__(self, image: int = 8, stem_stride: int = 1):
+        super().__init__()
+        side = math.ceil(math.ceil(image / stem_stride) / 2)  # after the stem, then mix
+        self.stem = nn.Conv2d(3, 8, 3, stride=stem_stride, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.branch = nn.Conv2d(8, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.side = nn.Conv2d(8, 6, 1)
+        self.mix = nn.Conv2d(14, 10, 3, stride=2, padding=1)
+        self.fc = nn.Linear(10 * side * side, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = h + self.dw(torch.relu(self.branch(h)))
+        h = torch.cat([h, self.side(h)], 1)
+        return self.fc(torch.flatten(torch.relu(self.mix(h)), 1))
 
 
 TINY_MODELS = {
