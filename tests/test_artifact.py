@@ -28,6 +28,7 @@ from sparta.export.artifact import (
     VERSION,
     ArtifactError,
     Task,
+    _pack_masks,
     apply_task,
     export,
     fingerprint,
@@ -282,7 +283,7 @@ def test_random_byte_corruption_never_escapes(built, tmp_path):
 def _write_raw(path: Path, tensors: dict, manifest: dict) -> None:
     text = json.dumps(manifest, sort_keys=True)
     meta = {MANIFEST_KEY: text, CHECKSUM_KEY: hashlib.sha256(text.encode()).hexdigest()}
-    path.write_bytes(st_save(tensors, meta))
+    path.write_bytes(st_save(_pack_masks(tensors, manifest), meta))  # as Task.save writes them
 
 
 def test_future_format_version_is_refused(built, tmp_path):

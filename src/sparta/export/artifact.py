@@ -2,21 +2,29 @@
 
 A task is the part of a wrapped (and possibly pruned) model that the shared base does not hold:
 every trainable tensor (adapters, biases, norm affine parameters, the head), every channel mask
-(stored as bool) and the BatchNorm running statistics. Keys are the wrapped model's
+(stored as packed bits) and the BatchNorm running statistics. Entries of pruned channels are not
+stored at all. Keys are the wrapped model's
 ``state_dict`` keys. The manifest records the adapter configuration, which layers were adapted
 and masked, a SHA-256 fingerprint of the frozen base tensors, a checksum of every stored tensor
-and the counts. Loading never unpickles (design.md, style rule 5).
+and the counts, and (optionally) the shapes of an example input, so that the compact model can be
+built without the caller passing one. Loading never unpickles (design.md, style rule 5).
+
+Format history: version 1 stored masks as one byte per channel and BatchNorm statistics in full;
+version 2 packs masks into bits and stores statistics of kept channels only. Both are read.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -27,11 +35,12 @@ from ..adapters.attention import AdaptedWeight
 from ..adapters.base import Adapter, get_adapter
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError
+from ..inputs import check_spec, input_spec
 from ..measure import learned_parameters
 from ..pruning.masks import ChannelMask, ensure_masks, resolve_mask
 
 FORMAT = "sparta.task"
-VERSION = 1
+VERSION = 2
 MANIFEST_KEY = "sparta.manifest"
 CHECKSUM_KEY = "sparta.manifest.sha256"
 STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -203,12 +212,16 @@ class Task:
         """Tensors at the model's shapes (entries of pruned channels, not stored, as zeros)."""
         return _full_tensors(self.tensors, self.manifest["tensors"], "<task>")
 
-    def save(self, path) -> int:
-        """Write the task atomically to ``path`` (one safetensors file); returns its size."""
-        _check_tensors(self.tensors, self.manifest, path)
+    def to_bytes(self) -> bytes:
+        """The file contents :meth:`save` writes."""
+        _check_tensors(self.tensors, self.manifest, "<task>")
         text = json.dumps(self.manifest, sort_keys=True)
         meta = {MANIFEST_KEY: text, CHECKSUM_KEY: hashlib.sha256(text.encode()).hexdigest()}
-        data = st_save({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}, meta)
+        return st_save(_pack_masks(self.tensors, self.manifest), meta)
+
+    def save(self, path) -> int:
+        """Write the task atomically to ``path`` (one safetensors file); returns its size."""
+        data = self.to_bytes()
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -240,8 +253,37 @@ class Task:
             tensors = st_load(data)
         except Exception as exc:  # safetensors reports damage with several exception types
             raise ArtifactError(f"task file {path!r} is corrupted: {exc}") from None
+        tensors = _unpack_masks(tensors, manifest, path)
         _check_tensors(tensors, manifest, path)
         return cls(tensors, manifest)
+
+
+def _pack_masks(tensors: dict[str, Tensor], manifest: dict) -> dict[str, Tensor]:
+    """Tensors as written to the file: masks flagged ``packed`` as 8 channels per byte."""
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if manifest["tensors"][key].get("packed"):
+            t = torch.from_numpy(np.packbits(t.numpy().astype(bool)))
+        out[key] = t
+    return out
+
+
+def _unpack_masks(tensors: dict[str, Tensor], manifest: dict, path: str) -> dict[str, Tensor]:
+    out = dict(tensors)
+    for key, e in manifest["tensors"].items():
+        t = tensors.get(key)
+        if t is None or not e.get("packed"):
+            continue
+        n = math.prod(e["shape"])
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != (n + 7) // 8:
+            raise ArtifactError(
+                f"task {path!r}: packed mask {key!r} holds {list(t.shape)} {t.dtype}, expected "
+                f"[{(n + 7) // 8}] uint8 bits for shape {e['shape']}"
+            )
+        bits = np.unpackbits(t.numpy(), count=n).astype(bool).reshape(e["shape"])
+        out[key] = torch.from_numpy(bits)
+    return out
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -258,7 +300,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _read_header(data: bytes, path: str) -> dict:
-    if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
+    # A safetensors file has its JSON header at byte 8; a pickle starts with the 0x80 protocol
+    # opcode, a torch.save file is a zip. Byte 0 alone is not enough: it is the low byte of
+    # the header length, 0x80 for one length in 256.
+    if data[8:9] != b"{" and (data[:1] == b"\x80" or data[:4] == b"PK\x03\x04"):
         raise ArtifactError(
             f"{path!r} is a pickle / torch.save file, not a sparta task; sparta never unpickles "
             "(it could run arbitrary code). Re-export the task with sparta.export(...).save()"
@@ -338,6 +383,8 @@ def _check_manifest(m, path: str) -> None:
     )
     if not ok:
         raise ArtifactError(f"task file {path!r}: manifest does not follow the schema")
+    if "inputs" in m and not check_spec(m["inputs"]):
+        raise ArtifactError(f"task file {path!r}: manifest field 'inputs' is not an input spec")
 
 
 def _entry_ok(e) -> bool:
@@ -351,6 +398,8 @@ def _entry_ok(e) -> bool:
         and e.get("as", "bool") in _DTYPES
         and isinstance(e.get("sha256"), str)
         and _ints(e.get("stored", []))
+        and isinstance(e.get("packed", False), bool)
+        and (not e.get("packed") or e["kind"] == "mask")
         and all(isinstance(e.get(k), str | None) for k in ("rows", "cols"))
     )
 
@@ -413,6 +462,12 @@ def _layout(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
                 full = fn is owner and owner.mask_in is not None and owner.groups == 1
                 cols = key(owner, "mask_in") if full and plist.original.dim() >= 2 else None
                 out[key(plist, "original")] = (key(owner, "mask_out"), cols)
+                if isinstance(m, nn.modules.batchnorm._NormBase) and fn is owner:
+                    # A pruned channel's output is 0 * (x - mean) / std + 0: its statistics
+                    # never matter, so only kept channels' statistics are stored.
+                    for stat in ("running_mean", "running_var"):
+                        if m._buffers.get(stat) is not None:
+                            out[key(m, stat)] = (key(owner, "mask_out"), None)
     return out
 
 
@@ -482,8 +537,13 @@ def _masked_sites(model: nn.Module) -> list[list[str]]:
     return sites
 
 
-def export(model: nn.Module) -> Task:
-    """The :class:`Task` of a model returned by :func:`sparta.wrap` (trained, maybe pruned)."""
+def export(model: nn.Module, example_inputs=None) -> Task:
+    """The :class:`Task` of a model returned by :func:`sparta.wrap` (trained, maybe pruned).
+
+    ``example_inputs`` (a batch the model accepts) records the input shapes in the manifest so
+    that :func:`sparta.build` needs no example; by default the shapes recorded by the
+    :class:`~sparta.Pruner` that pruned ``model`` are used, if any.
+    """
     report = getattr(model, "sparta_report", None)
     if report is None or not _is_wrapped(model):
         raise ConfigError("export expects a model returned by sparta.wrap (it has no adapters)")
@@ -496,9 +556,9 @@ def export(model: nn.Module) -> Task:
         if kind == "mask":
             if not bool(((t == 0) | (t == 1)).all()):
                 raise ArtifactError(f"mask {key!r} holds values other than 0 and 1")
-            entry["as"] = str(t.dtype).removeprefix("torch.")
+            entry.update({"as": str(t.dtype).removeprefix("torch."), "packed": True})
             t = t.bool()
-        elif kind == "param" and key in layout:
+        elif kind in ("param", "stat") and key in layout:
             # Entries of pruned channels never reach the output: store the kept ones only.
             rows, cols = (k if kinds.get(k) == "mask" else None for k in layout[key])
             if rows or cols:
@@ -524,8 +584,16 @@ def export(model: nn.Module) -> Task:
             "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         },
     }
+    spec = input_spec(example_inputs) if example_inputs is not None else _recorded_spec(model)
+    if spec is not None:
+        manifest["inputs"] = spec
     json.dumps(manifest)  # options must be JSON data; fail here, not at save time
     return Task(tensors, manifest)
+
+
+def _recorded_spec(model: nn.Module):
+    spec = getattr(model, "sparta_inputs", None)
+    return spec if check_spec(spec) else None
 
 
 def _glob_escape(name: str) -> str:
@@ -547,13 +615,20 @@ def check_base(base: nn.Module, task: Task) -> None:
 
 def apply_task(base: nn.Module, task: Task) -> nn.Module:
     """The task model on ``base`` (a plain model, left unchanged): wrap, mask, load tensors."""
-    from ..wrap import wrap
-
     if not isinstance(task, Task):
         raise TypeError(f"apply_task expects a sparta Task, got {type(task).__name__}")
     if _is_wrapped(base):
         raise ConfigError("apply_task expects the plain base model, not a wrapped one")
     check_base(base, task)
+    return task_model(base, task, share_frozen=False)
+
+
+def task_model(base: nn.Module, task: Task, share_frozen: bool) -> nn.Module:
+    """:func:`apply_task` without the base check. ``share_frozen=True`` shares the storage of
+    the adapted layers' frozen weights with ``base`` instead of copying it (for building a
+    compact model, which replaces those weights by fused ones; never train such a model)."""
+    from ..wrap import wrap
+
     m = task.manifest
     accepted = get_adapter(task.adapter).option_names()
     if set(task.options) - set(accepted):
@@ -561,11 +636,13 @@ def apply_task(base: nn.Module, task: Task) -> nn.Module:
             f"task options {sorted(task.options)} are not options of adapter {task.adapter!r} "
             f"({', '.join(accepted) or 'none'})"
         )
-    model = wrap(  # a deep copy: the base stays as it was
-        base,
+    copied = _frozen_sharing_copy(base, m["adapted"]) if share_frozen else copy.deepcopy(base)
+    model = wrap(
+        copied,
         task.adapter,
         include=[_glob_escape(n) for n in m["adapted"]],
         head=m["head"],
+        inplace=True,
         **task.options,
     )
     for name, attr in m["masked"]:
@@ -579,6 +656,24 @@ def apply_task(base: nn.Module, task: Task) -> nn.Module:
             ensure_masks(module)
     _load(model, task)
     return model
+
+
+def _frozen_sharing_copy(base: nn.Module, adapted: list[str]) -> nn.Module:
+    """A deep copy of ``base`` whose adapted layers' weights alias the base's storage (new
+    Parameter objects, so flags set on the copy stay on the copy); everything else is copied."""
+    frozen = ("weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    memo = {}
+    for name in adapted:
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"task adapts {name!r}, which the base does not have") from None
+        for sub in (module, getattr(module, "out_proj", None)):
+            for attr in frozen:
+                p = getattr(sub, "_parameters", {}).get(attr)
+                if p is not None:
+                    memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    return copy.deepcopy(base, memo)
 
 
 def _load(model: nn.Module, task: Task) -> None:

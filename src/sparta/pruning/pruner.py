@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..inputs import input_spec
 from ..measure import MacCounter
 from ..registry import require_modules
 from .groups import Group, check_inputs, find_groups
@@ -131,6 +132,8 @@ class Pruner:
             for m in g.members:
                 resolve_mask(model, m.module, m.site)
         self.macs = MacCounter(model, example_inputs)
+        # Recorded for sparta.export, so that the task can be built without an example batch.
+        model.sparta_inputs = input_spec(example_inputs)
         self.initial = self._totals()
         self.history: list[StepRecord] = []
         self.reset_scores()
