@@ -20,6 +20,7 @@ from .errors import (
     SpartaError,
     UnknownNameError,
 )
+from .export import ArtifactError, Task, TaskBank, build, export, report
 from .measure import MacCounter, learned_parameters
 from .pruning import Pruner, StepRecord, Target
 from .wrap import SkippedLayer, WrapReport, fuse, wrap
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLayer",
     "Adapter",
+    "ArtifactError",
     "ConfigError",
     "MacCounter",
     "NotAdaptableError",
@@ -40,13 +42,18 @@ __all__ = [
     "SpartaError",
     "StepRecord",
     "Target",
+    "Task",
+    "TaskBank",
     "UnknownNameError",
     "WrapReport",
     "__version__",
+    "build",
+    "export",
     "fuse",
     "get_adapter",
     "learned_parameters",
     "list_adapters",
     "register_adapter",
+    "report",
     "wrap",
 ]

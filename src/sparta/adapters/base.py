@@ -15,6 +15,7 @@ where, for grouped layers, ``mask_in`` is read per group of output rows.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
@@ -96,8 +97,7 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     # -- options -------------------------------------------------------------------------------
     @classmethod
     def option_names(cls) -> list[str]:
-        params = list(inspect.signature(cls.__init__).parameters)
-        return params[params.index("groups") + 1 :]
+        return list(_option_names(cls))
 
     @classmethod
     def check_options(cls, options: dict) -> None:
@@ -169,3 +169,11 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         kept_in = int(self.mask_in.sum())
         text = f"out={kept_out}/{self.out_features}, in={kept_in}/{self.in_features}"
         return text + (f", groups={self.groups}" if self.groups > 1 else "")
+
+
+@functools.cache
+def _option_names(cls: type) -> tuple[str, ...]:
+    """The keyword options of an adapter class: its ``__init__`` parameters after ``groups``
+    (cached: building a task constructs one adapter per layer)."""
+    params = list(inspect.signature(cls.__init__).parameters)
+    return tuple(params[params.index("groups") + 1 :])

@@ -15,6 +15,7 @@ groups stay dense, with the reason in the report.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -22,7 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from ..errors import SpartaError
+from ..adapters.base import Adapter
+from ..adapters.layer import AdaptedLayer
+from ..errors import ConfigError, SpartaError
 from ..pruning.groups import Group
 from ..pruning.masks import NORMS, resolve_mask
 from ..utils import call
@@ -64,17 +67,23 @@ class CompactReport:
 
 
 def build_compact(
-    model: nn.Module, groups: list[Group], example_inputs, verify: bool = True
+    model: nn.Module,
+    groups: list[Group],
+    example_inputs=None,
+    verify: bool = True,
+    inplace: bool = False,
 ) -> tuple[nn.Module, CompactReport]:
     """A new plain model computing what pruned ``model`` computes, with dead units removed.
 
     Args:
         model: a pruned model (``sparta.wrap`` + ``Pruner``, or a fine-pruned plain model);
-            it is never modified.
+            never modified unless ``inplace``.
         groups: its groups (``pruner.groups``).
-        example_inputs: a batch the model accepts (tensor, tuple or dict), used to trace.
+        example_inputs: a batch the model accepts (tensor, tuple or dict); needed to verify,
+            and to trace models with layers the direct cut does not handle.
         verify: run the fused model before and after removal (eval mode, on
             ``example_inputs``) and raise if the outputs differ by more than 1e-4 relative.
+        inplace: fuse ``model`` itself instead of a copy (it is consumed; saves a copy).
 
     Returns ``(compact_model, report)``.
     """
@@ -82,22 +91,36 @@ def build_compact(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"build_compact expects a torch.nn.Module, got {type(model).__name__}")
-    plain = fuse(model)
-    report = CompactReport(_count(plain), 0)
-    flags = {n: p.requires_grad for n, p in plain.named_parameters()}
-    widths = _widths(plain, groups)
-    want = _output(plain, example_inputs) if verify else None
+    if verify and example_inputs is None:
+        raise ConfigError("build_compact(verify=True) needs example_inputs to compare outputs")
+    dead_units = [_dead_units(model, g) for g in groups]  # read the masks before fusing
+    want = _output(model, example_inputs) if verify else None
+    work = model if inplace else copy.deepcopy(model)
+    report = CompactReport(_plain_count(work), 0)
+    flags = _plain_flags(work)
+    widths = _widths(work, groups)
     channel_plans, sliced_plans = [], []
-    for g in groups:
-        dead = _dead_units(model, g)
+    for g, dead in zip(groups, dead_units):
         removed = dead[1:] if len(dead) == g.size else dead  # keep one (zero) unit, never none
-        reason = _dense_reason(plain, g) if len(removed) else None
+        reason = _dense_reason(work, g) if len(removed) else None
         outcome = GroupOutcome(g.name, g.kind, g.size, g.size - len(dead), 0, reason)
         report.groups.append(outcome)
         if len(removed) and reason is None:
             outcome.removed = len(removed)
             (channel_plans if g.kind == "channels" else sliced_plans).append((g, removed))
-    if channel_plans:
+    cuts = _cuts(work, channel_plans)
+    if cuts is not None:  # adapted layers: cut first, then fuse only the kept weights
+        done = _cut_and_fuse_adapted(work, cuts)
+        cuts = {k: v for k, v in cuts.items() if k[0] not in done}
+    plain = fuse(work, inplace=True)
+    if cuts is not None:
+        _cut_plain(plain, cuts)
+    elif channel_plans:
+        if example_inputs is None:
+            raise ConfigError(
+                "build_compact needs example_inputs to trace this model's dependency graph "
+                "(it has layers the direct cut does not handle, e.g. grouped convolutions)"
+            )
         _prune_channels(plain, channel_plans, example_inputs)
     for g, removed in sliced_plans:
         _slice_group(plain, g, removed)
@@ -108,6 +131,22 @@ def build_compact(
     if verify:
         _compare(want, _output(plain, example_inputs))
     return plain, report
+
+
+def _plain_count(model: nn.Module) -> int:
+    """Parameters of the fused model: everything but the adapters' own tensors."""
+    adapter = {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in adapter)
+
+
+def _plain_flags(model: nn.Module) -> dict[str, bool]:
+    """``requires_grad`` by the fused model's parameter names (``x.base.bias`` -> ``x.bias``,
+    ``x.parametrizations.w.original`` -> ``x.w``)."""
+    flags = {}
+    for name, p in model.named_parameters():
+        name = name.replace(".parametrizations.", ".").replace(".original", "")
+        flags[name.replace(".base.", ".")] = p.requires_grad
+    return flags
 
 
 # -- which units are dead ----------------------------------------------------------------------
@@ -124,7 +163,7 @@ def _dead_units(model: nn.Module, group: Group) -> Tensor:
 
 
 def _dense_reason(plain: nn.Module, group: Group) -> str | None:
-    modules = {m.module: plain.get_submodule(m.module) for m in group.members}
+    modules = {m.module: _layer(plain.get_submodule(m.module)) for m in group.members}
     if any(isinstance(m, nn.MultiheadAttention) for m in modules.values()):
         return (
             "torch nn.MultiheadAttention needs q/k/v width == embed_dim, so its heads cannot "
@@ -144,6 +183,122 @@ def _dense_reason(plain: nn.Module, group: Group) -> str | None:
 
 
 # -- removal -----------------------------------------------------------------------------------
+def _cuts(model: nn.Module, plans) -> dict[tuple[str, str], list[int]] | None:
+    """``{(layer, side): indices to remove}``, each (layer, side) once, in the base's
+    coordinates; ``None`` when some member is a layer the direct cut does not handle.
+
+    The groups already hold, per member, which entries belong to which unit (index mappings
+    through concatenation and flattening included, from the dependency graph that made them),
+    so no new trace is needed.
+    """
+    hits: dict[tuple[str, str], list[Tensor]] = {}
+    for g, removed in plans:
+        for m in g.members:
+            module = _layer(model.get_submodule(m.module))
+            if _cut_function(module, m.site) is None:
+                return None
+            # Norms and depthwise convolutions have one channel axis for both sides.
+            site = "out" if isinstance(module, NORMS) or _depthwise(module) else m.site
+            hits.setdefault((m.module, site), []).append(m.idxs[torch.isin(m.units, removed)])
+    return {k: torch.cat(v).unique().tolist() for k, v in hits.items()}
+
+
+def _cut_plain(plain: nn.Module, cuts: dict[tuple[str, str], list[int]]) -> None:
+    """Cut plain layers with torch-pruning's per-layer functions."""
+    for (name, site), idxs in cuts.items():
+        if idxs:
+            module = plain.get_submodule(name)
+            _cut_function(module, site)(module, idxs)
+
+
+def _cut_and_fuse_adapted(model: nn.Module, cuts) -> set[str]:
+    """Replace each cut :class:`AdaptedLayer` (groups 1 or depthwise) by its plain fused layer,
+    computing ``(W + delta) * M`` on the kept rows and columns only: building a task then
+    never touches the pruned part of the base's weights. Returns the names replaced."""
+    done = set()
+    for name in {n for n, _ in cuts}:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, AdaptedLayer):
+            continue
+        depthwise = _depthwise(layer.base)
+        if isinstance(layer.base, _ConvNd) and layer.base.groups != 1 and not depthwise:
+            continue
+        out_keep = _kept(layer.adapter.out_features, cuts.get((name, "out"), []))
+        in_cut = cuts.get((name, "in"), [])
+        in_keep = out_keep if depthwise else _kept(layer.adapter.in_features, in_cut)
+        with torch.no_grad():
+            weight = layer.base.weight.index_select(0, out_keep)
+            delta = layer.adapter.delta().index_select(0, out_keep)
+            mask = layer.mask_out[out_keep].view(-1, 1)
+            if not depthwise:
+                weight = weight.index_select(1, in_keep)
+                delta = delta.index_select(1, in_keep)
+                mask = mask * layer.mask_in[in_keep].view(1, -1)
+            weight = layer.geometry.with_delta(weight, delta)
+            weight = weight * mask.view(*mask.shape, *([1] * (weight.dim() - 2)))
+            bias = layer.base.bias
+            bias = None if bias is None else bias[out_keep] * layer.mask_out[out_keep]
+        plain = copy.copy(layer.base)
+        for slot in ("_parameters", "_buffers", "_modules"):
+            setattr(plain, slot, dict(getattr(plain, slot)))
+        plain.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            plain.bias = nn.Parameter(bias, requires_grad=layer.base.bias.requires_grad)
+        _set_width(plain, len(out_keep), len(in_keep), depthwise)
+        _put(model, name, plain)
+        done.add(name)
+    return done
+
+
+def _kept(width: int, removed: list[int]) -> Tensor:
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[removed] = False
+    return keep.nonzero().flatten()
+
+
+def _set_width(layer: nn.Module, out: int, inp: int, depthwise: bool) -> None:
+    if isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = out, inp
+    else:
+        layer.out_channels, layer.in_channels = out, inp
+        if depthwise:
+            layer.groups = out
+
+
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    model.get_submodule(parent)._modules[child] = module
+
+
+def _layer(module: nn.Module) -> nn.Module:
+    """The torch layer behind an adapted one."""
+    return module.base if isinstance(module, AdaptedLayer) else module
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, _ConvNd)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _cut_function(module: nn.Module, site: str):
+    import torch_pruning as tp
+
+    if isinstance(module, _ConvNd) and not module.transposed:
+        if _depthwise(module):
+            return tp.prune_depthwise_conv_out_channels
+        if module.groups == 1:
+            return tp.prune_conv_out_channels if site == "out" else tp.prune_conv_in_channels
+        return None
+    if isinstance(module, nn.Linear):
+        return tp.prune_linear_out_channels if site == "out" else tp.prune_linear_in_channels
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        return tp.prune_batchnorm_out_channels
+    return None
+
+
 def _prune_channels(plain: nn.Module, plans, example_inputs) -> None:
     import torch_pruning as tp
 
@@ -211,6 +366,7 @@ def _slice_linear(linear: nn.Linear, dim: int, keep: Tensor) -> None:
 
 # -- checks ------------------------------------------------------------------------------------
 def _width(module: nn.Module, site: str) -> int | None:
+    module = _layer(module)
     if isinstance(module, _ConvNd):
         return module.out_channels if site == "out" else module.in_channels
     if isinstance(module, nn.Linear):
@@ -230,15 +386,15 @@ def _widths(plain: nn.Module, groups: list[Group]) -> dict[tuple[str, str], int 
 
 def _check_widths(plain: nn.Module, before: dict, plans) -> None:
     """Every member lost exactly its removed entries: else refuse the result."""
-    dropped: dict[tuple[str, str], set[int]] = {}
+    hits: dict[tuple[str, str], list[Tensor]] = {}
     for g, removed in plans:
         for m in g.members:
-            hit = m.idxs[torch.isin(m.units, removed)]
-            dropped.setdefault((m.module, m.site), set()).update(int(i) for i in hit)
+            hits.setdefault((m.module, m.site), []).append(m.idxs[torch.isin(m.units, removed)])
+    dropped = {k: len(torch.cat(v).unique()) for k, v in hits.items()}
     for (name, site), width in before.items():
         if width is None:
             continue
-        expected = width - len(dropped.get((name, site), ()))
+        expected = width - dropped.get((name, site), 0)
         got = _width(plain.get_submodule(name), site)
         if got != expected:
             raise SpartaError(

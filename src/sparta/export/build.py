@@ -1,0 +1,111 @@
+"""``sparta.build(base, task)``: a task's deployable model, compact and fused, in one call.
+
+The steps: check the base's fingerprint, rebuild the masked task model on the base, bake the
+adapters into the weights and cut every dead channel (``build_compact``). What depends on the
+base alone, its tensor digests and its coupled channel groups, is computed once per
+:class:`Builder` and reused for every task, which is what makes switching tasks in a
+:class:`~sparta.TaskBank` cheap.
+"""
+
+from __future__ import annotations
+
+import json
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..inputs import input_spec, make_inputs
+from ..pruning.groups import Group, find_groups
+from .artifact import (
+    ArtifactError,
+    Task,
+    _combine,
+    _is_wrapped,
+    base_digests,
+    task_model,
+)
+from .compact import CompactReport, build_compact
+
+
+class Builder:
+    """Builds compact models of tasks on one ``base``, which it never changes.
+
+    Args:
+        base: the plain base model the tasks were trained on.
+        example_inputs: a batch the base accepts; by default the shapes recorded in each task
+            (present when the task was pruned with :class:`~sparta.Pruner`) are used.
+    """
+
+    def __init__(self, base: nn.Module, example_inputs=None):
+        if not isinstance(base, nn.Module):
+            raise TypeError(f"expected the base model (torch.nn.Module), got {type(base).__name__}")
+        if _is_wrapped(base):
+            raise ConfigError("expected the plain base model, not a wrapped one")
+        self.base = base
+        self.example_inputs = example_inputs
+        self._digests: dict[str, str] | None = None
+        self._groups: dict[str, list[Group]] = {}
+
+    def check(self, task: Task) -> None:
+        """Raise :class:`ArtifactError` unless ``task`` was trained on this base.
+
+        The base's digests are computed on first use and cached: the base must not be edited
+        in place afterwards (no sparta code does)."""
+        if not isinstance(task, Task):
+            raise TypeError(f"expected a sparta Task, got {type(task).__name__}")
+        if self._digests is None:
+            self._digests = base_digests(self.base)
+        expected = task.manifest["base"]["tensors"]
+        bad = [n for n in expected if self._digests.get(n) != expected[n]]
+        actual = {n: self._digests.get(n) for n in expected}
+        if bad or _combine(actual, self.base) != task.fingerprint:
+            named = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise ArtifactError(
+                "base fingerprints differ: this task was trained on another base model"
+                + (f" (tensors that differ: {named})" if bad else " (module structure differs)")
+            )
+
+    def inputs(self, task: Task):
+        """The example batch for ``task``: the one given to the builder, else the task's."""
+        if self.example_inputs is not None:
+            return self.example_inputs
+        spec = task.manifest.get("inputs")
+        if spec is None:
+            raise ConfigError(
+                "this task records no input shapes (it was exported without example_inputs "
+                "and never pruned with sparta.Pruner); pass example_inputs=<a batch>"
+            )
+        return make_inputs(spec)
+
+    def groups(self, task: Task, example_inputs) -> list[Group]:
+        """The base's coupled channel groups (cached per input shape and head)."""
+        key = json.dumps([input_spec(example_inputs), sorted(task.manifest["head"])])
+        if key not in self._groups:
+            self._groups[key], _ = find_groups(
+                self.base, example_inputs, set(task.manifest["head"])
+            )
+        return self._groups[key]
+
+    def build(self, task: Task, verify: bool = True) -> tuple[nn.Module, CompactReport]:
+        """``(compact model, report)`` for ``task``; see :func:`build`."""
+        self.check(task)
+        inputs = self.inputs(task)
+        groups = self.groups(task, inputs)
+        masked = task_model(self.base, task, share_frozen=True)
+        masked.eval()
+        return build_compact(masked, groups, inputs, verify=verify, inplace=True)
+
+
+def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True) -> nn.Module:
+    """The compact model of ``task`` on ``base``: plain torch modules, adapters fused into the
+    kept weights, every pruned channel physically removed (with every coupled layer).
+
+    ``base`` is never changed and shares no storage with the result. With ``verify`` (the
+    default) the compact model's outputs are compared with the masked task model's on the
+    example batch (eval mode) and a difference above 1e-4 relative raises. The model is
+    returned in eval mode; its ``sparta_compact`` attribute holds the
+    :class:`~sparta.export.CompactReport`.
+    """
+    model, report = Builder(base, example_inputs).build(task, verify=verify)
+    model.sparta_compact = report
+    return model.eval()
