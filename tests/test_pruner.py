@@ -331,3 +331,18 @@ def test_stepping_past_the_schedule_is_refused(tiny):
     pruner.step()
     with pytest.raises(sparta.ConfigError, match="all 1 pruning steps are done"):
         pruner.step()
+
+
+def test_given_scores_decide_the_step(tiny):
+    model, x = tiny
+    own = Pruner(copy.deepcopy(model), x, criterion="l1", target=0.5, steps=1)
+    given = Pruner(copy.deepcopy(model), x, criterion="random", target=0.5, steps=1)
+    # The l1 scores handed to a random-criterion pruner make it decide exactly as l1 does.
+    assert given.step(own.importance()).pruned == own.step().pruned
+    fresh = Pruner(copy.deepcopy(model), x, target=0.5, steps=1)
+    scores = fresh.importance()
+    name = next(iter(scores))
+    with pytest.raises(sparta.ConfigError, match="one score per unit"):
+        fresh.step({name: scores[name]})
+    with pytest.raises(sparta.ConfigError, match="one score per unit"):
+        fresh.step({**scores, name: scores[name][:-1]})

@@ -157,12 +157,31 @@ class Pruner:
         """Raw scores per group from the criterion (data-driven ones need :meth:`score` first)."""
         return {name: s.detach().double().cpu() for name, s in self._criterion.scores().items()}
 
-    def step(self) -> StepRecord:
-        """Prune to the next level of the schedule; returns what was decided."""
+    @property
+    def criterion(self):
+        """The criterion instance scoring the current step (a new one after every step)."""
+        return self._criterion
+
+    def step(self, scores: dict[str, Tensor] | None = None) -> StepRecord:
+        """Prune to the next level of the schedule; returns what was decided.
+
+        ``scores`` (``{group name: one score per unit}``) replaces :meth:`importance`, e.g.
+        scores summed over the ranks of a distributed run so that every rank decides alike.
+        """
         if self.done:
             raise ConfigError(f"all {len(self.levels)} pruning steps are done")
         level = self.levels[len(self.history)]
-        scores = self.importance()
+        if scores is None:
+            scores = self.importance()
+        else:
+            scores = {k: torch.as_tensor(v).detach().double().cpu() for k, v in scores.items()}
+            expected = {g.name: g.size for g in self.groups}
+            shapes = {k: tuple(v.shape) for k, v in scores.items()}
+            if shapes != {k: (n,) for k, n in expected.items()}:
+                raise ConfigError(
+                    "scores must give one score per unit of every group "
+                    f"({len(expected)} groups); got {len(scores)} entries"
+                )
         alive = self._alive()
         chosen = self._select(level, scores, alive)
         self._apply(chosen)
