@@ -1,0 +1,45 @@
+"""Experiment runner: training loop, the paper's prune-and-recover protocol, resumable
+checkpoints and data-parallel (DDP) runs. See :func:`run`."""
+
+from .build import build_model, example_inputs, load_datasets, make_pruner
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .distributed import DistState, reduce_scores
+from .loop import (
+    EpochBatchSampler,
+    derive_seed,
+    evaluate,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+    trainable_parameters,
+)
+from .runner import CHECKPOINT, LOG, RESULT, TASK, RunResult, run
+
+__all__ = [
+    "CHECKPOINT",
+    "DistState",
+    "EpochBatchSampler",
+    "LOG",
+    "RESULT",
+    "RunResult",
+    "TASK",
+    "build_model",
+    "derive_seed",
+    "evaluate",
+    "example_inputs",
+    "load_checkpoint",
+    "load_datasets",
+    "make_loader",
+    "make_optimizer",
+    "make_pruner",
+    "make_scheduler",
+    "reduce_scores",
+    "rng_state",
+    "run",
+    "save_checkpoint",
+    "seed_everything",
+    "set_rng_state",
+    "train_one_epoch",
+    "trainable_parameters",
+]

@@ -1,0 +1,87 @@
+"""Building a run's pieces from its config: datasets, the (wrapped) model, the pruner."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..pruning.pruner import Pruner
+from .checkpoint import seed_everything
+from .distributed import DistState
+
+
+def load_datasets(config: RunConfig):
+    """``sparta.data.load_dataset`` with the config's dataset settings."""
+    from ..data import load_dataset
+
+    return load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        download=config.download,
+        image_size=config.image_size,
+        seed=config.seed,
+    )
+
+
+def build_model(config: RunConfig, model, data, dist: DistState) -> nn.Module:
+    """The run's model on ``dist.device``: ``model`` (copied) or ``sparta.models.create``'s,
+    wrapped with the adapter (seeded by ``config.seed``) or, for the baselines, all trainable."""
+    if model is None:
+        from ..models import create
+
+        model = create(
+            config.model,
+            num_classes=data.num_classes,
+            weights=config.weights,
+            checkpoint=config.checkpoint,
+            cifar_stem=config.cifar_stem,
+        )
+    else:
+        model = copy.deepcopy(model)  # the caller's model stays as it was
+    if config.sync_batchnorm and dist.enabled and dist.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    seed_everything(config.seed)  # the adapters' initialisation
+    if config.adapter is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        from ..adapters import get_adapter
+        from ..wrap import wrap
+
+        options = (
+            {"rank": config.rank} if "rank" in get_adapter(config.adapter).option_names() else {}
+        )
+        model = wrap(model, config.adapter, inplace=True, **options)
+    return model.to(dist.device)
+
+
+def example_inputs(dataset, device: torch.device):
+    """A batch of the first two training inputs (for tracing groups and counting MACs)."""
+    if len(dataset) == 0:
+        raise ConfigError("the training set is empty")
+    xs = [dataset[i][0] for i in range(min(2, len(dataset)))]
+    return torch.stack([torch.as_tensor(x) for x in xs]).to(device)
+
+
+def make_pruner(config: RunConfig, model: nn.Module, example) -> Pruner:
+    """The config's :class:`~sparta.pruning.Pruner` (``seed`` goes to criteria taking one)."""
+    from ..pruning.importance import get_criterion
+
+    options = (
+        {"seed": config.seed} if "seed" in get_criterion(config.criterion).option_names else {}
+    )
+    return Pruner(
+        model,
+        example,
+        criterion=config.criterion,
+        target=config.target,
+        steps=config.steps,
+        schedule=config.schedule,
+        ranking=config.ranking,
+        round_to=config.round_to,
+        **options,
+    )

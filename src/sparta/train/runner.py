@@ -1,0 +1,425 @@
+"""``run(config)``: one experiment of the paper's protocol, resumable and data-parallel.
+
+The protocol (Hedegaard et al., Sec. 4): build the model with a new head; ``finetune`` trains
+every weight; ``fine-pruning`` trains every weight, then prunes iteratively with masks on the
+plain model; an adapter method (``splora``, ``sppara``, any registered one) wraps the model
+(frozen base), trains, then prunes iteratively. Pruning step ``k`` scores ``scoring_batches``
+training batches, clears masks to the schedule's level, and is followed by ``recovery_epochs``
+of training and an evaluation. Every training phase (the initial one and each recovery) starts
+a fresh optimiser whose learning rate follows ``lr_schedule`` over that phase.
+
+The run is a fixed list of stages (train epoch, prune step, evaluate). A checkpoint after every
+train and prune stage holds the model (masks included), optimiser, scheduler, RNG states,
+pruner history, per-step metrics and the number of stages done; ``resume=True`` continues from
+it. The data order of epoch ``e`` depends only on ``(seed, e)``, and the global RNGs are reseeded
+from ``(seed, e, rank)`` at every epoch, so a resumed run ends with the same masks and metrics
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .. import __version__
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..measure import MacCounter, learned_parameters
+from ..pruning.pruner import StepRecord
+from . import distributed as D
+from .build import build_model, example_inputs, load_datasets, make_pruner
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .loop import (
+    EpochBatchSampler,
+    derive_seed,
+    evaluate,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+    trainable_parameters,
+)
+from .report import LOGGER, Bars, log_file, write_json
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+TASK = "task.safetensors"
+LOG = "run.log"
+#: Config keys that may change between a run and its resumption (they do not change results).
+RESUMABLE_CHANGES = ("output_dir", "device", "workers", "find_unused_parameters")
+_SCORING_STREAM = 2  # a key of derive_seed: the scoring order, apart from training orders
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced. ``model`` is the trained (pruned) model on this rank, or
+    ``None`` for a run found complete (``skipped``) and read back from ``result.json``."""
+
+    config: RunConfig
+    output_dir: Path
+    final: dict
+    steps: list[dict]
+    result: dict
+    model: nn.Module | None = None
+    skipped: bool = False
+    resumed: bool = False
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def run(
+    config: RunConfig | dict,
+    model: nn.Module | None = None,
+    datasets=None,
+    progress: bool = True,
+    resume: bool = False,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
+) -> RunResult:
+    """Run one experiment; see the module docstring.
+
+    Args:
+        config: a :class:`RunConfig` (or its dict).
+        model: the base model with its head for the task (default: ``sparta.models.create``);
+            it is copied, never changed.
+        datasets: an object with ``train`` and ``test`` datasets of ``(input, label)`` and
+            ``num_classes`` (default: ``sparta.data.load_dataset``).
+        progress: show progress bars (rank 0).
+        resume: continue from the output folder's checkpoint; a run whose ``result.json``
+            exists is returned as it is. Without it, a run starts afresh (a checkpoint and
+            result already in the folder are replaced; ``run.log`` is appended to).
+        on_checkpoint: called as ``on_checkpoint(n, path)`` after the ``n``-th checkpoint of this
+            call is written (rank 0).
+    """
+    if isinstance(config, dict):
+        config = RunConfig.from_dict(config)
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"run expects a RunConfig or a dict, got {type(config).__name__}")
+    out = Path(config.output_dir)
+    if resume and (out / RESULT).exists():
+        return _completed(config, out)
+    state = D.setup(config.device)
+    caller_rng = rng_state()  # the run reseeds the global generators; the caller's come back
+    try:
+        if state.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        D.barrier(state)
+        with (
+            log_file(out / LOG if state.is_main else None),
+            Bars(progress and state.is_main) as bars,
+        ):
+            runner = _Runner(config, state, model, datasets, bars, on_checkpoint)
+            return runner.execute(resume)
+    finally:
+        set_rng_state(caller_rng)
+        D.teardown(state)
+
+
+def _completed(config: RunConfig, out: Path) -> RunResult:
+    import json
+
+    result = json.loads((out / RESULT).read_text(encoding="utf-8"))
+    files = {k: out / v for k, v in result.get("files", {}).items()}
+    return RunResult(
+        config, out, result["final"], result["steps"], result, skipped=True, files=files
+    )
+
+
+class _Runner:
+    def __init__(self, config: RunConfig, dist, model, datasets, bars: Bars, on_checkpoint):
+        self.config, self.dist, self.bars, self.on_checkpoint = config, dist, bars, on_checkpoint
+        self.out, self.device = Path(config.output_dir), dist.device
+        if dist.enabled and config.batch_size % dist.world_size:
+            raise ConfigError(
+                f"batch_size {config.batch_size} must be a multiple of the {dist.world_size} "
+                "processes (each takes an equal slice of every batch)"
+            )
+        seed_everything(config.seed)
+        self.data = datasets if datasets is not None else load_datasets(config)
+        self.model = build_model(config, model, self.data, dist)
+        self.example = example_inputs(self.data.train, self.device)
+        self.pruner = make_pruner(config, self.model, self.example) if config.prunes else None
+        self.macs = self.pruner.macs if self.pruner else MacCounter(self.model, self.example)
+        self.train_sampler = EpochBatchSampler(
+            len(self.data.train), config.batch_size, config.seed, dist.rank, dist.world_size
+        )
+        if len(self.train_sampler) == 0:
+            raise ConfigError(
+                f"batch_size {config.batch_size} is larger than the training set "
+                f"({len(self.data.train)} examples): no full batch to train on"
+            )
+        self.stages = _stages(config)
+        self.cursor, self.epoch, self.phase, self.saves = 0, 0, None, 0
+        self.optimizer = self.scheduler = None
+        self.records: list[dict] = []
+        self.timings: dict[str, float] = {}
+        self.resumed = False
+        self.ddp: nn.Module = self.model
+
+    # -- driving --------------------------------------------------------------------------------
+    def execute(self, resume: bool) -> RunResult:
+        path = self.out / CHECKPOINT
+        if resume and path.exists():
+            self._restore(load_checkpoint(path))
+        elif self.dist.is_main:
+            path.unlink(missing_ok=True)
+            (self.out / RESULT).unlink(missing_ok=True)
+        self.ddp = D.wrap_ddp(self.model, self.dist, self.config.find_unused_parameters)
+        LOGGER.info(
+            "%s run %s: %d of %d stages done, %d process(es) on %s",
+            "resuming" if self.resumed else "starting",
+            self.config.name,
+            self.cursor,
+            len(self.stages),
+            self.dist.world_size,
+            self.device,
+        )
+        self.bars.start_run(len(self.stages), self.cursor)
+        started = time.perf_counter()
+        while self.cursor < len(self.stages):
+            kind, index = self.stages[self.cursor]
+            t0 = time.perf_counter()
+            info = getattr(self, f"_{kind}")(index)
+            self._time(kind, time.perf_counter() - t0)
+            self.cursor += 1
+            self.bars.stage_done(info)
+            if kind != "eval":
+                self._save()
+        self._time("run", time.perf_counter() - started)
+        return self._finish()
+
+    def _time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _train(self, phase: int) -> str:
+        c = self.config
+        if self.phase != phase:
+            self._new_phase(phase)
+        seed_everything(derive_seed(c.seed, self.epoch, self.dist.rank))
+        self.train_sampler.set_epoch(self.epoch)
+        loader = make_loader(self.data.train, self.train_sampler, c.workers, self._pin())
+        self.bars.start(f"epoch {self.epoch + 1}", len(self.train_sampler))
+        stats = train_one_epoch(
+            self.ddp,
+            loader,
+            self.optimizer,
+            self.scheduler,
+            self.device,
+            on_batch=lambda n, loss: self.bars.advance(f"loss {loss:.3f}"),
+        )
+        D.sync_buffers(self.model, self.dist)
+        LOGGER.info(
+            "epoch %d (phase %d): train loss %.4f, accuracy %.4f, %.1f s",
+            self.epoch + 1,
+            phase,
+            stats["loss"],
+            stats["accuracy"],
+            stats["seconds"],
+        )
+        self.epoch += 1
+        return f"epoch {self.epoch} loss {stats['loss']:.3f}"
+
+    def _new_phase(self, phase: int, optimizer_state=None, scheduler_state=None) -> None:
+        c = self.config
+        epochs = c.epochs if phase == 0 else c.recovery_epochs
+        self.optimizer = make_optimizer(
+            trainable_parameters(self.model), c.optimizer, c.lr, c.weight_decay, c.momentum
+        )
+        self.scheduler = make_scheduler(
+            self.optimizer, c.lr_schedule, epochs * len(self.train_sampler)
+        )
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+            self.scheduler.load_state_dict(scheduler_state)
+        self.phase = phase
+
+    def _prune(self, step: int) -> str:
+        pruner, c = self.pruner, self.config
+        if pruner.criterion_cls.data_driven:
+            t0 = time.perf_counter()
+            loader = self._scoring_loader(step)
+            self.bars.start(f"scoring for step {step}", len(loader))
+            batches = ((x.to(self.device), y.to(self.device)) for x, y in loader)
+            pruner.score(batches, nn.functional.cross_entropy, lambda n: self.bars.advance())
+            scores = D.reduce_scores(pruner, self.dist)
+            self._time("score", time.perf_counter() - t0)
+        else:
+            scores = None
+        record = pruner.step(scores)
+        units = sum(len(v) for v in record.pruned.values())
+        LOGGER.info(
+            "pruning step %d/%d (%s): level %.4f, pruned %d units, density %.4f, MACs %.4f",
+            step,
+            c.steps,
+            c.criterion,
+            record.level,
+            units,
+            record.achieved["density"],
+            record.achieved["macs"],
+        )
+        return f"step {step} density {record.achieved['density']:.3f}"
+
+    def _scoring_loader(self, step: int) -> DataLoader:
+        """This rank's share of the first ``scoring_batches`` global batches of an order that
+        depends on ``(seed, step)`` only (whole batches, dealt round-robin over ranks)."""
+        c = self.config
+        order = EpochBatchSampler(
+            len(self.data.train), c.batch_size, derive_seed(c.seed, _SCORING_STREAM)
+        )
+        order.set_epoch(step)
+        batches = order.global_batches()[: c.scoring_batches]
+        mine = [batches[i].tolist() for i in D.scoring_share(len(batches), self.dist)]
+        gen = torch.Generator().manual_seed(derive_seed(c.seed, _SCORING_STREAM, step, 1))
+        return DataLoader(self.data.train, batch_sampler=mine, num_workers=c.workers, generator=gen)
+
+    def _eval(self, step: int) -> str:
+        c = self.config
+        sampler = EpochBatchSampler(
+            len(self.data.test),
+            c.batch_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            shuffle=False,
+            drop_last=False,
+        )
+        loader = make_loader(self.data.test, sampler, c.workers, self._pin())
+        metrics = evaluate(
+            self.model, loader, self.device, reduce=lambda t: D.all_reduce_sum(t, self.dist)
+        )
+        achieved = (
+            self.pruner.achieved()
+            if self.pruner
+            else {"density": 1.0, "sparsity": 0.0, "macs": 1.0, "macs_abs": None}
+        )
+        last = self.pruner.history[-1] if self.pruner and self.pruner.history else None
+        record = {
+            "step": step,
+            "level": last.level if last else 1.0,
+            "density": achieved["density"],
+            "sparsity": achieved["sparsity"],
+            "macs_fraction": achieved["macs"],
+            "macs": self.macs.count(self.model),
+            "learned_parameters": learned_parameters(self.model),
+            "accuracy": metrics["accuracy"],
+            "loss": metrics["loss"],
+            "epochs_trained": self.epoch,
+        }
+        self.records.append(record)
+        LOGGER.info(
+            "evaluation after step %d: accuracy %.4f, loss %.4f, density %.4f, "
+            "learned parameters %d, MACs %d",
+            step,
+            record["accuracy"],
+            record["loss"],
+            record["density"],
+            record["learned_parameters"],
+            record["macs"],
+        )
+        return f"accuracy {record['accuracy']:.3f}"
+
+    def _pin(self) -> bool:
+        return self.device.type == "cuda"
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _save(self) -> None:
+        if not self.dist.is_main:
+            return
+        state = {
+            "config": self.config.to_dict(),
+            "cursor": self.cursor,
+            "epoch": self.epoch,
+            "phase": self.phase,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "rng": rng_state(),
+            "pruner": {"history": self.pruner.history_dicts() if self.pruner else []},
+            "records": self.records,
+            "timings": self.timings,
+            "world_size": self.dist.world_size,
+        }
+        path = save_checkpoint(self.out / CHECKPOINT, state)
+        self.saves += 1
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.saves, path)
+
+    def _restore(self, ckpt: dict) -> None:
+        _check_same_run(self.config, ckpt["config"])
+        self.model.load_state_dict(ckpt["model"])
+        self.cursor, self.epoch = int(ckpt["cursor"]), int(ckpt["epoch"])
+        self.records, self.timings = list(ckpt["records"]), dict(ckpt["timings"])
+        if self.pruner is not None:
+            self.pruner.history = [StepRecord(**d) for d in ckpt["pruner"]["history"]]
+        if ckpt["phase"] is not None:
+            self._new_phase(int(ckpt["phase"]), ckpt["optimizer"], ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        self.resumed = True
+
+    # -- the end --------------------------------------------------------------------------------
+    def _finish(self) -> RunResult:
+        c, final = self.config, dict(self.records[-1])
+        files: dict[str, Path] = {}
+        if self.dist.is_main:
+            t0 = time.perf_counter()
+            if c.adapter is not None:
+                from ..export import export
+
+                files["task"] = self.out / TASK
+                final["task_bytes"] = export(self.model).save(files["task"])
+            else:  # a baseline stores its whole model
+                sd = self.model.state_dict()
+                final["checkpoint_bytes"] = sum(t.numel() * t.element_size() for t in sd.values())
+            self._time("export", time.perf_counter() - t0)
+        result = {
+            "format": "sparta.result",
+            "version": 1,
+            "sparta_version": __version__,
+            "torch_version": torch.__version__,
+            "name": c.name,
+            "config": c.to_dict(),
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "steps": self.records,
+            "pruning": self.pruner.history_dicts() if self.pruner else [],
+            "final": final,
+            "timings": {f"{k}_s": round(v, 3) for k, v in self.timings.items()},
+            "files": {k: p.name for k, p in files.items()},
+        }
+        if self.dist.is_main:
+            files["result"] = write_json(result, self.out / RESULT)
+            (self.out / CHECKPOINT).unlink(missing_ok=True)  # complete: result.json says so
+            LOGGER.info("finished: accuracy %.4f, files %s", final["accuracy"], result["files"])
+        D.barrier(self.dist)
+        return RunResult(
+            c, self.out, final, self.records, result, self.model, resumed=self.resumed, files=files
+        )
+
+
+# -- building --------------------------------------------------------------------------------------
+def _stages(config: RunConfig) -> list[tuple[str, int]]:
+    """``("train", phase)`` per epoch, ``("prune", step)``, ``("eval", step)``, in order."""
+    stages = [("train", 0)] * config.epochs + [("eval", 0)]
+    for step in range(1, config.steps + 1 if config.prunes else 1):
+        stages += [("prune", step)] + [("train", step)] * config.recovery_epochs
+        stages.append(("eval", step))
+    return stages
+
+
+def _check_same_run(config: RunConfig, saved: dict) -> None:
+    now = config.to_dict()
+    changed = sorted(
+        k
+        for k in set(now) | set(saved)
+        if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k)
+    )
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise ConfigError(
+            f"cannot resume: the checkpoint was written by a different config ({diffs}); "
+            "resume with the same config or start afresh without resume"
+        )
