@@ -141,6 +141,13 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         """Entries of the weight matrix kept by the masks."""
         return kept_entries(self.mask_out, self.mask_in, self.groups)
 
+    def delta_at(self, rows: Tensor, cols: Tensor | None) -> Tensor:
+        """``delta()[rows][:, cols]`` (all columns when ``cols`` is None); adapters with
+        factors override it to compute only those entries (used when building a compact
+        model, which keeps a few rows and columns of large layers)."""
+        delta = self.delta().index_select(0, rows)
+        return delta if cols is None else delta.index_select(1, cols)
+
     def masked_delta(self) -> Tensor:
         return self.delta() * self.mask_matrix()
 

@@ -69,6 +69,10 @@ class SPLoRA(Adapter):
     def delta(self) -> Tensor:
         return self.B @ self.A
 
+    def delta_at(self, rows: Tensor, cols: Tensor | None) -> Tensor:
+        right = self.A if cols is None else self.A.index_select(1, cols)
+        return self.B.index_select(0, rows) @ right
+
     def factors(self) -> tuple[Tensor, Tensor | None]:
         if self.groups > 1:  # A is shared by the groups but masked per group: no thin form
             return super().factors()

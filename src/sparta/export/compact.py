@@ -227,12 +227,14 @@ def _cut_and_fuse_adapted(model: nn.Module, cuts) -> set[str]:
         in_cut = cuts.get((name, "in"), [])
         in_keep = out_keep if depthwise else _kept(layer.adapter.in_features, in_cut)
         with torch.no_grad():
-            weight = layer.base.weight.index_select(0, out_keep)
-            delta = layer.adapter.delta().index_select(0, out_keep)
+            weight = layer.base.weight
             mask = layer.mask_out[out_keep].view(-1, 1)
-            if not depthwise:
-                weight = weight.index_select(1, in_keep)
-                delta = delta.index_select(1, in_keep)
+            if depthwise:
+                weight = weight.index_select(0, out_keep)
+                delta = layer.adapter.delta_at(out_keep, None)
+            else:  # one gather of the kept block
+                weight = weight[out_keep[:, None], in_keep]
+                delta = layer.adapter.delta_at(out_keep, in_keep)
                 mask = mask * layer.mask_in[in_keep].view(1, -1)
             weight = layer.geometry.with_delta(weight, delta)
             weight = weight * mask.view(*mask.shape, *([1] * (weight.dim() - 2)))
