@@ -30,6 +30,7 @@ import torchvision
 
 import sparta
 from sparta.export import Builder, Task
+from sparta.measure import latency
 
 SIZE = 224
 
@@ -45,21 +46,6 @@ def pruned_task(base, target: str, rank: int = 8, steps: int = 4):
     while not pruner.done:
         pruner.step()
     return model.eval(), pruner.achieved()
-
-
-def latency(models: dict, batch: int, repeats: int) -> dict[str, float]:
-    """Median seconds per forward of each model, measured interleaved after one warm-up."""
-    x = torch.randn(batch, 3, SIZE, SIZE)
-    times = {name: [] for name in models}
-    with torch.inference_mode():
-        for m in models.values():
-            m(x)
-        for _ in range(repeats):
-            for name, m in models.items():
-                start = time.perf_counter()
-                m(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def switch_times(base, tasks: list[Path], switches: int) -> list[float]:
@@ -96,7 +82,7 @@ def main() -> int:
     for batch, repeats in ((1, 15 if args.quick else 40), (32, 0 if args.quick else 5)):
         if not repeats:
             continue
-        t = latency(models, batch, repeats)
+        t = latency(models, torch.randn(batch, 3, SIZE, SIZE), repeats, warmup=2)
         print(
             f"   batch {batch:>2}: base {t['base'] * 1e3:8.1f} ms, compact "
             f"{t['compact'] * 1e3:8.1f} ms, speed-up {t['base'] / t['compact']:.2f}x "

@@ -329,3 +329,21 @@ def _checkpoint_bytes(model: nn.Module) -> bytes:
     from safetensors.torch import save
 
     return save({k: v.contiguous() for k, v in model.state_dict().items()})
+
+
+def test_latency_times_models_side_by_side():
+    from sparta.measure import latency
+
+    small, big = nn.Linear(8, 8), nn.Sequential(*[nn.Linear(256, 256) for _ in range(20)])
+    seen = []
+    t = latency(
+        {"small": small, "big": nn.Sequential(nn.Linear(8, 256), big)},
+        torch.randn(64, 8),
+        repeats=5,
+        warmup=1,
+        progress=lambda r: seen.append(r) or r,
+    )
+    assert set(t) == {"small", "big"} and all(v > 0 for v in t.values())
+    assert t["big"] > t["small"] and len(seen) == 1
+    with pytest.raises(sparta.ConfigError, match="repeats"):
+        latency({"small": small}, torch.randn(2, 8), repeats=0)

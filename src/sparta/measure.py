@@ -4,17 +4,24 @@ Per adapted layer: the adapter's parameters that still reach the output under th
 (SPLoRA r * (kept in + kept out), SPPaRA kept in x kept out), plus the kept entries of the
 layer's bias; every other trainable tensor (norm affine parameters, the head, anything the
 user unfroze) counts in full. Frozen tensors are the shared base and count nothing.
+
+Also here: a MAC counter that understands wrapped and masked models, and side-by-side latency.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from .adapters.attention import AdaptedWeight, MaskedBias
 from .adapters.layer import AdaptedLayer
+from .errors import ConfigError
 from .utils import batch_size, call, evaluating
 
 
@@ -152,3 +159,43 @@ def _attention_macs(
         return projections
     # q.k over the dims kept in both, then the weighted sum of v (masks are head-aligned).
     return projections + lq * lk * min(kq, kk) + lq * lk * kv
+
+
+def latency(
+    models: dict[str, nn.Module],
+    inputs,
+    repeats: int = 20,
+    warmup: int = 3,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, float]:
+    """Median seconds per forward (inference mode) of each model on ``inputs``.
+
+    The models are timed interleaved, one call of each in turn, so that load on a shared
+    machine affects them alike; ``warmup`` rounds first (CPU backends set up per input shape).
+    ``progress`` may wrap the repeat loop (e.g. ``rich.progress.track``).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    cuda = any(t.is_cuda for t in _tensors(inputs))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    rounds = range(repeats) if progress is None else progress(range(repeats))
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for model in models.values():
+                call(model, inputs)
+        for _ in rounds:
+            for name, model in models.items():
+                sync()
+                start = time.perf_counter()
+                call(model, inputs)
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _tensors(inputs) -> list[Tensor]:
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    return [t for v in values for t in _tensors(v)]

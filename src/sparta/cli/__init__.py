@@ -3,6 +3,10 @@
     sparta adapters                        registered adapters, their layer kinds and options
     sparta inspect resnet50 --rank 8       what wrapping a torchvision model adapts and learns
     sparta demo                            a short, real transfer-learning run on CPU
+    sparta run [CONFIG] [--field value]    train, prune and export one run or a grid (cli/runs.py)
+    sparta report RUNS... --out DIR        Table-1-style summary of runs, with plots
+    sparta eval TASK / sparta bench TASK   a task's compact model: test accuracy / speed (deploy.py)
+    sparta tasks list|add|remove|switch    a task bank on one shared base
 
 Bad input (unknown names, out-of-range values) ends with exit code 2 and one red line on
 stderr; anything else is a bug and keeps its traceback.
@@ -68,7 +72,9 @@ def root(
 ) -> None:
     """Structured Pruning Adapters: tiny per-task tensors on a frozen, shared base network.
 
-    Examples: `sparta adapters`, `sparta inspect resnet50 --rank 8`, `sparta demo`
+    Examples: `sparta adapters`, `sparta inspect resnet50 --rank 8`, `sparta demo`,
+    `sparta run --model digits_cnn --dataset digits --output-dir runs/digits`,
+    `sparta report runs/ --out report`
     """
 
 
@@ -243,6 +249,10 @@ def demo_command(
 
     with user_errors():
         run_demo(out_dir=out, seed=seed, epochs=epochs, console=stdout)
+
+
+# The other commands live in their own modules and register themselves on ``app``.
+from . import deploy, runs  # noqa: E402, F401
 
 
 def main() -> None:
