@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -33,6 +34,14 @@ def build_model(config: RunConfig, model, data, dist: DistState) -> nn.Module:
     if model is None:
         from ..models import create
 
+        if config.adapter is not None and config.weights is None and config.checkpoint is None:
+            warnings.warn(
+                f"method {config.method!r} freezes the base, but {config.model!r} is built "
+                "with random weights (no --weights or --checkpoint): expect poor accuracy; "
+                "adapters need a pretrained base",
+                UserWarning,
+                stacklevel=2,
+            )
         model = create(
             config.model,
             num_classes=data.num_classes,
