@@ -111,9 +111,11 @@ def head_classes(task) -> int | None:
     """Outputs of the task's head (its first head module's ``weight``), if recorded."""
     tensors = task.manifest.get("tensors", {})
     for head in task.manifest.get("head", []):
-        entry = tensors.get(f"{head}.weight")
-        if entry and entry.get("shape"):
-            return int(entry["shape"][0])
+        # A head with pruned inputs is stored under its mask parametrisation's key.
+        for key in (f"{head}.weight", f"{head}.parametrizations.weight.original"):
+            entry = tensors.get(key)
+            if entry and entry.get("shape"):
+                return int(entry["shape"][0])
     return None
 
 
