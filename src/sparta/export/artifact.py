@@ -21,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +195,7 @@ class Task:
 
     tensors: dict[str, Tensor]
     manifest: dict
+    _full: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def adapter(self) -> str:
@@ -209,8 +210,12 @@ class Task:
         return self.manifest["base"]["sha256"]
 
     def full_tensors(self) -> dict[str, Tensor]:
-        """Tensors at the model's shapes (entries of pruned channels, not stored, as zeros)."""
-        return _full_tensors(self.tensors, self.manifest["tensors"], "<task>")
+        """Tensors at the model's shapes (entries of pruned channels, not stored, as zeros);
+        cached until a tensor is replaced or edited in place."""
+        key = [(k, id(t), t._version) for k, t in self.tensors.items()]
+        if self._full is None or self._full[0] != key:
+            self._full = (key, _full_tensors(self.tensors, self.manifest["tensors"], "<task>"))
+        return self._full[1]
 
     def to_bytes(self) -> bytes:
         """The file contents :meth:`save` writes."""
@@ -688,7 +693,7 @@ def _load(model: nn.Module, task: Task) -> None:
             f"task does not fit the rebuilt model: unknown tensors {unknown[:3]}, "
             f"missing masks/statistics {missing[:3]}"
         )
-    full = _full_tensors(task.tensors, table, "<task>")
+    full = task.full_tensors()
     for key, t in full.items():
         if sd[key].shape != t.shape:
             raise ArtifactError(

@@ -9,6 +9,7 @@ base alone, its tensor digests and its coupled channel groups, is computed once 
 
 from __future__ import annotations
 
+import copy
 import json
 
 from torch import nn
@@ -24,17 +25,26 @@ from .artifact import (
     base_digests,
     task_model,
 )
+from .artifact import (
+    _load as load_task,
+)
 from .compact import CompactReport, build_compact
 
 
 class Builder:
     """Builds compact models of tasks on one ``base``, which it never changes.
 
+    Per task layout it keeps one masked task model whose frozen weights alias the base's
+    (``TEMPLATES`` of them at most): a task switch only loads the task's tensors into it and
+    fills a fresh structure copy of the base with the fused kept weights.
+
     Args:
         base: the plain base model the tasks were trained on.
         example_inputs: a batch the base accepts; by default the shapes recorded in each task
             (present when the task was pruned with :class:`~sparta.Pruner`) are used.
     """
+
+    TEMPLATES = 2
 
     def __init__(self, base: nn.Module, example_inputs=None):
         if not isinstance(base, nn.Module):
@@ -45,6 +55,8 @@ class Builder:
         self.example_inputs = example_inputs
         self._digests: dict[str, str] | None = None
         self._groups: dict[str, list[Group]] = {}
+        self._templates: dict[str, nn.Module] = {}
+        self._combined: dict[tuple, str] = {}
 
     def check(self, task: Task) -> None:
         """Raise :class:`ArtifactError` unless ``task`` was trained on this base.
@@ -57,8 +69,10 @@ class Builder:
             self._digests = base_digests(self.base)
         expected = task.manifest["base"]["tensors"]
         bad = [n for n in expected if self._digests.get(n) != expected[n]]
-        actual = {n: self._digests.get(n) for n in expected}
-        if bad or _combine(actual, self.base) != task.fingerprint:
+        names = tuple(sorted(expected))
+        if names not in self._combined:  # the structure walk is the costly part: once
+            self._combined[names] = _combine({n: self._digests.get(n) for n in names}, self.base)
+        if bad or self._combined[names] != task.fingerprint:
             named = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise ArtifactError(
                 "base fingerprints differ: this task was trained on another base model"
@@ -86,14 +100,32 @@ class Builder:
             )
         return self._groups[key]
 
+    def task_model(self, task: Task) -> nn.Module:
+        """The masked task model on the base, for building only (never train it): one per
+        task layout (adapter, options, adapted and masked layers, stored tensors), reused
+        by loading each task's tensors into it."""
+        m = task.manifest
+        key = json.dumps(
+            [m["adapter"], m["adapted"], m["head"], m["masked"], sorted(m["tensors"])],
+            sort_keys=True,
+        )
+        model = self._templates.pop(key, None)
+        if model is None:
+            model = task_model(self.base, task, share_frozen=True).eval()
+        else:
+            load_task(model, task)
+        self._templates[key] = model  # most recently used last
+        while len(self._templates) > self.TEMPLATES:
+            self._templates.pop(next(iter(self._templates)))
+        return model
+
     def build(self, task: Task, verify: bool = True) -> tuple[nn.Module, CompactReport]:
         """``(compact model, report)`` for ``task``; see :func:`build`."""
         self.check(task)
         inputs = self.inputs(task)
         groups = self.groups(task, inputs)
-        masked = task_model(self.base, task, share_frozen=True)
-        masked.eval()
-        return build_compact(masked, groups, inputs, verify=verify, inplace=True)
+        masked = self.task_model(task)
+        return build_compact(masked, groups, inputs, verify=verify, skeleton=skeleton(self.base))
 
 
 def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True) -> nn.Module:
@@ -109,3 +141,23 @@ def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True)
     model, report = Builder(base, example_inputs).build(task, verify=verify)
     model.sparta_compact = report
     return model.eval()
+
+
+def skeleton(base: nn.Module) -> nn.Module:
+    """A copy of ``base``'s modules that shares its tensors (to be replaced, never written):
+    new module objects and new containers (dicts, lists, sets), nothing deeper. Much cheaper
+    than ``copy.deepcopy``, which also walks every tensor."""
+    memo: dict[int, nn.Module] = {}
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) in memo:  # a module reachable by two paths stays one module
+            return memo[id(module)]
+        new = copy.copy(module)
+        memo[id(module)] = new
+        for key, value in list(vars(new).items()):
+            if isinstance(value, dict | list | set) and key != "_modules":
+                vars(new)[key] = copy.copy(value)
+        new._modules = {k: None if m is None else clone(m) for k, m in module._modules.items()}
+        return new
+
+    return clone(base)

@@ -72,6 +72,7 @@ def build_compact(
     example_inputs=None,
     verify: bool = True,
     inplace: bool = False,
+    skeleton: nn.Module | None = None,
 ) -> tuple[nn.Module, CompactReport]:
     """A new plain model computing what pruned ``model`` computes, with dead units removed.
 
@@ -84,6 +85,8 @@ def build_compact(
         verify: run the fused model before and after removal (eval mode, on
             ``example_inputs``) and raise if the outputs differ by more than 1e-4 relative.
         inplace: fuse ``model`` itself instead of a copy (it is consumed; saves a copy).
+        skeleton: a structure copy of the wrapped ``model``'s base to fill and cut instead of
+            fusing ``model`` (which then stays usable; see ``Builder``).
 
     Returns ``(compact_model, report)``.
     """
@@ -95,7 +98,7 @@ def build_compact(
         raise ConfigError("build_compact(verify=True) needs example_inputs to compare outputs")
     dead_units = [_dead_units(model, g) for g in groups]  # read the masks before fusing
     want = _output(model, example_inputs) if verify else None
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace or skeleton is not None else copy.deepcopy(model)
     report = CompactReport(_plain_count(work), 0)
     flags = _plain_flags(work)
     widths = _widths(work, groups)
@@ -109,10 +112,13 @@ def build_compact(
             outcome.removed = len(removed)
             (channel_plans if g.kind == "channels" else sliced_plans).append((g, removed))
     cuts = _cuts(work, channel_plans)
-    if cuts is not None:  # adapted layers: cut first, then fuse only the kept weights
-        done = _cut_and_fuse_adapted(work, cuts)
+    if skeleton is not None:  # filled from the task model, which stays as it is
+        done, plain = _fill(skeleton, work, cuts), skeleton
+    else:  # adapted layers: cut first, then fuse only the kept weights
+        done = _cut_and_fuse_adapted(work, cuts) if cuts is not None else set()
+        plain = fuse(work, inplace=True)
+    if cuts is not None:
         cuts = {k: v for k, v in cuts.items() if k[0] not in done}
-    plain = fuse(work, inplace=True)
     if cuts is not None:
         _cut_plain(plain, cuts)
     elif channel_plans:
@@ -192,15 +198,23 @@ def _cuts(model: nn.Module, plans) -> dict[tuple[str, str], list[int]] | None:
     so no new trace is needed.
     """
     hits: dict[tuple[str, str], list[Tensor]] = {}
+    for (name, site), idxs in _removed_entries(plans).items():
+        module = _layer(model.get_submodule(name))
+        if _cut_function(module, site) is None:
+            return None
+        # Norms and depthwise convolutions have one channel axis for both sides.
+        site = "out" if isinstance(module, NORMS) or _depthwise(module) else site
+        hits.setdefault((name, site), []).append(idxs)
+    return {k: torch.cat(v).unique().tolist() for k, v in hits.items()}
+
+
+def _removed_entries(plans) -> dict[tuple[str, str], Tensor]:
+    """``{(layer, site): entries removed}`` over all planned groups."""
+    hits: dict[tuple[str, str], list[Tensor]] = {}
     for g, removed in plans:
         for m in g.members:
-            module = _layer(model.get_submodule(m.module))
-            if _cut_function(module, m.site) is None:
-                return None
-            # Norms and depthwise convolutions have one channel axis for both sides.
-            site = "out" if isinstance(module, NORMS) or _depthwise(module) else m.site
-            hits.setdefault((m.module, site), []).append(m.idxs[torch.isin(m.units, removed)])
-    return {k: torch.cat(v).unique().tolist() for k, v in hits.items()}
+            hits.setdefault((m.module, m.site), []).append(m.idxs[torch.isin(m.units, removed)])
+    return {k: v[0] if len(v) == 1 else torch.cat(v).unique() for k, v in hits.items()}
 
 
 def _cut_plain(plain: nn.Module, cuts: dict[tuple[str, str], list[int]]) -> None:
@@ -212,43 +226,84 @@ def _cut_plain(plain: nn.Module, cuts: dict[tuple[str, str], list[int]]) -> None
 
 
 def _cut_and_fuse_adapted(model: nn.Module, cuts) -> set[str]:
-    """Replace each cut :class:`AdaptedLayer` (groups 1 or depthwise) by its plain fused layer,
-    computing ``(W + delta) * M`` on the kept rows and columns only: building a task then
-    never touches the pruned part of the base's weights. Returns the names replaced."""
+    """Replace each cut :class:`AdaptedLayer` by its plain fused layer (see
+    :func:`_fused_block`); returns the names replaced."""
     done = set()
     for name in {n for n, _ in cuts}:
         layer = model.get_submodule(name)
-        if not isinstance(layer, AdaptedLayer):
+        plain = _fused_block(layer, name, cuts) if isinstance(layer, AdaptedLayer) else None
+        if plain is not None:
+            _put(model, name, plain)
+            done.add(name)
+    return done
+
+
+def _fused_block(layer: AdaptedLayer, name: str, cuts) -> nn.Module | None:
+    """The plain layer of a cut adapted layer (groups 1 or depthwise; else ``None``), with
+    ``(W + delta) * M`` computed on the kept rows and columns only: building a task never
+    touches the pruned part of the base's weights."""
+    depthwise = _depthwise(layer.base)
+    if isinstance(layer.base, _ConvNd) and layer.base.groups != 1 and not depthwise:
+        return None
+    out_keep = _kept(layer.adapter.out_features, cuts.get((name, "out"), []))
+    in_cut = cuts.get((name, "in"), [])
+    in_keep = out_keep if depthwise else _kept(layer.adapter.in_features, in_cut)
+    with torch.no_grad():
+        weight = layer.base.weight
+        mask = layer.mask_out[out_keep].view(-1, 1)
+        if depthwise:
+            weight = weight.index_select(0, out_keep)
+            delta = layer.adapter.delta_at(out_keep, None)
+        else:  # one gather of the kept block
+            weight = weight[out_keep[:, None], in_keep]
+            delta = layer.adapter.delta_at(out_keep, in_keep)
+            mask = mask * layer.mask_in[in_keep].view(1, -1)
+        weight = layer.geometry.with_delta(weight, delta)
+        weight = weight * mask.view(*mask.shape, *([1] * (weight.dim() - 2)))
+        bias = layer.base.bias
+        bias = None if bias is None else bias[out_keep] * layer.mask_out[out_keep]
+    plain = copy.copy(layer.base)
+    for slot in ("_parameters", "_buffers", "_modules"):
+        setattr(plain, slot, dict(getattr(plain, slot)))
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias, requires_grad=layer.base.bias.requires_grad)
+    _set_width(plain, len(out_keep), len(in_keep), depthwise)
+    return plain
+
+
+def _fill(skeleton: nn.Module, model: nn.Module, cuts) -> set[str]:
+    """Give ``skeleton`` (a structure copy of ``model``'s base) the fused tensors of ``model``,
+    leaving ``model`` unchanged: adapted layers become their fused (kept-block, where cut)
+    plain layers, every other tensor a copy of what ``model`` computes for it (masks
+    applied). Returns the adapted layers already cut."""
+    from ..wrap import _fused_copy
+
+    done = set()
+    sources = dict(model.named_modules())
+    for name, target in list(skeleton.named_modules()):
+        src = sources.get(name)
+        if src is None:
+            raise SpartaError(f"compact model: the task model has no module {name!r}")
+        if isinstance(src, AdaptedLayer):
+            plain = _fused_block(src, name, cuts) if cuts is not None else None
+            if plain is not None:
+                done.add(name)
+            _put(skeleton, name, plain or _fused_copy(src))
             continue
-        depthwise = _depthwise(layer.base)
-        if isinstance(layer.base, _ConvNd) and layer.base.groups != 1 and not depthwise:
-            continue
-        out_keep = _kept(layer.adapter.out_features, cuts.get((name, "out"), []))
-        in_cut = cuts.get((name, "in"), [])
-        in_keep = out_keep if depthwise else _kept(layer.adapter.in_features, in_cut)
+        parametrized = getattr(src, "parametrizations", {})
         with torch.no_grad():
-            weight = layer.base.weight
-            mask = layer.mask_out[out_keep].view(-1, 1)
-            if depthwise:
-                weight = weight.index_select(0, out_keep)
-                delta = layer.adapter.delta_at(out_keep, None)
-            else:  # one gather of the kept block
-                weight = weight[out_keep[:, None], in_keep]
-                delta = layer.adapter.delta_at(out_keep, in_keep)
-                mask = mask * layer.mask_in[in_keep].view(1, -1)
-            weight = layer.geometry.with_delta(weight, delta)
-            weight = weight * mask.view(*mask.shape, *([1] * (weight.dim() - 2)))
-            bias = layer.base.bias
-            bias = None if bias is None else bias[out_keep] * layer.mask_out[out_keep]
-        plain = copy.copy(layer.base)
-        for slot in ("_parameters", "_buffers", "_modules"):
-            setattr(plain, slot, dict(getattr(plain, slot)))
-        plain.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            plain.bias = nn.Parameter(bias, requires_grad=layer.base.bias.requires_grad)
-        _set_width(plain, len(out_keep), len(in_keep), depthwise)
-        _put(model, name, plain)
-        done.add(name)
+            for attr, p in list(target._parameters.items()):
+                if p is None:
+                    continue
+                source = parametrized[attr].original if attr in parametrized else None
+                source = src._parameters[attr] if source is None else source
+                target._parameters[attr] = nn.Parameter(
+                    getattr(src, attr).detach().clone(), requires_grad=source.requires_grad
+                )
+            for attr, b in list(target._buffers.items()):
+                if b is not None:
+                    target._buffers[attr] = src._buffers[attr].detach().clone()
     return done
 
 
@@ -388,11 +443,7 @@ def _widths(plain: nn.Module, groups: list[Group]) -> dict[tuple[str, str], int 
 
 def _check_widths(plain: nn.Module, before: dict, plans) -> None:
     """Every member lost exactly its removed entries: else refuse the result."""
-    hits: dict[tuple[str, str], list[Tensor]] = {}
-    for g, removed in plans:
-        for m in g.members:
-            hits.setdefault((m.module, m.site), []).append(m.idxs[torch.isin(m.units, removed)])
-    dropped = {k: len(torch.cat(v).unique()) for k, v in hits.items()}
+    dropped = {k: len(v.unique()) for k, v in _removed_entries(plans).items()}
     for (name, site), width in before.items():
         if width is None:
             continue
