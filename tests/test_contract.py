@@ -30,7 +30,9 @@ CASES = [(a, m) for a in sparta.list_adapters() for m in TINY_MODELS if _support
 
 
 def _options(adapter: str) -> dict:
-    return {"rank": 2} if adapter == "splora" else {}
+    # splopa: 2 x 2 blocks tile every adapted weight of the tiny models (their 32 x 32 default
+    # tiles none of them).
+    return {"splora": {"rank": 2}, "splopa": {"block": 2, "prototypes": 3}}.get(adapter, {})
 
 
 def _wrapped(adapter: str, model_name: str, seed: int = 0):

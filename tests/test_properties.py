@@ -50,8 +50,18 @@ def adapters(draw, layer):
     out_f = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     in_f = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
     groups = getattr(layer, "groups", 1)
-    if name == "sppara" and isinstance(layer, nn.Linear):
+    if (name == "sppara" and isinstance(layer, nn.Linear)) or (
+        name == "splopa" and not isinstance(layer, nn.Linear)
+    ):
         name = "splora"
+    if name == "splopa":  # blocks that tile the weight
+        p = draw(st.sampled_from([d for d in range(1, out_f + 1) if out_f % d == 0]))
+        q = draw(st.sampled_from([d for d in range(1, in_f + 1) if in_f % d == 0]))
+        return name, {
+            "block": (p, q),
+            "prototypes": draw(st.integers(1, 5)),
+            "prototype_rank": draw(st.sampled_from([1, 2])),
+        }
     if name == "splora":
         return name, {"rank": draw(st.integers(1, max(out_f, in_f // groups)))}
     return name, {}

@@ -177,8 +177,11 @@ def wrap(
     paths: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(name)
+    # Per-call state the adapters share (SPLoPA's prototype bank): one per wrapped model.
+    context = cls.new_context()
+    extra = {} if context is None else {"context": context}
     for name in targets:
-        _adapt(model, name, paths, cls, options, train_biases)
+        _adapt(model, name, paths, cls, {**options, **extra}, train_biases)
         report.adapted.append(name)
     for name in report.head:
         for p in model.get_submodule(name).parameters():

@@ -82,6 +82,9 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     name: ClassVar[str] = ""
     #: Layer kinds this adapter can adapt (a subset of :data:`LAYER_KINDS`).
     kinds: ClassVar[tuple[str, ...]] = LAYER_KINDS
+    #: The adapter's mask buffers: the weight is kept where all of them keep it
+    #: (:meth:`mask_matrix`); adapters with more masks than the channel ones extend it.
+    mask_names: ClassVar[tuple[str, ...]] = ("mask_out", "mask_in")
 
     def __init__(self, out_features: int, in_features: int, groups: int = 1):
         super().__init__()
@@ -132,6 +135,19 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def delta(self) -> Tensor:
         """The unmasked delta, shape ``(out_features, in_features // groups)``."""
+
+    def masks(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self.mask_names]
+
+    def mask_at(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """``mask_matrix()[rows][:, cols]`` (groups 1) without building the whole matrix."""
+        return self.mask_out[rows].view(-1, 1) * self.mask_in[cols].view(1, -1)
+
+    @classmethod
+    def new_context(cls):
+        """State shared by the adapters of one wrapped model (passed to each constructor as
+        ``context=``), or ``None``: adapters that share nothing need none."""
+        return None
 
     def mask_matrix(self) -> Tensor:
         """``mask_out mask_in^T`` laid out like the weight matrix, ``mask_in`` read per group."""

@@ -170,14 +170,14 @@ class AdaptedLayer(nn.Module):
             weight, bias = self._fused.get(keys, self.fused_weight)
             return self.geometry.layer(x, weight, bias)
         weight = self._masked_weight.get(
-            [self.base.weight, self.mask_out, self.mask_in], self._masked_base_weight
+            [self.base.weight, *self.adapter.masks()], self._masked_base_weight
         )
         bias = None if self.base.bias is None else self.base.bias * self.mask_out
         left, right = self.adapter.factors()
         return DeltaLayerFn.apply(x, weight, bias, left, right, self.geometry)
 
     def _masked_base_weight(self) -> Tensor:
-        if bool(self.mask_out.all()) and bool(self.mask_in.all()):
+        if all(bool(m.all()) for m in self.adapter.masks()):
             return self.base.weight  # nothing pruned: no copy
         return self.base.weight * self._weight_mask()
 

@@ -70,7 +70,7 @@ def _task_kinds(model: nn.Module) -> dict[str, str]:
             kinds.update(
                 {
                     prefix + b: "mask"
-                    for b in ("mask_out", "mask_in")
+                    for b in getattr(m, "mask_names", ("mask_out", "mask_in"))
                     if m._buffers.get(b) is not None
                 }
             )

@@ -257,7 +257,7 @@ def _fused_block(layer: AdaptedLayer, name: str, cuts) -> nn.Module | None:
         else:  # one gather of the kept block
             weight = weight[out_keep[:, None], in_keep]
             delta = layer.adapter.delta_at(out_keep, in_keep)
-            mask = mask * layer.mask_in[in_keep].view(1, -1)
+            mask = layer.adapter.mask_at(out_keep, in_keep)  # channels (and blocks)
         weight = layer.geometry.with_delta(weight, delta)
         weight = weight * mask.view(*mask.shape, *([1] * (weight.dim() - 2)))
         bias = layer.base.bias
