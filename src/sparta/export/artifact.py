@@ -681,10 +681,14 @@ def _frozen_sharing_copy(base: nn.Module, adapted: list[str]) -> nn.Module:
     return copy.deepcopy(base, memo)
 
 
-def _load(model: nn.Module, task: Task) -> None:
-    sd = model.state_dict()
+def _load(model: nn.Module, task: Task, cache: dict | None = None) -> None:
+    """Load ``task``'s tensors into the wrapped ``model``. ``cache`` (a dict kept by the caller
+    for this model) saves the walks over the model when loading task after task into it."""
+    cache = {} if cache is None else cache
+    if "sd" not in cache:
+        cache["sd"], cache["kinds"] = model.state_dict(), _task_kinds(model)
+    sd, kinds = cache["sd"], cache["kinds"]
     table = task.manifest["tensors"]
-    kinds = _task_kinds(model)
     owned = {k for k, kind in kinds.items() if kind != "param"}
     unknown = sorted(set(table) - set(sd))
     missing = sorted(owned - set(table))

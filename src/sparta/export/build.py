@@ -55,7 +55,7 @@ class Builder:
         self.example_inputs = example_inputs
         self._digests: dict[str, str] | None = None
         self._groups: dict[str, list[Group]] = {}
-        self._templates: dict[str, nn.Module] = {}
+        self._templates: dict[str, tuple[nn.Module, dict]] = {}
         self._combined: dict[tuple, str] = {}
 
     def check(self, task: Task) -> None:
@@ -109,12 +109,12 @@ class Builder:
             [m["adapter"], m["adapted"], m["head"], m["masked"], sorted(m["tensors"])],
             sort_keys=True,
         )
-        model = self._templates.pop(key, None)
+        model, cache = self._templates.pop(key, (None, {}))
         if model is None:
             model = task_model(self.base, task, share_frozen=True).eval()
         else:
-            load_task(model, task)
-        self._templates[key] = model  # most recently used last
+            load_task(model, task, cache)
+        self._templates[key] = model, cache  # most recently used last
         while len(self._templates) > self.TEMPLATES:
             self._templates.pop(next(iter(self._templates)))
         return model
@@ -152,12 +152,14 @@ def skeleton(base: nn.Module) -> nn.Module:
     def clone(module: nn.Module) -> nn.Module:
         if id(module) in memo:  # a module reachable by two paths stays one module
             return memo[id(module)]
-        new = copy.copy(module)
+        new = object.__new__(type(module))
+        state = dict(vars(module))
+        for key, value in state.items():
+            if isinstance(value, dict | list | set):
+                state[key] = value.copy()
         memo[id(module)] = new
-        for key, value in list(vars(new).items()):
-            if isinstance(value, dict | list | set) and key != "_modules":
-                vars(new)[key] = copy.copy(value)
-        new._modules = {k: None if m is None else clone(m) for k, m in module._modules.items()}
+        state["_modules"] = {k: None if m is None else clone(m) for k, m in module._modules.items()}
+        new.__dict__.update(state)
         return new
 
     return clone(base)

@@ -111,7 +111,8 @@ def build_compact(
         if len(removed) and reason is None:
             outcome.removed = len(removed)
             (channel_plans if g.kind == "channels" else sliced_plans).append((g, removed))
-    cuts = _cuts(work, channel_plans)
+    removed_entries = _removed_entries(channel_plans + sliced_plans)
+    cuts = _cuts(work, channel_plans, removed_entries)
     if skeleton is not None:  # filled from the task model, which stays as it is
         done, plain = _fill(skeleton, work, cuts), skeleton
     else:  # adapted layers: cut first, then fuse only the kept weights
@@ -132,7 +133,7 @@ def build_compact(
         _slice_group(plain, g, removed)
     for n, p in plain.named_parameters():
         p.requires_grad_(flags.get(n, False))
-    _check_widths(plain, widths, channel_plans + sliced_plans)
+    _check_widths(plain, widths, removed_entries)
     report.params_after = _count(plain)
     if verify:
         _compare(want, _output(plain, example_inputs))
@@ -189,7 +190,7 @@ def _dense_reason(plain: nn.Module, group: Group) -> str | None:
 
 
 # -- removal -----------------------------------------------------------------------------------
-def _cuts(model: nn.Module, plans) -> dict[tuple[str, str], list[int]] | None:
+def _cuts(model: nn.Module, plans, removed: dict) -> dict[tuple[str, str], Tensor] | None:
     """``{(layer, side): indices to remove}``, each (layer, side) once, in the base's
     coordinates; ``None`` when some member is a layer the direct cut does not handle.
 
@@ -198,31 +199,36 @@ def _cuts(model: nn.Module, plans) -> dict[tuple[str, str], list[int]] | None:
     so no new trace is needed.
     """
     hits: dict[tuple[str, str], list[Tensor]] = {}
-    for (name, site), idxs in _removed_entries(plans).items():
+    channel_sites = {(m.module, m.site) for g, _ in plans for m in g.members}
+    for (name, site), idxs in removed.items():
+        if (name, site) not in channel_sites:
+            continue
         module = _layer(model.get_submodule(name))
         if _cut_function(module, site) is None:
             return None
         # Norms and depthwise convolutions have one channel axis for both sides.
         site = "out" if isinstance(module, NORMS) or _depthwise(module) else site
         hits.setdefault((name, site), []).append(idxs)
-    return {k: torch.cat(v).unique().tolist() for k, v in hits.items()}
-
-
-def _removed_entries(plans) -> dict[tuple[str, str], Tensor]:
-    """``{(layer, site): entries removed}`` over all planned groups."""
-    hits: dict[tuple[str, str], list[Tensor]] = {}
-    for g, removed in plans:
-        for m in g.members:
-            hits.setdefault((m.module, m.site), []).append(m.idxs[torch.isin(m.units, removed)])
     return {k: v[0] if len(v) == 1 else torch.cat(v).unique() for k, v in hits.items()}
 
 
-def _cut_plain(plain: nn.Module, cuts: dict[tuple[str, str], list[int]]) -> None:
+def _removed_entries(plans) -> dict[tuple[str, str], Tensor]:
+    """``{(layer, site): entries removed}`` (sorted, unique) over all planned groups."""
+    hits: dict[tuple[str, str], list[Tensor]] = {}
+    for g, removed in plans:
+        dead = torch.zeros(g.size, dtype=torch.bool)
+        dead[removed] = True
+        for m in g.members:
+            hits.setdefault((m.module, m.site), []).append(m.idxs[dead[m.units]])
+    return {k: torch.cat(v).unique() for k, v in hits.items()}
+
+
+def _cut_plain(plain: nn.Module, cuts: dict[tuple[str, str], Tensor]) -> None:
     """Cut plain layers with torch-pruning's per-layer functions."""
     for (name, site), idxs in cuts.items():
-        if idxs:
+        if len(idxs):
             module = plain.get_submodule(name)
-            _cut_function(module, site)(module, idxs)
+            _cut_function(module, site)(module, idxs.tolist())
 
 
 def _cut_and_fuse_adapted(model: nn.Module, cuts) -> set[str]:
@@ -245,8 +251,8 @@ def _fused_block(layer: AdaptedLayer, name: str, cuts) -> nn.Module | None:
     depthwise = _depthwise(layer.base)
     if isinstance(layer.base, _ConvNd) and layer.base.groups != 1 and not depthwise:
         return None
-    out_keep = _kept(layer.adapter.out_features, cuts.get((name, "out"), []))
-    in_cut = cuts.get((name, "in"), [])
+    out_keep = _kept(layer.adapter.out_features, cuts.get((name, "out")))
+    in_cut = cuts.get((name, "in"))
     in_keep = out_keep if depthwise else _kept(layer.adapter.in_features, in_cut)
     with torch.no_grad():
         weight = layer.base.weight
@@ -307,9 +313,10 @@ def _fill(skeleton: nn.Module, model: nn.Module, cuts) -> set[str]:
     return done
 
 
-def _kept(width: int, removed: list[int]) -> Tensor:
+def _kept(width: int, removed: Tensor | None) -> Tensor:
     keep = torch.ones(width, dtype=torch.bool)
-    keep[removed] = False
+    if removed is not None:
+        keep[removed] = False
     return keep.nonzero().flatten()
 
 
@@ -441,9 +448,9 @@ def _widths(plain: nn.Module, groups: list[Group]) -> dict[tuple[str, str], int 
     }
 
 
-def _check_widths(plain: nn.Module, before: dict, plans) -> None:
+def _check_widths(plain: nn.Module, before: dict, removed: dict) -> None:
     """Every member lost exactly its removed entries: else refuse the result."""
-    dropped = {k: len(v.unique()) for k, v in _removed_entries(plans).items()}
+    dropped = {k: len(v) for k, v in removed.items()}
     for (name, site), width in before.items():
         if width is None:
             continue
