@@ -4,8 +4,10 @@ Side by side in one run, on CPU, for torchvision ResNet-50 (10 classes, random w
 and sizes do not depend on the values) adapted with SPLoRA r=8:
 
 1. latency of the compact model of a task pruned to about 10x fewer MACs vs the unpruned base,
-   at batch 1 and batch 32 (224 px), interleaved, median of several runs; the MAC ratio is the
-   limit a perfect implementation would reach;
+   at batch 1 and batch 32 (224 px), interleaved, median of several runs, in three deployments
+   applied to both models alike (eager; eager with channels_last; TorchScript frozen and
+   optimised for inference, which folds BatchNorm); the MAC ratio is the limit a perfect
+   implementation would reach;
 2. time to switch tasks in a TaskBank whose cache holds one model, so every switch loads the
    task file and builds its compact model;
 3. artifact bytes vs a fine-pruned checkpoint of the same masks, for SPLoRA r=8 at the paper's
@@ -18,6 +20,7 @@ short smoke run). Numbers are measured, never assumed; a busy machine makes them
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -46,6 +49,19 @@ def pruned_task(base, target: str, rank: int = 8, steps: int = 4):
     while not pruner.done:
         pruner.step()
     return model.eval(), pruner.achieved()
+
+
+def _channels_last(model):
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+def _frozen(model):
+    """TorchScript, frozen and optimised for inference (BatchNorm folded into convolutions):
+    the same deployment treatment for both models."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(copy.deepcopy(model).eval())
+        return torch.jit.optimize_for_inference(torch.jit.freeze(scripted))
 
 
 def switch_times(base, tasks: list[Path], switches: int) -> list[float]:
@@ -78,16 +94,23 @@ def main() -> int:
     mac_ratio = base_macs / compact_macs
     print(f"   MACs per image: base {base_macs / 1e9:.3f} G, compact {compact_macs / 1e9:.3f} G")
     print(f"   MAC ratio (the limit): {mac_ratio:.2f}x; filter density {achieved['density']:.3f}")
-    models = {"base": base, "compact": compact}
-    for batch, repeats in ((1, 15 if args.quick else 40), (32, 0 if args.quick else 5)):
+    last = torch.channels_last
+    variants = {  # both models, their input's memory format
+        "eager": (base, compact, torch.contiguous_format),
+        "eager, channels_last": (_channels_last(base), _channels_last(compact), last),
+        "TorchScript, frozen": (_frozen(base), _frozen(compact), torch.contiguous_format),
+    }
+    for batch, repeats in ((1, 15 if args.quick else 40), (32, 0 if args.quick else 4)):
         if not repeats:
             continue
-        t = latency(models, torch.randn(batch, 3, SIZE, SIZE), repeats, warmup=2)
-        print(
-            f"   batch {batch:>2}: base {t['base'] * 1e3:8.1f} ms, compact "
-            f"{t['compact'] * 1e3:8.1f} ms, speed-up {t['base'] / t['compact']:.2f}x "
-            f"(limit {mac_ratio:.2f}x)"
-        )
+        x = torch.randn(batch, 3, SIZE, SIZE)
+        for label, (b, c, fmt) in variants.items():
+            t = latency({"base": b, "compact": c}, x.contiguous(memory_format=fmt), repeats, 2)
+            print(
+                f"   batch {batch:>2}, {label:<21}: base {t['base'] * 1e3:8.1f} ms, compact "
+                f"{t['compact'] * 1e3:7.1f} ms, speed-up {t['base'] / t['compact']:.2f}x "
+                f"(limit {mac_ratio:.2f}x)"
+            )
 
     print("\n2. task switch (load + build, one cached model in the bank)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -212,10 +212,13 @@ class Task:
     def full_tensors(self) -> dict[str, Tensor]:
         """Tensors at the model's shapes (entries of pruned channels, not stored, as zeros);
         cached until a tensor is replaced or edited in place."""
-        key = [(k, id(t), t._version) for k, t in self.tensors.items()]
+        key = self._full_key()
         if self._full is None or self._full[0] != key:
             self._full = (key, _full_tensors(self.tensors, self.manifest["tensors"], "<task>"))
         return self._full[1]
+
+    def _full_key(self) -> list:
+        return [(k, id(t), t._version) for k, t in self.tensors.items()]
 
     def to_bytes(self) -> bytes:
         """The file contents :meth:`save` writes."""
@@ -259,8 +262,10 @@ class Task:
         except Exception as exc:  # safetensors reports damage with several exception types
             raise ArtifactError(f"task file {path!r} is corrupted: {exc}") from None
         tensors = _unpack_masks(tensors, manifest, path)
-        _check_tensors(tensors, manifest, path)
-        return cls(tensors, manifest)
+        full = _check_tensors(tensors, manifest, path)
+        task = cls(tensors, manifest)
+        task._full = (task._full_key(), full)  # validated once; reused by apply and build
+        return task
 
 
 def _pack_masks(tensors: dict[str, Tensor], manifest: dict) -> dict[str, Tensor]:
@@ -415,7 +420,8 @@ def _ints(value) -> bool:
     )
 
 
-def _check_tensors(tensors: dict, manifest: dict, path) -> None:
+def _check_tensors(tensors: dict, manifest: dict, path) -> dict[str, Tensor]:
+    """Validate ``tensors`` against the manifest; returns them at full size."""
     table = manifest["tensors"]
     if set(tensors) != set(table):
         extra, missing = sorted(set(tensors) - set(table)), sorted(set(table) - set(tensors))
@@ -433,7 +439,7 @@ def _check_tensors(tensors: dict, manifest: dict, path) -> None:
             )
         if _digest(t) != e["sha256"]:
             raise ArtifactError(f"task {str(path)!r} is corrupted: tensor {key!r} checksum differs")
-    _full_tensors(tensors, table, path)
+    return _full_tensors(tensors, table, path)
 
 
 # -- compact storage of pruned channels ----------------------------------------------------------

@@ -9,7 +9,6 @@ base alone, its tensor digests and its coupled channel groups, is computed once 
 
 from __future__ import annotations
 
-import copy
 import json
 
 from torch import nn
