@@ -260,12 +260,17 @@ def _fused_block(layer: AdaptedLayer, name: str, cuts) -> nn.Module | None:
         if depthwise:
             weight = weight.index_select(0, out_keep)
             delta = layer.adapter.delta_at(out_keep, None)
-        else:  # one gather of the kept block
-            weight = weight[out_keep[:, None], in_keep]
+        else:  # the kept block (two index_selects: twice as fast as one fancy index)
+            weight = weight.index_select(0, out_keep).index_select(1, in_keep)
             delta = layer.adapter.delta_at(out_keep, in_keep)
             mask = layer.adapter.mask_at(out_keep, in_keep)  # channels (and blocks)
-        weight = layer.geometry.with_delta(weight, delta)
-        weight = weight * mask.view(*mask.shape, *([1] * (weight.dim() - 2)))
+        # ``weight`` is a fresh tensor: add the delta at the centre tap and mask in place.
+        if weight.dim() == 2 or all(k == 1 for k in weight.shape[2:]):
+            weight += delta.view(weight.shape)
+        else:
+            weight[layer.geometry.centre] += delta
+        if not bool(mask.all()):  # usually all kept, except units left as exact zeros
+            weight *= mask.view(*mask.shape, *([1] * (weight.dim() - 2)))
         bias = layer.base.bias
         bias = None if bias is None else bias[out_keep] * layer.mask_out[out_keep]
     plain = copy.copy(layer.base)
@@ -282,7 +287,7 @@ def _fill(skeleton: nn.Module, model: nn.Module, cuts) -> set[str]:
     """Give ``skeleton`` (a structure copy of ``model``'s base) the fused tensors of ``model``,
     leaving ``model`` unchanged: adapted layers become their fused (kept-block, where cut)
     plain layers, every other tensor a copy of what ``model`` computes for it (masks
-    applied). Returns the adapted layers already cut."""
+    applied), cut on the way where ``cuts`` says so. Returns the layers already cut."""
     from ..wrap import _fused_copy
 
     done = set()
@@ -297,6 +302,9 @@ def _fill(skeleton: nn.Module, model: nn.Module, cuts) -> set[str]:
                 done.add(name)
             _put(skeleton, name, plain or _fused_copy(src))
             continue
+        keep = _plain_keep(target, name, cuts)
+        if keep is not None:
+            done.add(name)
         parametrized = getattr(src, "parametrizations", {})
         with torch.no_grad():
             for attr, p in list(target._parameters.items()):
@@ -304,13 +312,57 @@ def _fill(skeleton: nn.Module, model: nn.Module, cuts) -> set[str]:
                     continue
                 source = parametrized[attr].original if attr in parametrized else None
                 source = src._parameters[attr] if source is None else source
-                target._parameters[attr] = nn.Parameter(
-                    getattr(src, attr).detach().clone(), requires_grad=source.requires_grad
-                )
+                value = _select(getattr(src, attr), attr, keep)
+                target._parameters[attr] = nn.Parameter(value, requires_grad=source.requires_grad)
             for attr, b in list(target._buffers.items()):
                 if b is not None:
-                    target._buffers[attr] = src._buffers[attr].detach().clone()
+                    target._buffers[attr] = _select(src._buffers[attr], attr, keep)
+        if keep is not None:
+            _set_plain_width(target, *keep)
     return done
+
+
+def _plain_keep(module: nn.Module, name: str, cuts) -> tuple[Tensor, Tensor | None] | None:
+    """``(kept outputs, kept inputs or None)`` of a plain Conv (groups 1 or depthwise), Linear
+    or BatchNorm with cuts; ``None`` when it has none (or is another kind)."""
+    if cuts is None or not ((name, "out") in cuts or (name, "in") in cuts):
+        return None
+    width_in = None
+    if isinstance(module, _ConvNd) and not module.transposed:
+        if module.groups != 1 and not _depthwise(module):
+            return None
+        width_out, width_in = module.out_channels, module.in_channels
+        width_in = None if _depthwise(module) else width_in
+    elif isinstance(module, nn.Linear):
+        width_out, width_in = module.out_features, module.in_features
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        width_out = module.num_features
+    else:
+        return None
+    in_keep = None if width_in is None else _kept(width_in, cuts.get((name, "in")))
+    return _kept(width_out, cuts.get((name, "out"))), in_keep
+
+
+def _select(value: Tensor, attr: str, keep) -> Tensor:
+    """A fresh copy of ``value`` with only the kept entries (channels on dim 0 of every
+    tensor of these layers; inputs on dim 1 of the weight)."""
+    value = value.detach()
+    if keep is None or value.dim() == 0:
+        return value.clone()
+    out_keep, in_keep = keep
+    value = value.index_select(0, out_keep)
+    if in_keep is not None and attr == "weight":
+        value = value.index_select(1, in_keep)
+    return value
+
+
+def _set_plain_width(module: nn.Module, out_keep: Tensor, in_keep: Tensor | None) -> None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = len(out_keep)
+    else:
+        depthwise = _depthwise(module)
+        width_in = len(out_keep if depthwise else in_keep)
+        _set_width(module, len(out_keep), width_in, depthwise)
 
 
 def _kept(width: int, removed: Tensor | None) -> Tensor:
