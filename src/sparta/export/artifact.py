@@ -489,21 +489,18 @@ def _compact(t: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
 
 
 def _expand(t: Tensor, shape: list[int], rows: Tensor | None, cols: Tensor | None) -> Tensor:
-    """Inverse of :func:`_compact`, pruned entries as zeros."""
+    """Inverse of :func:`_compact`, pruned entries as zeros (``rows``/``cols``: the kept
+    indices, from :func:`_kept_indices`)."""
     if cols is not None:
-        wide = torch.zeros(t.shape[0], *shape[1:], dtype=t.dtype)
-        wide[:, cols] = t
-        t = wide
+        t = torch.zeros(t.shape[0], *shape[1:], dtype=t.dtype).index_copy_(1, cols, t)
     if rows is not None:
-        full = torch.zeros(shape, dtype=t.dtype)
-        full[rows] = t
-        t = full
+        t = torch.zeros(shape, dtype=t.dtype).index_copy_(0, rows, t)
     return t
 
 
 def _full_tensors(tensors: dict, table: dict, path) -> dict[str, Tensor]:
     """The task's tensors at full size; checks every compact entry against its masks."""
-    out = {}
+    out, kept = {}, {}  # kept: mask name -> indices of its kept entries
     for key, t in tensors.items():
         e = table[key]
         if "stored" not in e:
@@ -525,7 +522,10 @@ def _full_tensors(tensors: dict, table: dict, path) -> dict[str, Tensor]:
                     raise ArtifactError(
                         f"task {str(path)!r}: mask {name!r} does not fit {key!r} {e['shape']}"
                     )
-                expected[axis] = int(mask.sum())
+                if name not in kept:
+                    kept[name] = mask.nonzero().flatten()
+                mask = kept[name]
+                expected[axis] = len(mask)
             masks.append(mask)
         if list(t.shape) != expected:
             raise ArtifactError(
