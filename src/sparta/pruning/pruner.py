@@ -27,8 +27,9 @@ TARGET_KINDS = ("density", "sparsity", "macs")
 
 @dataclass(frozen=True)
 class Target:
-    """What to reach: ``density`` (fraction of filters kept, as in the paper's tables),
-    ``sparsity`` (fraction of prunable weights removed) or ``macs`` (fraction of MACs kept)."""
+    """What to reach: ``density`` (fraction of filters kept), ``sparsity`` (fraction of
+    prunable weights removed; the paper's "density" is the fraction of weights kept, i.e.
+    ``1 - sparsity``) or ``macs`` (fraction of MACs kept)."""
 
     kind: str
     value: float
