@@ -114,6 +114,7 @@ class Builder:
         else:
             load_task(model, task, cache)
         self._templates[key] = model, cache  # most recently used last
+        self._structure = cache.setdefault("structure", {})
         while len(self._templates) > self.TEMPLATES:
             self._templates.pop(next(iter(self._templates)))
         return model
@@ -124,7 +125,10 @@ class Builder:
         inputs = self.inputs(task)
         groups = self.groups(task, inputs)
         masked = self.task_model(task)
-        return build_compact(masked, groups, inputs, verify=verify, skeleton=skeleton(self.base))
+        structure = self._structure.setdefault(id(groups), {})
+        return build_compact(
+            masked, groups, inputs, verify, skeleton=skeleton(self.base), structure=structure
+        )
 
 
 def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True) -> nn.Module:

@@ -73,6 +73,7 @@ def build_compact(
     verify: bool = True,
     inplace: bool = False,
     skeleton: nn.Module | None = None,
+    structure: dict | None = None,
 ) -> tuple[nn.Module, CompactReport]:
     """A new plain model computing what pruned ``model`` computes, with dead units removed.
 
@@ -87,6 +88,8 @@ def build_compact(
         inplace: fuse ``model`` itself instead of a copy (it is consumed; saves a copy).
         skeleton: a structure copy of the wrapped ``model``'s base to fill and cut instead of
             fusing ``model`` (which then stays usable; see ``Builder``).
+        structure: with ``skeleton``, a dict the caller keeps for this ``model`` and ``groups``:
+            what depends on their structure only is computed once and kept there.
 
     Returns ``(compact_model, report)``.
     """
@@ -99,13 +102,20 @@ def build_compact(
     dead_units = [_dead_units(model, g) for g in groups]  # read the masks before fusing
     want = _output(model, example_inputs) if verify else None
     work = model if inplace or skeleton is not None else copy.deepcopy(model)
-    report = CompactReport(_plain_count(work), 0)
-    flags = _plain_flags(work)
-    widths = _widths(work, groups)
+    known = structure if structure is not None and skeleton is not None else {}
+    if "flags" not in known:
+        known.update(
+            count=_plain_count(work),
+            flags=_plain_flags(work),
+            widths=_widths(work, groups),
+            reasons={id(g): _dense_reason(work, g) for g in groups},
+        )
+    report = CompactReport(known["count"], 0)
+    flags, widths = known["flags"], known["widths"]
     channel_plans, sliced_plans = [], []
     for g, dead in zip(groups, dead_units):
         removed = dead[1:] if len(dead) == g.size else dead  # keep one (zero) unit, never none
-        reason = _dense_reason(work, g) if len(removed) else None
+        reason = known["reasons"][id(g)] if len(removed) else None
         outcome = GroupOutcome(g.name, g.kind, g.size, g.size - len(dead), 0, reason)
         report.groups.append(outcome)
         if len(removed) and reason is None:
