@@ -84,6 +84,8 @@ class SPLoPA(Adapter):
     kinds = ("linear", "attention")
     #: Every mask buffer; the weight is kept where all of them keep it (see :meth:`mask_matrix`).
     mask_names: ClassVar[tuple[str, ...]] = ("mask_out", "mask_in", "mask_block")
+    #: Set by block pruning while it trains scores or gates (see :meth:`factors`).
+    factors_hook: ClassVar[object] = None
 
     def __init__(
         self,
@@ -185,6 +187,15 @@ class SPLoPA(Adapter):
         # blocks[(a, b), (i, j)] = sum_r B_r[a, b] P_r[i, j]: one (blocks x R) @ (R x pq) product
         blocks = self.pos.reshape(r, rows * cols).t() @ self.prototype_matrices().reshape(r, -1)
         return blocks.view(rows, cols, p, q).transpose(1, 2).reshape(self.out_features, -1)
+
+    def factors(self) -> tuple[Tensor, None]:
+        """The masked delta, as the gradient path of ``AdaptedLayer`` reads it. Block pruning
+        (``sparta.pruning.BlockPruner``) may set ``factors_hook(adapter, masked) -> tensor`` to
+        read the weight's gradient or gate blocks during training; it is state of the pruner,
+        never saved."""
+        masked = self.masked_delta()
+        hook = self.factors_hook
+        return (masked if hook is None else hook(self, masked)), None
 
     def block_mask_matrix(self) -> Tensor:
         """``mask_block kron 1_{p x q}``, shaped like the weight."""

@@ -1,5 +1,15 @@
 """Structured pruning on a frozen base: coupled groups, masks, importance, schedules."""
 
+from .block_criteria import list_block_criteria, register_block_criterion
+from .blocks import BlockPruner, BlockStep
 from .pruner import Pruner, StepRecord, Target
 
-__all__ = ["Pruner", "StepRecord", "Target"]
+__all__ = [
+    "BlockPruner",
+    "BlockStep",
+    "Pruner",
+    "StepRecord",
+    "Target",
+    "list_block_criteria",
+    "register_block_criterion",
+]

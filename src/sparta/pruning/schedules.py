@@ -69,3 +69,29 @@ def levels(schedule: str | Schedule, steps: int, final: float) -> list[float]:
     if any(b > a + 1e-12 for a, b in zip([1.0, *out], out)) or abs(out[-1] - final) > 1e-9:
         raise ConfigError(f"schedule {schedule!r} must decrease monotonically to {final}")
     return out
+
+
+def level_at(
+    step: int,
+    total_steps: int,
+    final: float,
+    schedule: str | Schedule = "cubic",
+    warmup: int = 0,
+    cooldown: int = 0,
+) -> float:
+    """The level after training step ``step`` (1-based) of ``total_steps``, with the initial and
+    final warm-up of Sanh et al. (2020): 1.0 for the first ``warmup`` steps, ``final`` from step
+    ``total_steps - cooldown`` on, and ``schedule(step - warmup, N, final)`` in between, where
+    ``N = total_steps - warmup - cooldown`` (with ``cubic``, their Eq. for the sparsity
+    ``s_f + (s_i - s_f)(1 - t / N)^3`` read as kept fraction)."""
+    if not (0 <= warmup and 0 <= cooldown and warmup + cooldown < total_steps):
+        raise ConfigError(
+            f"need 0 <= warmup, 0 <= cooldown and warmup + cooldown < total_steps, got "
+            f"warmup={warmup}, cooldown={cooldown}, total_steps={total_steps}"
+        )
+    span = total_steps - warmup - cooldown
+    if step <= warmup:
+        return 1.0
+    if step >= warmup + span:
+        return float(final)
+    return float(get_schedule(schedule)(step - warmup, span, final))

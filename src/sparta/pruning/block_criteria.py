@@ -1,0 +1,240 @@
+"""Block criteria for :class:`~sparta.pruning.BlockPruner`: how much each SPLoPA block matters.
+
+A criterion scores every p x q block of the pruned layers (one flat vector over all of them,
+higher = keep) and may act on the training path of each layer through ``SPLoPA.factors``
+(reading the effective weight's gradient, or gating blocks). Registered by name; see
+:mod:`sparta.pruning.blocks` for the method and the references.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters.layer import AdaptedLayer
+from ..adapters.splopa import SPLoPA
+from ..errors import ConfigError
+from ..registry import Registry
+
+_BLOCK_CRITERIA: Registry[BlockCriterion] = Registry("block criterion")
+
+
+def register_block_criterion(name: str) -> Callable[[type], type]:
+    return _BLOCK_CRITERIA.register(name)
+
+
+def list_block_criteria() -> list[str]:
+    return _BLOCK_CRITERIA.names()
+
+
+def get_block_criterion(name: str) -> type[BlockCriterion]:
+    """The block criterion registered under ``name``; unknown names list the known ones."""
+    return _BLOCK_CRITERIA.get(name)
+
+
+@dataclass
+class BlockLayer:
+    """One SPLoPA-adapted Linear and where its blocks sit in the flat vector of all blocks."""
+
+    name: str
+    layer: AdaptedLayer
+    offset: int  # index of its first block in the flat vector over all pruned layers
+
+    @property
+    def adapter(self) -> SPLoPA:
+        return self.layer.adapter
+
+    @property
+    def count(self) -> int:
+        return self.adapter.mask_block.numel()
+
+    def per_block(self, matrix: Tensor) -> Tensor:
+        """Sum of an (out x in) matrix over each block, flattened (rows * cols)."""
+        (p, q), (rows, cols) = self.adapter.block, self.adapter.mask_block.shape
+        return matrix.reshape(rows, p, cols, q).sum((1, 3)).flatten()
+
+    def expand(self, per_block: Tensor) -> Tensor:
+        """A (rows x cols) per-block tensor laid out like the weight."""
+        (p, q), (rows, cols) = self.adapter.block, self.adapter.mask_block.shape
+        return per_block.view(rows, 1, cols, 1).expand(rows, p, cols, q).reshape(rows * p, -1)
+
+    def masked_base(self) -> Tensor:
+        return self.layer.base.weight * self.adapter.mask_matrix()
+
+
+# -- criteria -----------------------------------------------------------------------------------
+class BlockCriterion:
+    """Scores every block of the pruned layers (one flat vector, higher = keep).
+
+    ``hook(layer, masked)`` runs on the training path of each layer (``SPLoPA.factors``) when
+    ``uses_hook``; ``closed()`` names blocks the criterion has switched off, which are pruned
+    ahead of the schedule (never past the target); ``penalty(live)`` is a loss term.
+    """
+
+    name: ClassVar[str] = ""
+    uses_hook: ClassVar[bool] = False
+    normalise: ClassVar[bool] = False  # scale per layer (RMS) before a global ranking
+    options: ClassVar[dict] = {}
+
+    def __init__(self, layers: list[BlockLayer], **options):
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise ConfigError(
+                f"block criterion {self.name!r} takes no option {sorted(unknown)[0]!r}; "
+                f"its options are: {', '.join(self.options) or 'none'}"
+            )
+        self.layers = layers
+        self.total = sum(lay.count for lay in layers)
+        self.device = layers[0].layer.base.weight.device
+        for key, default in self.options.items():
+            setattr(self, key, options.get(key, default))
+
+    def scores(self) -> Tensor:
+        raise NotImplementedError
+
+    def hook(self, lay: BlockLayer, masked: Tensor) -> Tensor:
+        return masked
+
+    def closed(self) -> Tensor | None:
+        return None
+
+    def penalty(self, live: Tensor) -> Tensor:
+        return torch.zeros((), device=self.device)
+
+    def update(self) -> None:
+        """Called by every ``BlockPruner.step`` before pruning."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+
+@register_block_criterion("magnitude")
+class Magnitude(BlockCriterion):
+    """Frobenius norm of each block of ``W + delta``."""
+
+    normalise = True
+
+    def scores(self) -> Tensor:
+        with torch.no_grad():
+            parts = [
+                lay.per_block((lay.layer.base.weight + lay.adapter.delta()).square()).sqrt()
+                for lay in self.layers
+            ]
+        return torch.cat(parts).double().cpu()
+
+
+@register_block_criterion("movement")
+class Movement(BlockCriterion):
+    """First-order movement: ``S -= sum_block W' * dL/dW'`` at every backward pass."""
+
+    uses_hook = True
+
+    def __init__(self, layers, **options):
+        super().__init__(layers, **options)
+        self.accumulated = torch.zeros(self.total, device=self.device)
+
+    def hook(self, lay: BlockLayer, masked: Tensor) -> Tensor:
+        if masked.requires_grad:
+            value = masked.detach()
+
+            def accumulate(grad: Tensor) -> None:
+                # dL/d(masked delta) is dL/dW' on the Linear path; W' = masked W + masked delta
+                weight = lay.masked_base() + value
+                self.accumulated[lay.offset : lay.offset + lay.count] -= lay.per_block(
+                    weight * grad
+                )
+
+            masked.register_hook(accumulate)
+        return masked
+
+    def scores(self) -> Tensor:
+        return self.accumulated.double().cpu()
+
+
+class _Gated(BlockCriterion):
+    """Learned per-block values that gate the weight on the training path."""
+
+    uses_hook = True
+
+    def __init__(self, layers, **options):
+        super().__init__(layers, **options)
+        self.value = nn.Parameter(torch.full((self.total,), float(self.init), device=self.device))
+        self.optimizer = torch.optim.Adam([self.value], lr=self.lr)
+
+    def gate(self, lay: BlockLayer) -> Tensor:
+        raise NotImplementedError
+
+    def hook(self, lay: BlockLayer, masked: Tensor) -> Tensor:
+        # W' = (W m + delta m) * z  is  W m + [delta m * z + W m * (z - 1)]: the gate rides on
+        # the delta term, so the layer's single fused product stays as it is.
+        z = lay.expand(self.gate(lay).to(masked.dtype))
+        return masked * z + lay.masked_base() * (z - 1)
+
+    def update(self) -> None:
+        if self.value.grad is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def scores(self) -> Tensor:
+        return self.value.detach().double().cpu()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.value]
+
+    def _part(self, lay: BlockLayer) -> Tensor:
+        return self.value[lay.offset : lay.offset + lay.count]
+
+
+@register_block_criterion("soft-movement")
+class SoftMovement(_Gated):
+    """Scores ``S`` (start ``init``) gate blocks by ``1[S > threshold]`` with a
+    straight-through gradient ``dL/dS = sum_block W' * dL/dW'`` (Sanh et al. 2020)."""
+
+    options: ClassVar[dict] = {"threshold": 0.0, "init": 1.0, "lr": 1e-2}
+
+    def gate(self, lay: BlockLayer) -> Tensor:
+        s = self._part(lay)
+        return (s > self.threshold).to(s.dtype) + s - s.detach()
+
+    def closed(self) -> Tensor:
+        return (self.value.detach() <= self.threshold).cpu()
+
+    def penalty(self, live: Tensor) -> Tensor:
+        return _mean_live(torch.sigmoid(self.value), live)
+
+
+@register_block_criterion("l0")
+class HardConcrete(_Gated):
+    """Hard-concrete gates ``z = clamp(sigmoid((logit u + log_alpha) / beta) (zeta - gamma)
+    + gamma, 0, 1)`` per block (Louizos et al. 2018), sampled in training, deterministic in
+    eval (``u = 1/2``); the score is ``log_alpha``."""
+
+    options: ClassVar[dict] = {"init": 3.0, "lr": 1e-2, "beta": 2 / 3}
+    gamma, zeta = -0.1, 1.1
+
+    def _stretch(self, s: Tensor) -> Tensor:
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+
+    def gate(self, lay: BlockLayer) -> Tensor:
+        log_alpha = self._part(lay)
+        if not lay.layer.training:
+            return self._stretch(torch.sigmoid(log_alpha))
+        u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+        return self._stretch(torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / self.beta))
+
+    def closed(self) -> Tensor:
+        return (self._stretch(torch.sigmoid(self.value.detach())) <= 0).cpu()
+
+    def penalty(self, live: Tensor) -> Tensor:
+        shift = self.beta * math.log(-self.gamma / self.zeta)
+        return _mean_live(torch.sigmoid(self.value - shift), live)
+
+
+def _mean_live(values: Tensor, live: Tensor) -> Tensor:
+    live = live.to(values.device)
+    return values[live].mean() if bool(live.any()) else values.sum() * 0

@@ -1,0 +1,445 @@
+"""Block pruning of SPLoPA adapters: which p x q blocks of each adapted weight stay.
+
+:class:`BlockPruner` runs alongside training (Sanh et al. 2020, "Movement Pruning"): call
+``pruner.step()`` after every optimiser step; it follows a schedule (by default cubic with
+initial and final warm-up) from all blocks to ``target``, the fraction of blocks kept, and
+writes zeros into each adapter's ``mask_block``. It never writes a one, so pruned blocks cannot
+regrow. Block criteria are registered by name (:func:`list_block_criteria`):
+
+* ``magnitude``: Frobenius norm of the block of ``W + delta``;
+* ``movement``: first-order movement scores, ``S = -sum_t sum_block (W + delta) * dL/dW'``
+  accumulated over the training steps from the gradient of the effective weight
+  ``W' = (W + delta) * M`` (what the straight-through top-k of Sanh et al. feeds the scores,
+  taken with plain SGD at rate 1; ranking is scale-free);
+* ``soft-movement``: learned scores ``S`` gate the blocks in the forward (``1[S > threshold]``,
+  straight-through); ``penalty()`` is the mean ``sigmoid(S)`` over live blocks (Sanh's L1);
+* ``l0``: hard-concrete gates per block (Louizos et al. 2018); ``penalty()`` is the expected
+  fraction of open gates. Once the final level is reached the gates leave the forward and the
+  kept blocks run at full weight: the masks are then deterministic.
+
+Learned scores and gates are trained by the pruner's own Adam (``lr`` option) from the
+gradients of the caller's ``backward``. Granularity ``heads`` / ``neurons`` prunes whole
+Hugging Face attention heads (their q/k/v rows and output columns) or FFN neurons. Whatever the
+granularity, heads and neurons whose contribution is exactly zero are then marked dead in the
+channel masks (:func:`promote_dead_units`), so ``sparta.build`` removes them physically (the
+"hybrid filled" model of Lagunas et al. 2021); partly pruned weights keep their zero blocks.
+
+Gates act on the training (gradient) path only: a forward under ``torch.no_grad()`` sees every
+live block at full weight, which is what the model computes once the pruner has detached.
+Only SPLoPA adapters of ``nn.Linear`` layers are pruned (SPLoPA adapts no convolution; those
+inside ``nn.MultiheadAttention`` parametrisations are left alone).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters.layer import AdaptedLayer
+from ..adapters.splopa import SPLoPA
+from ..errors import ConfigError
+from .block_criteria import BlockLayer, get_block_criterion
+from .groups import Group, _transformer_groups
+from .masks import ensure_masks, resolve_mask
+from .schedules import Schedule, get_schedule, level_at
+
+GRANULARITIES = ("blocks", "heads", "neurons")
+
+
+# -- structure: which blocks make a unit (a block, a head, a run of FFN neurons) -------------------
+@dataclass
+class _Units:
+    unit_of: Tensor  # (entries,) unit of each (unit, block) pair
+    block_of: Tensor  # (entries,) flat block index
+    group_of: list[int]  # per unit: index into names
+    names: list[str]  # the groups: layers, attention modules or FFNs
+
+
+def _block_units(layers: list[BlockLayer]) -> _Units:
+    total = sum(lay.count for lay in layers)
+    group_of = [i for i, lay in enumerate(layers) for _ in range(lay.count)]
+    index = torch.arange(total)
+    return _Units(index, index, group_of, [lay.name for lay in layers])
+
+
+def _structured_units(layers: list[BlockLayer], groups: list[Group], kinds: set[str]) -> _Units:
+    by_name = {lay.name: lay for lay in layers}
+    unit_of, block_of, group_of, names = [], [], [], []
+    for g in (g for g in groups if g.kind in kinds):
+        width = len(g.members[0].idxs)
+        run = width // g.size  # head dim (heads) or 1 (neurons)
+        for m in g.members:
+            if m.module not in by_name:
+                raise ConfigError(
+                    f"granularity {g.kind!r} needs every layer of {g.name!r} adapted with "
+                    f"splopa; {m.module!r} is not"
+                )
+            p, q = by_name[m.module].adapter.block
+            run = math.lcm(run, p if m.site == "out" else q)
+        if width % run:
+            raise ConfigError(f"{g.name!r}: blocks straddle its {g.kind}; choose another block")
+        for unit in range(width // run):
+            first = len(group_of)
+            for m in g.members:
+                lay = by_name[m.module]
+                rows, cols = lay.adapter.mask_block.shape
+                grid = torch.zeros(rows, cols, dtype=torch.bool)
+                p, q = lay.adapter.block
+                if m.site == "out":
+                    grid[unit * run // p : (unit + 1) * run // p] = True
+                else:
+                    grid[:, unit * run // q : (unit + 1) * run // q] = True
+                idx = grid.flatten().nonzero().flatten() + lay.offset
+                block_of.append(idx)
+                unit_of.append(torch.full_like(idx, first))
+            group_of.append(len(names))
+        names.append(g.name)
+    if not names:
+        raise ConfigError(f"found no Hugging Face {' or '.join(sorted(kinds))} to prune")
+    return _Units(torch.cat(unit_of), torch.cat(block_of), group_of, names)
+
+
+# -- promotion: emptied heads and neurons become dead channels -----------------------------------
+def _alive_lines(module: nn.Module, dim: int) -> Tensor:
+    """Bool: rows (dim 0) or columns (dim 1) of the effective weight with a kept entry."""
+    if isinstance(module, AdaptedLayer):
+        ad = module.adapter
+        mask = ad.mask_out if dim == 0 else ad.mask_in
+        if isinstance(ad, SPLoPA):
+            live = ad._live_blocks().any(1 - dim)
+            return mask.bool() & live.repeat_interleave(ad.block[dim])
+        other = ad.mask_in if dim == 0 else ad.mask_out
+        return mask.bool() & bool(other.any())
+    mask = ensure_masks(module, create=False)[dim]
+    width = module.weight.shape[dim]
+    return torch.ones(width, dtype=torch.bool) if mask is None else mask.bool()
+
+
+def _silent_rows(module: nn.Module, rows: Tensor) -> bool:
+    """Whether rows ``rows`` of ``module`` output exact zeros (no kept weight, zero bias)."""
+    if not isinstance(module, AdaptedLayer) or bool(_alive_lines(module, 0)[rows].any()):
+        return False
+    bias = module.base.bias
+    return bias is None or bool((bias.detach()[rows] * module.mask_out[rows] == 0).all())
+
+
+def _dead_units(model: nn.Module, group: Group, modules: dict) -> Tensor:
+    """Units of a heads/neurons group that contribute exactly nothing to the output."""
+    consumer = next(m for m in group.members if m.site == "in")
+    producers = [m for m in group.members if m.site == "out"]
+    cols = _alive_lines(modules[consumer.module], 1)[consumer.idxs].cpu()
+    alive = torch.zeros(group.size, dtype=torch.bool).index_put_(
+        (consumer.units,), cols, accumulate=True
+    )
+    # A head whose value rows are silent outputs softmax @ 0 = 0; an FFN neuron with silent
+    # rows outputs act(0), zero for ReLU/GELU. Query and key rows alone do not silence a head.
+    silent_site = producers[-1] if group.kind == "heads" else producers[0]
+    silent_ok = group.kind == "heads" or _act_zero_at_zero(modules, group.name)
+    dead = (~alive).nonzero().flatten().tolist()
+    if silent_ok:
+        owner = modules[silent_site.module]
+        for unit in alive.nonzero().flatten().tolist():
+            if _silent_rows(owner, silent_site.idxs[silent_site.units == unit]):
+                dead.append(unit)
+    return torch.tensor(sorted(dead), dtype=torch.long)
+
+
+def _act_zero_at_zero(modules: dict, ffn_name: str) -> bool:
+    act = getattr(modules.get(ffn_name), "intermediate_act_fn", None)
+    if act is None:
+        return False
+    with torch.no_grad():
+        return bool(act(torch.zeros(1)) == 0)
+
+
+def promote_dead_units(model: nn.Module, groups: list[Group] | None = None) -> dict[str, int]:
+    """Clear the channel masks of every Hugging Face head and FFN neuron of ``model`` whose
+    contribution is already exactly zero (its consumer columns are all pruned, or its value /
+    intermediate rows are pruned with zero bias), so compaction removes it. Changes no output.
+    Returns ``{group name: units newly cleared}``."""
+    groups = _transformer_groups(model) if groups is None else groups
+    modules = dict(model.named_modules())
+    done = {}
+    with torch.no_grad():
+        for g in (g for g in groups if g.kind in ("heads", "neurons")):
+            dead = _dead_units(model, g, modules)
+            fresh = int(_kept_units(model, g, dead).sum())
+            if not fresh:
+                continue
+            for m in g.members:
+                mask = resolve_mask(model, m.module, m.site)
+                mask[m.idxs[torch.isin(m.units, dead)].to(mask.device)] = 0
+            done[g.name] = fresh
+    return done
+
+
+def _kept_units(model: nn.Module, group: Group, among: Tensor | None = None) -> Tensor:
+    """Bool per unit of ``group``: not dead yet in the channel masks, i.e. some produced
+    channel is kept (the reverse of what compaction removes), restricted to ``among``."""
+    alive = torch.zeros(group.size, dtype=torch.bool)
+    for m in group.outputs():
+        mask = resolve_mask(model, m.module, m.site, create=False)
+        if mask is None:
+            alive[:] = True
+            break
+        alive.index_put_((m.units,), mask[m.idxs].bool().cpu(), accumulate=True)
+    if among is not None:
+        alive &= torch.isin(torch.arange(group.size), among)
+    return alive
+
+
+# -- the pruner ----------------------------------------------------------------------------------
+@dataclass
+class BlockStep:
+    step: int
+    level: float  # scheduled fraction of blocks kept (of the granularity's scope)
+    density: float  # reached fraction of live blocks (of the same scope)
+    pruned: int  # blocks pruned at this step
+    promoted: dict  # {heads/FFN group: units cleared in the channel masks}
+
+
+class BlockPruner:
+    """Prunes the blocks of every SPLoPA-adapted ``nn.Linear`` of ``model`` during training.
+
+    Args:
+        model: a model wrapped by ``sparta.wrap(..., "splopa")``.
+        criterion: a block criterion (:func:`list_block_criteria`).
+        target: fraction of blocks kept at the end, in (0, 1], over every pruned layer
+            (``granularity="blocks"``) or over the blocks of the heads / FFN neurons.
+        total_steps, warmup_steps, cooldown_steps: the training steps (``step()`` calls) the
+            schedule spans; no pruning during the first ``warmup_steps``, the target reached
+            ``cooldown_steps`` before the end (Sanh et al. 2020).
+        schedule: a name or function of :mod:`~sparta.pruning.schedules` (default cubic).
+        granularity: ``"blocks"``, ``"heads"``, ``"neurons"`` or ``("heads", "neurons")``.
+        ranking: ``"global"`` (one ranking of all units) or ``"local"`` (the same fraction
+            in every layer, attention module or FFN). Every group keeps at least one unit.
+        criterion_options: e.g. ``lr``, ``init``, ``threshold`` (soft-movement), ``beta`` (l0).
+
+    Use: ``loss = task_loss + lam * pruner.penalty(); loss.backward(); opt.step();
+    pruner.step()``. Once the final level is reached the pruner detaches from the model
+    (``final``); the masks then say everything, ``sparta.export`` and ``sparta.build`` apply.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: str = "movement",
+        target: float = 0.5,
+        total_steps: int = 1,
+        warmup_steps: int = 0,
+        cooldown_steps: int = 0,
+        schedule: str | Schedule = "cubic",
+        granularity: str | tuple[str, ...] = "blocks",
+        ranking: str = "global",
+        **criterion_options,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"BlockPruner expects a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target <= 1:
+            raise ConfigError(f"target (fraction of blocks kept) must be in (0, 1], got {target!r}")
+        if ranking not in ("global", "local"):
+            raise ConfigError(f"ranking must be 'global' or 'local', got {ranking!r}")
+        kinds = {granularity} if isinstance(granularity, str) else set(granularity)
+        if not kinds or not kinds <= set(GRANULARITIES) or ("blocks" in kinds and len(kinds) > 1):
+            raise ConfigError(
+                f"granularity must be 'blocks', 'heads', 'neurons' or ('heads', 'neurons'), "
+                f"got {granularity!r}"
+            )
+        for key, value in (("total_steps", total_steps), ("warmup_steps", warmup_steps)):
+            _check_int(key, value, 1 if key == "total_steps" else 0)
+        _check_int("cooldown_steps", cooldown_steps, 0)
+        cls = get_block_criterion(criterion)
+        self.model, self.target, self.ranking = model, float(target), ranking
+        self.total_steps, self.warmup, self.cooldown = total_steps, warmup_steps, cooldown_steps
+        self.schedule = get_schedule(schedule)
+        level_at(1, total_steps, self.target, self.schedule, warmup_steps, cooldown_steps)
+        self.layers = _splopa_layers(model)
+        self.groups = _transformer_groups(model)
+        if kinds == {"blocks"}:
+            self.units = _block_units(self.layers)
+        else:
+            self.units = _structured_units(self.layers, self.groups, kinds)
+        self._scope = torch.zeros(sum(lay.count for lay in self.layers), dtype=torch.bool)
+        self._scope[self.units.block_of] = True
+        self.criterion = cls(self.layers, **criterion_options)
+        self.steps_done, self.history, self.final = 0, [], False
+        self._live = self._live_blocks()
+        if self.criterion.uses_hook:
+            self._attach()
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """All ``total_steps`` steps taken."""
+        return self.steps_done >= self.total_steps
+
+    def step(self) -> BlockStep:
+        """One training step done: update learned scores, prune to the scheduled level.
+
+        From step ``total_steps - cooldown_steps`` on the masks are final: the pruner has
+        detached from the model and later steps only count (the cool-down trains the kept
+        blocks under the fixed masks)."""
+        if self.done:
+            raise ConfigError(f"all {self.total_steps} block pruning steps are done")
+        self.steps_done += 1
+        t = self.steps_done
+        level = level_at(
+            t, self.total_steps, self.target, self.schedule, self.warmup, self.cooldown
+        )
+        pruned, promoted = 0, {}
+        if not self.final:
+            self.criterion.update()
+            pruned = self._prune(level) if level < 1 else 0
+            promoted = promote_dead_units(self.model, self.groups)
+            self._live = self._live_blocks()
+            if t >= self.total_steps - self.cooldown:
+                self.detach()
+                self.final = True
+        record = BlockStep(t, level, self.density(), pruned, promoted)
+        self.history.append(record)
+        return record
+
+    def penalty(self) -> Tensor:
+        """The criterion's regulariser over live blocks (0 for magnitude and movement): add
+        ``lam * pruner.penalty()`` to the loss for soft-movement (L1) and l0 (expected L0)."""
+        if self.final:
+            return torch.zeros((), device=self.criterion.device)
+        return self.criterion.penalty(self._live)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The criterion's learned scores or gates (trained by the pruner's own optimiser)."""
+        return self.criterion.parameters()
+
+    def density(self, scope: bool = True) -> float:
+        """Live blocks over the blocks the target counts (those of the heads / FFN neurons
+        for those granularities), or over every block of the adapted layers (``scope=False``)."""
+        live = self._live[self._scope] if scope else self._live
+        return float(live.double().mean())
+
+    def summary(self) -> dict:
+        heads = [g for g in self.groups if g.kind == "heads"]
+        neurons = [g for g in self.groups if g.kind == "neurons"]
+        return {
+            "blocks_kept": int(self._live.sum()),
+            "blocks_total": len(self._live),
+            "density": self.density(),
+            "density_all_layers": self.density(scope=False),
+            "heads_removed": sum(g.size - int(_kept_units(self.model, g).sum()) for g in heads),
+            "heads_total": sum(g.size for g in heads),
+            "neurons_removed": sum(g.size - int(_kept_units(self.model, g).sum()) for g in neurons),
+            "neurons_total": sum(g.size for g in neurons),
+        }
+
+    def detach(self) -> None:
+        """Take the criterion's hooks (gates, gradient readers) off the model; the masks stay."""
+        for lay in self.layers:
+            if lay.adapter.__dict__.get("factors_hook") is not None:
+                del lay.adapter.factors_hook
+
+    # -- internals --------------------------------------------------------------------------
+    def _attach(self) -> None:
+        index = {lay.adapter: lay for lay in self.layers}
+        criterion = self.criterion
+
+        def hook(adapter: SPLoPA, masked: Tensor) -> Tensor:
+            lay = index.get(adapter)  # a copy of the model (deepcopy, fuse) is not pruned
+            return masked if lay is None else criterion.hook(lay, masked)
+
+        for lay in self.layers:
+            if lay.adapter.factors_hook is not None:
+                raise ConfigError(f"{lay.name!r} is already driven by another BlockPruner")
+            lay.adapter.factors_hook = hook
+
+    def _live_blocks(self) -> Tensor:
+        return torch.cat([lay.adapter._live_blocks().flatten().cpu() for lay in self.layers])
+
+    def _block_scores(self, live: Tensor) -> Tensor:
+        scores = self.criterion.scores()
+        if self.criterion.normalise and self.ranking == "global":
+            for lay in self.layers:
+                part = scores[lay.offset : lay.offset + lay.count]
+                kept = part[live[lay.offset : lay.offset + lay.count]]
+                part /= kept.square().mean().sqrt() + 1e-12 if len(kept) else 1.0
+        return scores
+
+    def _prune(self, level: float) -> int:
+        u, live = self.units, self._live_blocks()
+        n_units = len(u.group_of)
+        live_e = live[u.block_of].double()
+        cost = torch.zeros(n_units, dtype=torch.float64).index_add_(0, u.unit_of, live_e)
+        size = torch.zeros(n_units, dtype=torch.float64).index_add_(
+            0, u.unit_of, torch.ones_like(live_e)
+        )
+        score_e = self._block_scores(live)[u.block_of] * live_e
+        score = torch.zeros(n_units, dtype=torch.float64).index_add_(0, u.unit_of, score_e)
+        score /= cost.clamp(min=1)
+        closed = self.criterion.closed()
+        shut = torch.zeros(n_units, dtype=torch.bool)
+        if closed is not None:
+            open_e = (live & ~closed)[u.block_of].double()
+            opened = torch.zeros(n_units, dtype=torch.float64).index_add_(0, u.unit_of, open_e)
+            shut = (cost > 0) & (opened == 0)
+        group = torch.tensor(u.group_of)
+        sets = [torch.arange(n_units)] if self.ranking == "global" else [
+            (group == i).nonzero().flatten() for i in range(len(u.names))
+        ]  # fmt: skip
+        kept = torch.zeros(len(u.names), dtype=torch.long).index_add_(0, group, (cost > 0).long())
+        chosen = []
+        for members in sets:
+            chosen += self._choose(members, level, cost, size, score, shut, kept, group)
+        if not chosen:
+            return 0
+        blocks = u.block_of[torch.isin(u.unit_of, torch.tensor(chosen))]
+        with torch.no_grad():
+            for lay in self.layers:
+                local = blocks[(blocks >= lay.offset) & (blocks < lay.offset + lay.count)]
+                lay.adapter.mask_block.view(-1)[
+                    (local - lay.offset).to(lay.adapter.mask_block.device)
+                ] = 0
+        return int(live[blocks].sum())
+
+    def _choose(self, members, level, cost, size, score, shut, kept, group) -> list[int]:
+        """Least useful units first (switched-off ones before the rest) until the live blocks
+        of ``members`` are at most ``level`` of their blocks; switched-off units go even
+        past the level, but never past the target."""
+        total = float(size[members].sum())
+        goal, floor = level * total + 1e-9, self.target * total - 1e-9
+        now = float(cost[members].sum())
+        alive = members[cost[members] > 0].tolist()
+        alive.sort(key=lambda i: (not bool(shut[i]), float(score[i])))
+        chosen = []
+        for i in alive:
+            if now <= goal:  # the level is reached: only switched-off units, down to the target
+                if not shut[i]:
+                    break
+                if now - float(cost[i]) < floor:
+                    continue
+            if kept[group[i]] <= 1:  # every group keeps a unit
+                continue
+            chosen.append(i)
+            now -= float(cost[i])
+            kept[group[i]] -= 1
+        return chosen
+
+
+def _splopa_layers(model: nn.Module) -> list[BlockLayer]:
+    layers, offset = [], 0
+    for name, m in model.named_modules():
+        if isinstance(m, AdaptedLayer) and isinstance(m.adapter, SPLoPA):
+            if isinstance(m.base, nn.Linear):
+                layers.append(BlockLayer(name, m, offset))
+                offset += layers[-1].count
+    if not layers:
+        raise ConfigError(
+            "BlockPruner needs a model wrapped with the 'splopa' adapter "
+            "(sparta.wrap(model, 'splopa', block=...)); this one has no SPLoPA-adapted Linear"
+        )
+    return layers
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
