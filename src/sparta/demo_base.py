@@ -7,13 +7,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .io import atomic_write
 
 CACHE_FORMAT = "sparta.demo.base/1"
 #: Config keys that do not change the trained weights.
@@ -72,20 +72,11 @@ def fresh_digits_cnn(num_classes: int) -> nn.Module:
 def write_cached_base(path: Path, model: nn.Module, key: dict) -> None:
     """The model's state dict as safetensors with ``key`` in its metadata, written atomically
     (a temporary file in the same folder, fsync, rename)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(save(state, metadata={"key": json.dumps(key, sort_keys=True)}))
 
 
 def read_cached_base(path: Path, key: dict, model: nn.Module) -> tuple[dict | None, str | None]:

@@ -4,12 +4,13 @@ demo's own numbers, the plots and ``results.json``. See :mod:`sparta.demo`."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from .io import atomic_write
 
 #: The paper's claim at ~30% density: SPLoRA learns at least this many times fewer parameters.
 PAPER_RATIO = 15.0
@@ -237,8 +238,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         path = out / name
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            fig.savefig(f, dpi=110, format="png")
         paths.append(path)
     return paths

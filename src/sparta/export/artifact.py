@@ -19,8 +19,6 @@ import copy
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from ..adapters.base import Adapter, get_adapter
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError
 from ..inputs import check_spec, input_spec
+from ..io import atomic_write
 from ..measure import learned_parameters
 from ..pruning.masks import ChannelMask, ensure_masks, resolve_mask
 
@@ -230,18 +229,8 @@ class Task:
     def save(self, path) -> int:
         """Write the task atomically to ``path`` (one safetensors file); returns its size."""
         data = self.to_bytes()
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        with atomic_write(path) as f:
+            f.write(data)
         return len(data)
 
     @classmethod
@@ -294,19 +283,6 @@ def _unpack_masks(tensors: dict[str, Tensor], manifest: dict, path: str) -> dict
         bits = np.unpackbits(t.numpy(), count=n).astype(bool).reshape(e["shape"])
         out[key] = torch.from_numpy(bits)
     return out
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows: directories cannot be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _read_header(data: bytes, path: str) -> dict:
