@@ -33,21 +33,9 @@ from sparta.export.artifact import (
     export,
     fingerprint,
 )
-from tiny_models import TINY_MODELS
+from tiny_models import TINY_MODELS, tiny_bert
 
 transformers = pytest.importorskip("transformers")
-
-
-def _bert():
-    cfg = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(cfg).eval()
 
 
 def _small_vit():
@@ -69,7 +57,7 @@ def _tokens(seed: int = 0):
 MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(weights=None), _images),
     "vit": (_small_vit, _images),
-    "bert": (_bert, _tokens),
+    "bert": (tiny_bert, _tokens),
 }
 
 

@@ -21,21 +21,9 @@ from sparta.adapters.layer import AdaptedLayer
 from sparta.export import ArtifactError, Builder, Task, TaskBank, build, export
 from sparta.measure import MacCounter
 from sparta.pruning.masks import ChannelMask
-from tiny_models import ResidualNet
+from tiny_models import ResidualNet, tiny_bert
 
 transformers = pytest.importorskip("transformers")
-
-
-def _bert():
-    cfg = transformers.BertConfig(
-        vocab_size=60,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(cfg).eval()
 
 
 def _images(size: int):
@@ -55,7 +43,7 @@ BASES = {  # the real torchvision classes, at input sizes that keep two CPU core
     "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), _images(64)),
     "vgg16_bn": (lambda: torchvision.models.vgg16_bn(num_classes=10), _images(32)),
     "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=64, num_classes=10), _images(64)),
-    "bert": (_bert, _tokens),
+    "bert": (lambda: tiny_bert(vocab_size=60), _tokens),
     "residual": (lambda: ResidualNet(image=16), _images(16)),
 }
 

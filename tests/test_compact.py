@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 import sparta
 from sparta.export import build_compact
 from sparta.pruning.masks import resolve_mask
-from tiny_models import ResidualNet
+from tiny_models import ResidualNet, tiny_bert
 
 
 def _wrap(model):
@@ -172,13 +172,9 @@ def test_vit_keeps_heads_dense_and_removes_mlp_neurons():
 
 
 def test_bert_heads_and_ffn_neurons_are_removed():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, num_labels=3,
-    )  # fmt: skip
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = _wrap(transformers.BertForSequenceClassification(cfg).eval())
+    model = _wrap(tiny_bert())
     _perturb(model)
     x = {"input_ids": torch.randint(0, 50, (2, 6))}
     pruner = _prune(model, x)

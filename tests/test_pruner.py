@@ -13,7 +13,7 @@ from torch import nn
 import sparta
 from sparta.pruning.masks import resolve_mask
 from sparta.pruning.pruner import Pruner, Target
-from tiny_models import TINY_MODELS, ResidualNet
+from tiny_models import TINY_MODELS, ResidualNet, tiny_bert
 
 
 def _quiet_wrap(model, **kw):
@@ -249,13 +249,9 @@ def test_torchvision_models_prune_and_stay_equivalent(name, size):
 
 
 def test_bert_heads_and_ffn_neurons_prune_and_stay_equivalent():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, num_labels=3,
-    )  # fmt: skip
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = sparta.wrap(transformers.BertForSequenceClassification(cfg).eval(), rank=2)
+    model = sparta.wrap(tiny_bert(), rank=2)
     _perturb(model)
     example = {"input_ids": torch.randint(0, 50, (2, 6))}
     pruner = _prune(model, example, criterion="l1", target=0.5, steps=1)

@@ -12,7 +12,7 @@ from torch import nn
 import sparta
 from sparta.adapters import AdaptedLayer, AdaptedWeight, SPLoPA
 from sparta.errors import ConfigError, NotAdaptableError
-from tiny_models import TINY_MODELS
+from tiny_models import TINY_MODELS, tiny_bert
 
 
 def _reference_delta(ad: SPLoPA) -> torch.Tensor:
@@ -167,18 +167,11 @@ def test_unpruned_learned_parameters_match_trainable_tensors_mlp():
 
 
 def _bert():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return tiny_bert(
+        vocab_size=40, hidden_size=64, intermediate_size=128, max_position_embeddings=16
+    )
 
 
 def test_bert_wraps_counts_and_paths_agree():
@@ -363,22 +356,6 @@ def test_convolutions_are_not_adapted():
 
 
 # -- with the rest of sparta: wrap's sharing context, artifacts, compact models -----------------
-def _small_bert():
-    import transformers
-
-    cfg = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(cfg).eval()
-
-
 def _perturb_pruned(model, seed: int = 1):
     """Non-trivial adapters, three pruned blocks and five pruned rows per adapter."""
     gen = torch.Generator().manual_seed(seed)
@@ -393,7 +370,7 @@ def _perturb_pruned(model, seed: int = 1):
 
 def test_wrap_shares_prototypes_within_one_model_only():
     pytest.importorskip("transformers")
-    base = _small_bert()
+    base = _bert()
     a = sparta.wrap(base, "splopa", block=16, prototypes=8, shared=True)
     b = sparta.wrap(base, "splopa", block=16, prototypes=8, shared=True)
     in_a = [m for m in a.modules() if isinstance(m, SPLoPA)]
@@ -411,7 +388,7 @@ def test_task_round_trip_keeps_block_masks_and_sharing(shared, tmp_path):
     pytest.importorskip("transformers")
     from sparta.export import Task, apply_task, export
 
-    base = _small_bert()
+    base = _bert()
     model = sparta.wrap(base, "splopa", block=16, prototypes=4, shared=shared)
     _perturb_pruned(model)
     ids = torch.randint(0, 40, (2, 6))
@@ -427,7 +404,7 @@ def test_task_round_trip_keeps_block_masks_and_sharing(shared, tmp_path):
 
 def test_bert_training_path_fused_path_and_fuse_agree_under_block_masks():
     pytest.importorskip("transformers")
-    model = sparta.wrap(_small_bert(), "splopa", block=16, prototypes=4)
+    model = sparta.wrap(_bert(), "splopa", block=16, prototypes=4)
     _perturb_pruned(model)
     ids = torch.randint(0, 40, (2, 6))
     trained = model(ids).logits.detach()

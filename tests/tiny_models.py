@@ -144,6 +144,23 @@ class ResidualNet(nn.Module):
         return self.fc(torch.flatten(torch.relu(self.mix(h)), 1))
 
 
+def tiny_bert(vocab_size: int = 50, hidden_size: int = 32, intermediate_size: int = 48, **config):
+    """A small Hugging Face BERT classifier (2 layers, 4 heads, 3 labels) built from a config:
+    no download. Needs transformers (callers skip without it)."""
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=intermediate_size,
+        num_labels=3,
+        **config,
+    )
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
 TINY_MODELS = {
     "mlp": MLP,
     "conv1d": Conv1dNet,
