@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/sparta demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not pretrained"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

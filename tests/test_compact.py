@@ -134,7 +134,9 @@ def test_tiny_residual_net_compacts_exactly_and_traces():
         assert torch.allclose(traced(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16_bn"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet50", pytest.param("vgg16_bn", marks=pytest.mark.slow)]
+)
 def test_wrapped_torchvision_cnns_compact_exactly(name):
     torch.manual_seed(0)
     model = _wrap(torchvision.models.get_model(name, weights=None, num_classes=10))
@@ -155,6 +157,7 @@ def test_fine_pruned_plain_resnet18_compacts_exactly():
     _check(model, pruner.groups, x, rtol=1e-4)
 
 
+@pytest.mark.slow  # vit_b_16: 30-40 s on two cores
 def test_vit_keeps_heads_dense_and_removes_mlp_neurons():
     torch.manual_seed(0)
     base = torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=10)

@@ -353,7 +353,11 @@ def test_gradient_fused_and_exported_paths_agree(case: Case):
 
 
 # convolutions, linear layers and attention; vgg and resnet50 add nothing new here
-@pytest.mark.parametrize("case", ["resnet18", "vit_b_16", "bert"], indirect=True)
+@pytest.mark.parametrize(
+    "case",
+    ["resnet18", pytest.param("vit_b_16", marks=pytest.mark.slow), "bert"],  # vit: 30 s
+    indirect=True,
+)
 def test_fused_cache_follows_in_place_edits(case: Case):
     model = fresh_wrap(case).eval()
     with torch.no_grad():

@@ -230,7 +230,11 @@ def test_min_channels_round_to_and_history():
 
 @pytest.mark.parametrize(
     "name,size",
-    [("resnet50", 32), ("vgg16_bn", 32), ("vit_b_16", 32)],
+    [
+        ("resnet50", 32),
+        pytest.param("vgg16_bn", 32, marks=pytest.mark.slow),  # 30-40 s each on two cores
+        pytest.param("vit_b_16", 32, marks=pytest.mark.slow),
+    ],
 )
 def test_torchvision_models_prune_and_stay_equivalent(name, size):
     torch.manual_seed(0)
