@@ -14,26 +14,13 @@ from torch.nn.utils import parametrize
 import sparta
 from sparta.export import build_compact
 from sparta.pruning.masks import resolve_mask
-from tiny_models import ResidualNet, tiny_bert
+from tiny_models import ResidualNet, perturb, tiny_bert
 
 
 def _wrap(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sparta.SkippedLayerWarning)
         return sparta.wrap(model, rank=2)
-
-
-def _perturb(model):
-    """Non-trivial adapters and BatchNorm statistics, so that removal errors would show."""
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, sparta.Adapter):
-                for p in m.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
 def _prune(model, x):
@@ -118,7 +105,7 @@ def _check(model, groups, x, rtol=1e-5):
 def test_tiny_residual_net_compacts_exactly_and_traces():
     torch.manual_seed(0)
     model = _wrap(ResidualNet(image=32, stem_stride=2))
-    _perturb(model)
+    perturb(model)
     x = torch.randn(2, 3, 32, 32)
     pruner = _prune(model, x)
     compact, report = _check(model, pruner.groups, x)
@@ -140,7 +127,7 @@ def test_tiny_residual_net_compacts_exactly_and_traces():
 def test_wrapped_torchvision_cnns_compact_exactly(name):
     torch.manual_seed(0)
     model = _wrap(torchvision.models.get_model(name, weights=None, num_classes=10))
-    _perturb(model)
+    perturb(model)
     x = torch.randn(2, 3, 32, 32)
     pruner = _prune(model, x)
     _, report = _check(model, pruner.groups, x, rtol=1e-4)
@@ -151,7 +138,7 @@ def test_wrapped_torchvision_cnns_compact_exactly(name):
 def test_fine_pruned_plain_resnet18_compacts_exactly():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10)
-    _perturb(model)
+    perturb(model)
     x = torch.randn(2, 3, 32, 32)
     pruner = _prune(model, x)
     _check(model, pruner.groups, x, rtol=1e-4)
@@ -163,7 +150,7 @@ def test_vit_keeps_heads_dense_and_removes_mlp_neurons():
     base = torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=10)
     nn.init.normal_(base.heads.head.weight, std=0.02)
     model = _wrap(base)
-    _perturb(model)
+    perturb(model)
     x = torch.randn(2, 3, 32, 32)
     pruner = _prune(model, x)
     compact, report = _check(model, pruner.groups, x, rtol=1e-4)
@@ -178,7 +165,7 @@ def test_bert_heads_and_ffn_neurons_are_removed():
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = _wrap(tiny_bert())
-    _perturb(model)
+    perturb(model)
     x = {"input_ids": torch.randint(0, 50, (2, 6))}
     pruner = _prune(model, x)
     compact, report = _check(model, pruner.groups, x, rtol=1e-4)

@@ -13,24 +13,13 @@ from torch import nn
 import sparta
 from sparta.pruning.masks import resolve_mask
 from sparta.pruning.pruner import Pruner, Target
-from tiny_models import TINY_MODELS, ResidualNet, tiny_bert
+from tiny_models import TINY_MODELS, ResidualNet, perturb, tiny_bert
 
 
 def _quiet_wrap(model, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sparta.SkippedLayerWarning)
         return sparta.wrap(model, **kw)
-
-
-def _perturb(model):
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, sparta.Adapter):
-                for p in m.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
 
 
 def _hand_zeroed(plain: nn.Module, pruner: Pruner) -> nn.Module:
@@ -110,7 +99,7 @@ def test_masked_model_equals_hand_zeroed_model_on_tiny_net(adapter):
     model = _quiet_wrap(
         ResidualNet(), adapter=adapter, **({"rank": 3} if adapter == "splora" else {})
     )
-    _perturb(model)
+    perturb(model)
     x = torch.randn(2, 3, 8, 8)
     frozen = _frozen(model)
     pruner = _prune(model, x, criterion="l1", target=0.5, steps=2)
@@ -126,7 +115,7 @@ def test_masked_model_equals_hand_zeroed_model_on_tiny_net(adapter):
 def test_masked_model_equals_hand_zeroed_model_on_contract_models(model_name):
     torch.manual_seed(0)
     model = _quiet_wrap(TINY_MODELS[model_name](), rank=2)
-    _perturb(model)
+    perturb(model)
     x = TINY_MODELS[model_name].example()
     pruner = _prune(model, x, criterion="l2", target=0.6, steps=2)
     assert pruner.history[-1].pruned
@@ -136,7 +125,7 @@ def test_masked_model_equals_hand_zeroed_model_on_contract_models(model_name):
 def test_wrapped_resnet18_prunes_to_target_and_stays_equivalent():
     torch.manual_seed(0)
     model = sparta.wrap(torchvision.models.resnet18(num_classes=10), rank=4)
-    _perturb(model)
+    perturb(model)
     x = torch.randn(2, 3, 32, 32)
     frozen = _frozen(model)
     pruner = _prune(model, x, criterion="l1", target=0.4, steps=2)
@@ -243,7 +232,7 @@ def test_torchvision_models_prune_and_stay_equivalent(name, size):
     if name.startswith("vit"):
         nn.init.normal_(base.heads.head.weight, std=0.02)
     model = _quiet_wrap(base, rank=2)
-    _perturb(model)
+    perturb(model)
     x = torch.randn(1, 3, size, size)
     pruner = _prune(model, x, criterion="l1", target=0.5, steps=1)
     if name.startswith("vit"):
@@ -256,7 +245,7 @@ def test_bert_heads_and_ffn_neurons_prune_and_stay_equivalent():
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = sparta.wrap(tiny_bert(), rank=2)
-    _perturb(model)
+    perturb(model)
     example = {"input_ids": torch.randint(0, 50, (2, 6))}
     pruner = _prune(model, example, criterion="l1", target=0.5, steps=1)
     kinds = {g.kind for g in pruner.groups if g.name in pruner.history[0].pruned}

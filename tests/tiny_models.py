@@ -144,6 +144,21 @@ class ResidualNet(nn.Module):
         return self.fc(torch.flatten(torch.relu(self.mix(h)), 1))
 
 
+def perturb(model: nn.Module, seed: int = 3) -> None:
+    """Non-trivial adapters and BatchNorm statistics, so that equivalence errors would show."""
+    import sparta
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, sparta.Adapter):
+                for p in m.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+
+
 def tiny_bert(vocab_size: int = 50, hidden_size: int = 32, intermediate_size: int = 48, **config):
     """A small Hugging Face BERT classifier (2 layers, 4 heads, 3 labels) built from a config:
     no download. Needs transformers (callers skip without it)."""

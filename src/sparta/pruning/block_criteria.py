@@ -9,6 +9,7 @@ higher = keep) and may act on the training path of each layer through ``SPLoPA.f
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -68,7 +69,7 @@ class BlockLayer:
 
 
 # -- criteria -----------------------------------------------------------------------------------
-class BlockCriterion:
+class BlockCriterion(ABC):
     """Scores every block of the pruned layers (one flat vector, higher = keep).
 
     ``hook(layer, masked)`` runs on the training path of each layer (``SPLoPA.factors``) when
@@ -94,8 +95,9 @@ class BlockCriterion:
         for key, default in self.options.items():
             setattr(self, key, options.get(key, default))
 
+    @abstractmethod
     def scores(self) -> Tensor:
-        raise NotImplementedError
+        """One score per block of every layer (higher = keep)."""
 
     def hook(self, lay: BlockLayer, masked: Tensor) -> Tensor:
         return masked
@@ -107,7 +109,8 @@ class BlockCriterion:
         return torch.zeros((), device=self.device)
 
     def update(self) -> None:
-        """Called by every ``BlockPruner.step`` before pruning."""
+        """Called by every ``BlockPruner.step`` before pruning (nothing to do by default)."""
+        return None
 
     def parameters(self) -> list[nn.Parameter]:
         return []
@@ -166,8 +169,9 @@ class _Gated(BlockCriterion):
         self.value = nn.Parameter(torch.full((self.total,), float(self.init), device=self.device))
         self.optimizer = torch.optim.Adam([self.value], lr=self.lr)
 
+    @abstractmethod
     def gate(self, lay: BlockLayer) -> Tensor:
-        raise NotImplementedError
+        """The gate of each block of ``lay`` on the training path."""
 
     def hook(self, lay: BlockLayer, masked: Tensor) -> Tensor:
         # W' = (W m + delta m) * z  is  W m + [delta m * z + W m * (z - 1)]: the gate rides on
