@@ -144,7 +144,9 @@ def test_movement_pruned_model_exports_and_builds_compact(base, granularity, tmp
             assert m.query.weight.shape[0] == m.num_attention_heads * 16 == m.value.out_features
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "movement", "soft-movement", "l0"])
+@pytest.mark.parametrize(
+    "criterion", ["magnitude", "activation", "movement", "soft-movement", "l0"]
+)
 def test_every_criterion_prunes_to_the_target_on_bert(base, criterion):
     model = _wrapped(base)
     pruner = BlockPruner(model, criterion, target=0.5, total_steps=5, warmup_steps=1)
@@ -166,6 +168,62 @@ def test_every_criterion_prunes_to_the_target_on_bert(base, criterion):
     assert _rel(got, want) <= 1e-5
     gradient_path = model(ids).logits  # grad enabled: SPLoPA.factors, no gate left there
     assert gradient_path.requires_grad and _rel(gradient_path.detach(), want) <= 1e-5
+
+
+def test_activation_criterion_keeps_the_blocks_that_pass_energy_on():
+    """Quiet input features make their blocks cheap to lose even under large weights (where
+    magnitude would keep them); the scores are sqrt(sum W'^2 mean x^2) per block, read from
+    forward passes with gradients only; the input hooks go when the pruner detaches."""
+    torch.manual_seed(0)
+    model = sparta.wrap(nn.Sequential(nn.Linear(64, 32)), "splopa", head=None, block=16)
+    layer = model[0]
+    with torch.no_grad():
+        layer.base.weight[:, :32] *= 10  # large weights on the first 32 input features
+        layer.adapter.pos.normal_(0, 0.1)  # a non-zero delta, part of W'
+    magnitude = BlockPruner(model, "magnitude", target=0.5, ranking="local").criterion.scores()
+    pruner = BlockPruner(model, "activation", target=0.5, total_steps=1)
+    x = torch.randn(3, 40, 64)
+    x[..., :32] *= 0.01  # ... which hardly ever carry a signal
+    model(x).sum().backward()
+    with torch.no_grad():
+        model(torch.randn(5, 64) * 100)  # not a training pass: not recorded
+    with torch.no_grad():
+        weight = (layer.base.weight + layer.adapter.delta()).double()
+        mean_sq = x.reshape(-1, 64).double().square().mean(0)
+        want = torch.tensor(
+            [
+                float((weight[r : r + 16, c : c + 16].square() * mean_sq[c : c + 16]).sum())
+                for r in (0, 16)
+                for c in (0, 16, 32, 48)
+            ],
+            dtype=torch.float64,
+        ).sqrt()
+    assert torch.allclose(pruner.criterion.scores(), want, rtol=1e-9)
+    assert magnitude.view(2, 4)[:, :2].min() > magnitude.view(2, 4)[:, 2:].max()
+    assert len(layer._forward_pre_hooks) == 1
+    pruner.step()
+    assert torch.equal(layer.adapter.mask_block, torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1]]))
+    assert len(layer._forward_pre_hooks) == 0  # final step: detached
+
+
+def test_activation_scores_a_head_by_what_it_passes_on(base):
+    """Head 0 of layer 0 computes loud queries, keys and values but its output columns are so
+    small that it passes on little: activation (consumer side) drops it; magnitude, which also
+    counts the rows, keeps it."""
+    kept = {}
+    for criterion in ("activation", "magnitude"):
+        model = _wrapped(base)
+        att = model.bert.encoder.layer[0].attention
+        with torch.no_grad():
+            for name in ("query", "key", "value"):
+                getattr(att.self, name).base.weight[:16] *= 100
+            att.output.dense.base.weight[:, :16] *= 1e-4  # net: 1e-2 of its output
+        pruner = BlockPruner(model, criterion, target=0.75, granularity="heads", ranking="local")
+        model(_batch()[0])  # a training-mode forward: activation records its inputs
+        pruner.step()
+        kept[criterion] = att.output.dense.adapter.mask_block.any(0)
+    assert kept["activation"].tolist() == [False, True, True, True]
+    assert bool(kept["magnitude"][0]) and int(kept["magnitude"].sum()) == 3
 
 
 def test_local_ranking_keeps_the_same_fraction_in_every_layer(base):

@@ -80,6 +80,9 @@ class BlockCriterion(ABC):
     name: ClassVar[str] = ""
     uses_hook: ClassVar[bool] = False
     normalise: ClassVar[bool] = False  # scale per layer (RMS) before a global ranking
+    # Score a head / FFN neuron by the blocks that take its output only (its columns in the
+    # attention output or FFN output layer), not by the rows that produce it.
+    consumer_side: ClassVar[bool] = False
     options: ClassVar[dict] = {}
 
     def __init__(self, layers: list[BlockLayer], **options):
@@ -115,6 +118,14 @@ class BlockCriterion(ABC):
     def parameters(self) -> list[nn.Parameter]:
         return []
 
+    def attach(self) -> None:
+        """Called once by the pruner: install whatever the criterion reads besides ``hook``."""
+        return None
+
+    def release(self) -> None:
+        """Called when the pruner detaches: remove what ``attach`` installed."""
+        return None
+
 
 @register_block_criterion("magnitude")
 class Magnitude(BlockCriterion):
@@ -129,6 +140,59 @@ class Magnitude(BlockCriterion):
                 for lay in self.layers
             ]
         return torch.cat(parts).double().cpu()
+
+
+@register_block_criterion("activation")
+class Activation(BlockCriterion):
+    """Output energy of each block on the data seen: ``sqrt(sum_block W'_ij^2 E[x_j^2])`` with
+    ``W' = W + delta`` and ``E[x_j^2]`` the mean square of input feature ``j`` over every token
+    of the forward passes run with gradients enabled (Wanda, Sun et al. 2023, summed per block).
+
+    Needs no gradient, so it ranks well from the first step of a distillation, where the
+    student starts equal to its teacher and every gradient (movement's signal) is zero. A head
+    or FFN neuron is scored by what it passes on: the energy of its columns in the layer that
+    takes its output (attention output, FFN output), not by the rows that compute it.
+    """
+
+    normalise = True
+    consumer_side = True
+
+    def __init__(self, layers, **options):
+        super().__init__(layers, **options)
+        self.energy = [
+            torch.zeros(lay.layer.base.weight.shape[1], device=self.device, dtype=torch.float64)
+            for lay in layers
+        ]
+        self.tokens = [0] * len(layers)
+        self._handles: list = []
+
+    def attach(self) -> None:
+        for i, lay in enumerate(self.layers):
+            self._handles.append(lay.layer.register_forward_pre_hook(self._recorder(i)))
+
+    def release(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _recorder(self, i: int):
+        def record(module: nn.Module, args: tuple) -> None:
+            if torch.is_grad_enabled() and args and isinstance(args[0], Tensor):
+                x = args[0].detach()
+                x = x.reshape(-1, x.shape[-1])
+                self.energy[i] += x.double().square().sum(0)
+                self.tokens[i] += x.shape[0]
+
+        return record
+
+    def scores(self) -> Tensor:
+        parts = []
+        with torch.no_grad():
+            for lay, energy, n in zip(self.layers, self.energy, self.tokens, strict=True):
+                weight = (lay.layer.base.weight + lay.adapter.delta()).double()
+                mean = energy / max(n, 1)
+                parts.append(lay.per_block(weight.square() * mean).sqrt())
+        return torch.cat(parts).cpu()
 
 
 @register_block_criterion("movement")

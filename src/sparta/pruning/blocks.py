@@ -7,6 +7,9 @@ writes zeros into each adapter's ``mask_block``. It never writes a one, so prune
 regrow. Block criteria are registered by name (:func:`list_block_criteria`):
 
 * ``magnitude``: Frobenius norm of the block of ``W + delta``;
+* ``activation``: the block's output energy on the data seen, ``sqrt(sum W'^2 E[x^2])``
+  (Wanda, Sun et al. 2023, per block): needs no gradient, so it is the one to use when the
+  model is distilled from its own original, whose gradients are all zero at the start;
 * ``movement``: first-order movement scores, ``S = -sum_t sum_block (W + delta) * dL/dW'``
   accumulated over the training steps from the gradient of the effective weight
   ``W' = (W + delta) * M`` (what the straight-through top-k of Sanh et al. feeds the scores,
@@ -56,18 +59,19 @@ class _Units:
     block_of: Tensor  # (entries,) flat block index
     group_of: list[int]  # per unit: index into names
     names: list[str]  # the groups: layers, attention modules or FFNs
+    consumer: Tensor  # (entries,) bool: the block takes the unit's output (a column block)
 
 
 def _block_units(layers: list[BlockLayer]) -> _Units:
     total = sum(lay.count for lay in layers)
     group_of = [i for i, lay in enumerate(layers) for _ in range(lay.count)]
     index = torch.arange(total)
-    return _Units(index, index, group_of, [lay.name for lay in layers])
+    return _Units(index, index, group_of, [lay.name for lay in layers], index >= 0)
 
 
 def _structured_units(layers: list[BlockLayer], groups: list[Group], kinds: set[str]) -> _Units:
     by_name = {lay.name: lay for lay in layers}
-    unit_of, block_of, group_of, names = [], [], [], []
+    unit_of, block_of, group_of, names, consumer = [], [], [], [], []
     for g in (g for g in groups if g.kind in kinds):
         width = len(g.members[0].idxs)
         run = width // g.size  # head dim (heads) or 1 (neurons)
@@ -95,11 +99,12 @@ def _structured_units(layers: list[BlockLayer], groups: list[Group], kinds: set[
                 idx = grid.flatten().nonzero().flatten() + lay.offset
                 block_of.append(idx)
                 unit_of.append(torch.full_like(idx, first))
+                consumer.append(torch.full_like(idx, m.site == "in", dtype=torch.bool))
             group_of.append(len(names))
         names.append(g.name)
     if not names:
         raise ConfigError(f"found no Hugging Face {' or '.join(sorted(kinds))} to prune")
-    return _Units(torch.cat(unit_of), torch.cat(block_of), group_of, names)
+    return _Units(torch.cat(unit_of), torch.cat(block_of), group_of, names, torch.cat(consumer))
 
 
 # -- promotion: emptied heads and neurons become dead channels -----------------------------------
@@ -258,6 +263,7 @@ class BlockPruner:
         level_at(1, total_steps, self.target, self.schedule, warmup_steps, cooldown_steps)
         self.layers = _splopa_layers(model)
         self.groups = _transformer_groups(model)
+        self._structured = kinds != {"blocks"}
         if kinds == {"blocks"}:
             self.units = _block_units(self.layers)
         else:
@@ -269,6 +275,7 @@ class BlockPruner:
         self._live = self._live_blocks()
         if self.criterion.uses_hook:
             self._attach()
+        self.criterion.attach()
 
     # -- public API -------------------------------------------------------------------------
     @property
@@ -338,6 +345,7 @@ class BlockPruner:
         for lay in self.layers:
             if lay.adapter.__dict__.get("factors_hook") is not None:
                 del lay.adapter.factors_hook
+        self.criterion.release()
 
     # -- internals --------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -358,7 +366,9 @@ class BlockPruner:
 
     def _block_scores(self, live: Tensor) -> Tensor:
         scores = self.criterion.scores()
-        if self.criterion.normalise and self.ranking == "global":
+        # Scale each layer's scores to RMS 1 where units are compared across layers: in a
+        # global ranking, and in heads / neurons, whose blocks sit in several layers.
+        if self.criterion.normalise and (self.ranking == "global" or self._structured):
             for lay in self.layers:
                 part = scores[lay.offset : lay.offset + lay.count]
                 kept = part[live[lay.offset : lay.offset + lay.count]]
@@ -373,9 +383,13 @@ class BlockPruner:
         size = torch.zeros(n_units, dtype=torch.float64).index_add_(
             0, u.unit_of, torch.ones_like(live_e)
         )
-        score_e = self._block_scores(live)[u.block_of] * live_e
+        # A unit's score: the mean over its live blocks, or over those that take its output
+        # for criteria that measure what a unit passes on (activation).
+        weight_e = live_e * u.consumer.double() if self.criterion.consumer_side else live_e
+        score_e = self._block_scores(live)[u.block_of] * weight_e
         score = torch.zeros(n_units, dtype=torch.float64).index_add_(0, u.unit_of, score_e)
-        score /= cost.clamp(min=1)
+        weight = torch.zeros(n_units, dtype=torch.float64).index_add_(0, u.unit_of, weight_e)
+        score /= weight.clamp(min=1)
         closed = self.criterion.closed()
         shut = torch.zeros(n_units, dtype=torch.bool)
         if closed is not None:
