@@ -160,8 +160,7 @@ class Activation(BlockCriterion):
     def __init__(self, layers, **options):
         super().__init__(layers, **options)
         self.energy = [
-            torch.zeros(lay.layer.base.weight.shape[1], device=self.device, dtype=torch.float64)
-            for lay in layers
+            torch.zeros(lay.layer.base.weight.shape[1], device=self.device) for lay in layers
         ]
         self.tokens = [0] * len(layers)
         self._handles: list = []
@@ -176,11 +175,15 @@ class Activation(BlockCriterion):
         self._handles = []
 
     def _recorder(self, i: int):
+        owner = self.layers[i].layer
+
         def record(module: nn.Module, args: tuple) -> None:
+            if module is not owner:  # a deepcopy of the model carries the hook along
+                return
             if torch.is_grad_enabled() and args and isinstance(args[0], Tensor):
                 x = args[0].detach()
                 x = x.reshape(-1, x.shape[-1])
-                self.energy[i] += x.double().square().sum(0)
+                self.energy[i] += x.float().square().sum(0)  # float32: any device
                 self.tokens[i] += x.shape[0]
 
         return record
@@ -190,7 +193,7 @@ class Activation(BlockCriterion):
         with torch.no_grad():
             for lay, energy, n in zip(self.layers, self.energy, self.tokens, strict=True):
                 weight = (lay.layer.base.weight + lay.adapter.delta()).double()
-                mean = energy / max(n, 1)
+                mean = energy.double() / max(n, 1)
                 parts.append(lay.per_block(weight.square() * mean).sqrt())
         return torch.cat(parts).cpu()
 
