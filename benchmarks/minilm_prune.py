@@ -10,13 +10,16 @@ library's source files (read with ``ast``, nothing imported), split into trainin
 sentences *by source file* with a fixed seed, so held-out sentences come from modules the
 training never saw.
 
-SPLoPA (32 x 32 blocks: one block row per head) is trained by distillation from the frozen
-original: ``1 - cos`` of the sentence embeddings plus ``1 - cos`` of the token states, while
-block pruning with whole heads and FFN neurons as units (cubic schedule, warm-up and cool-down)
-takes the encoder's heads and neurons to ``target`` of their blocks. Then ``sparta.export`` ->
-``sparta.build`` removes the emptied heads and neurons physically; the compact model's
-embeddings are compared with the original's on the held-out sentences, and both are timed side by
-side.
+SPLoPA (32 x 32 blocks: one block row per head; 64 prototypes) is trained by distillation from
+the frozen original: ``1 - cos`` of the sentence embeddings plus ``1 - cos`` of the token states
+(of every layer with ``--layerwise``), while block pruning with whole heads and FFN neurons as
+units (cubic schedule, warm-up and cool-down) takes the encoder's heads and neurons to ``target``
+of their blocks. The default criterion is ``activation``, which scores a head or neuron by the
+energy it passes on: movement needs gradients, and a student equal to its teacher has none, so
+its first cuts are blind. Then ``sparta.export`` -> ``sparta.build`` removes the emptied heads
+and neurons physically; the compact model's embeddings are compared with the original's on the
+held-out sentences (cosine per sentence, and the similarity structure: Spearman correlation of
+all pairwise similarities, nearest neighbours kept), and both models are timed side by side.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/minilm_prune.py [--steps 180] [--target 0.5]
 """
@@ -75,10 +78,16 @@ def _sentences(text: str, low: int, high: int) -> list[str]:
 def stdlib_corpus(
     seed: int = 0, held_out: float = 0.2, low: int = 8, high: int = 40
 ) -> tuple[list[str], list[str]]:
-    """``(train, held_out)`` sentences from the docstrings of the standard library's top-level
-    source files, split by file (a fraction ``held_out`` of the files) with ``seed``."""
+    """``(train, held_out)`` sentences from the docstrings of the standard library's source
+    files (its packages too; no tests, private modules or installed packages), split by file
+    (a fraction ``held_out`` of the files) with ``seed``."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.glob("*.py") if not p.name.startswith(("test", "_")))
+    skip = ("test", "_", "site-packages", "dist-packages", "idlelib", "lib2to3")
+    files = sorted(
+        p
+        for p in root.rglob("*.py")
+        if not any(part.startswith(skip) for part in p.relative_to(root).parts)
+    )
     random.Random(seed).shuffle(files)
     cut = round(len(files) * held_out)
     seen: set[str] = set()
@@ -106,6 +115,11 @@ def load_minilm():
     return model.eval(), tokenizer
 
 
+def _states(model: nn.Module, batch: dict) -> tuple[Tensor, ...]:
+    """The hidden states after the embeddings and after every encoder layer."""
+    return model(**batch, output_hidden_states=True).hidden_states
+
+
 def _hidden(model: nn.Module, batch: dict) -> Tensor:
     out = model(**batch)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -122,6 +136,34 @@ def _pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return nn.functional.normalize(mean, dim=-1)
 
 
+def _token_loss(got: Tensor, want: Tensor, mask: Tensor) -> Tensor:
+    cos = nn.functional.cosine_similarity(got, want, dim=-1)
+    return ((1 - cos) * mask).sum() / mask.sum()
+
+
+def _ranks(x: Tensor) -> Tensor:
+    return x.argsort().argsort().double()
+
+
+def _geometry(ref: Tensor, got: Tensor) -> dict:
+    """How well the compact model keeps the original's similarity structure over the held-out
+    sentences: Spearman correlation of all pairwise cosine similarities, and how often a
+    sentence's nearest neighbour (by the original) is also its nearest under the compact model."""
+    n = len(ref)
+    pairs = torch.triu_indices(n, n, offset=1)
+    sim_ref, sim_got = ref @ ref.T, got @ got.T
+    a, b = _ranks(sim_ref[pairs[0], pairs[1]]), _ranks(sim_got[pairs[0], pairs[1]])
+    a, b = a - a.mean(), b - b.mean()
+    spearman = float((a * b).sum() / (a.norm() * b.norm()))
+    eye = torch.eye(n, dtype=torch.bool)
+    nn_ref = sim_ref.masked_fill(eye, -2).argmax(1)
+    nn_got = sim_got.masked_fill(eye, -2).argmax(1)
+    return {
+        "pairwise_spearman": spearman,
+        "neighbour_agreement": float((nn_ref == nn_got).double().mean()),
+    }
+
+
 def _count(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -134,11 +176,12 @@ def _rel(a: Tensor, b: Tensor) -> float:
 def run(
     steps: int = 180,
     target: float = 0.5,
-    criterion: str = "movement",
+    criterion: str = "activation",
+    ranking: str = "global",
     batch: int = 16,
     max_len: int = 32,
     lr: float = 2e-3,
-    prototypes: int = 16,
+    prototypes: int = 64,
     held_out_n: int = 256,
     warmup_frac: float = 0.1,
     cooldown_frac: float = 0.3,
@@ -146,6 +189,8 @@ def run(
     latency_len: int = 64,
     repeats: int = 10,
     seed: int = 0,
+    layerwise: bool = False,
+    prototype_rank: int = 1,
     log=print,
 ) -> dict:
     """Distil-and-prune all-MiniLM-L6-v2; returns the numbers (and the models under ``models``)."""
@@ -161,13 +206,13 @@ def run(
         return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
     model = sparta.wrap(
-        base, "splopa", head=None, block=32, prototypes=prototypes, prototype_rank=1
+        base, "splopa", head=None, block=32, prototypes=prototypes, prototype_rank=prototype_rank
     ).eval()  # eval: no dropout; the teacher is deterministic, so is the student
     warmup = round(steps * warmup_frac)
     cooldown = round(steps * cooldown_frac)
     pruner = BlockPruner(
         model, criterion, target=target, total_steps=steps, warmup_steps=warmup,
-        cooldown_steps=cooldown, granularity=("heads", "neurons"),
+        cooldown_steps=cooldown, granularity=("heads", "neurons"), ranking=ranking,
     )  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -181,12 +226,13 @@ def run(
         sentences, order = order[:batch], order[batch:]
         b = tokens(sentences)
         with torch.no_grad():
-            want = _hidden(base, b)
-        got = _hidden(model, b)
+            wants = _states(base, b)
+        gots = _states(model, b)
+        got, want = gots[-1], wants[-1]
         mask = b["attention_mask"]
         sent_loss = 1 - (_pool(got, mask) * _pool(want, mask)).sum(-1).mean()
-        tok_cos = nn.functional.cosine_similarity(got, want, dim=-1)
-        tok_loss = ((1 - tok_cos) * mask).sum() / mask.sum()
+        pairs = list(zip(gots[1:], wants[1:])) if layerwise else [(got, want)]
+        tok_loss = sum(_token_loss(g, w, mask) for g, w in pairs) / len(pairs)
         loss = sent_loss + tok_loss + pruner.penalty()
         loss.backward()
         opt.step()
@@ -208,20 +254,21 @@ def run(
     compact = sparta.build(base, task, example_inputs=example)
 
     # Held-out: the original's embeddings against the masked (adapter) and the compact model's.
-    cos, masked_rel = [], 0.0
+    refs, gots, masked_rel = [], [], 0.0
     with torch.no_grad():
         for i in range(0, len(held), 32):
             b = tokens(held[i : i + 32])
-            ref = embed(base, b)
-            got = embed(compact, b)
+            refs.append(embed(base, b))
+            gots.append(embed(compact, b))
             masked_rel = max(masked_rel, _rel(_hidden(compact, b), _hidden(model, b)))
-            cos.append((ref * got).sum(-1))
         # A rough floor for what "close" means: the original's similarity between neighbouring
         # (unrelated) held-out sentences.
         b = tokens(held[:64])
         e = embed(base, b)
         unrelated = float((e[:-1] * e[1:]).sum(-1).mean())
-    cos_all = torch.cat(cos)
+    ref_all, got_all = torch.cat(refs), torch.cat(gots)
+    cos_all = (ref_all * got_all).sum(-1)
+    geometry = _geometry(ref_all, got_all)
 
     lat_ids = tokens(held[:latency_batch] * 2, pad="max_length", length=latency_len)
     lat_ids = {k: v[:latency_batch] for k, v in lat_ids.items()}
@@ -257,6 +304,7 @@ def run(
         "cosine_min": float(cos_all.min()),
         "cosine_p10": float(cos_all.quantile(0.1)),
         "unrelated_cosine": unrelated,
+        **geometry,
         "compact_vs_masked_rel": masked_rel,
         "latency_original_s": times["original"],
         "latency_compact_s": times["compact"],
@@ -290,6 +338,11 @@ def report(r: dict, log=print) -> None:
         f"{r['compact_vs_masked_rel']:.1e}"
     )
     log(
+        f"similarity structure over the held-out sentences: Spearman of all pairwise cosines "
+        f"(original vs compact) {r['pairwise_spearman']:.4f}; nearest neighbour kept for "
+        f"{r['neighbour_agreement']:.1%} of the sentences"
+    )
+    log(
         f"learned parameters: {r['learned_parameters']:,} "
         f"({r['learned_parameters'] / r['params_base']:.2%} of the model's {r['params_base']:,}); "
         f"compact model {r['params_compact']:,} parameters"
@@ -306,9 +359,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=180)
     parser.add_argument("--target", type=float, default=0.5, help="fraction of blocks kept")
-    parser.add_argument("--criterion", default="movement")
+    parser.add_argument("--criterion", default="activation")
+    parser.add_argument("--ranking", default="global", choices=("global", "local"))
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--prototypes", type=int, default=16)
+    parser.add_argument("--prototypes", type=int, default=64)
+    parser.add_argument("--prototype-rank", type=int, default=1)
+    parser.add_argument("--layerwise", action="store_true", help="distil every layer's states")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -318,6 +374,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     r = run(
         steps=args.steps, target=args.target, criterion=args.criterion, lr=args.lr,
+        ranking=args.ranking, layerwise=args.layerwise, prototype_rank=args.prototype_rank,
         prototypes=args.prototypes, batch=args.batch, repeats=args.repeats, seed=args.seed,
     )  # fmt: skip
     report(r)

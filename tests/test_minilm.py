@@ -18,12 +18,13 @@ pytestmark = pytest.mark.pretrained
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "minilm_prune.py"
 STEPS = 30
-# Threshold for the held-out mean cosine similarity (original vs compact sentence embeddings)
-# after this short run: 0.6285 observed with these settings (seed 0, torch 2.14 on 2 CPU cores),
-# minus a margin for other CPUs / torch versions. Unrelated held-out sentences score about 0.36
-# under the original, so this is "the same direction", not "interchangeable": 30 steps are far
-# too few for the adapter to recover from losing half the encoder (see the script for longer).
-THRESHOLD = 0.55
+# Thresholds for the held-out figures (original vs compact sentence embeddings) after this short
+# run, observed with these settings (seed 0, torch 2.14 on 2 CPU cores) minus a margin for other
+# CPUs / torch versions: mean cosine 0.795, Spearman correlation of the pairwise similarities
+# 0.81. Unrelated held-out sentences score about 0.28 under the original. 30 steps are far too
+# few to recover from losing half the encoder: the script's 180 steps reach 0.855 (see there).
+THRESHOLD = 0.72
+SPEARMAN = 0.72
 
 
 def _load_script():
@@ -55,10 +56,11 @@ def test_minilm_pruned_to_half_keeps_its_sentence_embeddings(offline):
     assert r["encoder_density"] <= 0.55
     assert r["heads_removed"] > 0 and r["neurons_removed"] > 0
     assert r["cosine_mean"] >= THRESHOLD
+    assert r["pairwise_spearman"] >= SPEARMAN
     assert r["cosine_mean"] > r["unrelated_cosine"] + 0.2
     assert r["compact_vs_masked_rel"] <= 1e-4
     # Far fewer learned parameters than the model has; the compact model is smaller.
-    assert r["learned_parameters"] < 0.02 * r["params_base"]
+    assert r["learned_parameters"] < 0.03 * r["params_base"]
     assert r["params_compact"] < r["params_base"]
 
     base = r["models"]["base"]
