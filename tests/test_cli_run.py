@@ -205,22 +205,29 @@ def test_tasks_add_list_switch_remove(run_dir, grid_dir, tmp_path):
     assert "base fingerprints differ" in _one_red_line(
         runner.invoke(app, ["tasks", "add", bank, "gamma", other_seed, *base])
     )
-    listed = json.loads(_ok(runner.invoke(app, ["tasks", "list", bank, *base, "--json"])).stdout)
+    # The first add recorded the base: later commands need no base options.
+    saved = json.loads((tmp_path / "bank" / "bank.json").read_text())["base"]
+    assert saved["model"] == "digits_cnn" and saved["seed"] == 0 and saved["num_classes"] == 10
+    listed = json.loads(_ok(runner.invoke(app, ["tasks", "list", bank, "--json"])).stdout)
     assert [t["name"] for t in listed] == ["alpha", "beta"]
     assert listed[0]["bytes"] == _result(run_dir)["final"]["task_bytes"]
     assert listed[0]["learned_parameters"] == _result(run_dir)["final"]["learned_parameters"]
 
-    switched = _ok(runner.invoke(app, ["tasks", "switch", bank, "alpha", *base])).stdout
+    switched = _ok(runner.invoke(app, ["tasks", "switch", bank, "alpha"])).stdout
     assert "switched to task alpha in" in switched and " ms" in switched
     assert f"{_result(run_dir)['final']['macs']:,}" in switched
 
-    _ok(runner.invoke(app, ["tasks", "remove", bank, "beta", *base]))
+    _ok(runner.invoke(app, ["tasks", "remove", bank, "beta"]))
     assert not (tmp_path / "bank" / "beta.safetensors").exists()
     listed = json.loads(_ok(runner.invoke(app, ["tasks", "list", bank, *base, "--json"])).stdout)
     assert [t["name"] for t in listed] == ["alpha"]
     assert "did you mean 'alpha'" in _one_red_line(
         runner.invoke(app, ["tasks", "switch", bank, "alpah", *base])
     )
+    empty = str(tmp_path / "empty")
+    assert "has no bank.json yet" in _one_red_line(runner.invoke(app, ["tasks", "list", empty]))
+    (tmp_path / "bank" / "bank.json").write_text("{not json")
+    assert "bank.json' is unreadable" in _one_red_line(runner.invoke(app, ["tasks", "list", bank]))
 
 
 # -- sparta report ------------------------------------------------------------------------------

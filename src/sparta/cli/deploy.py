@@ -3,8 +3,9 @@
 Every command rebuilds the shared base the task was trained on from ``--model`` (and
 ``--weights``/``--checkpoint``/``--cifar-stem``; ``--seed`` for a randomly initialised base,
 default 0). For ``eval`` and ``bench``, when a run's ``result.json`` sits next to the task file,
-these default to the run's config; a bank (``tasks``) takes them from the options only. The
-base's fingerprint is checked against each task's, so a different base is refused.
+these default to the run's config. A bank (``tasks``) records them in its ``bank.json`` at the
+first ``tasks add``; later commands default to it. The base's fingerprint is checked against
+each task's, so a different base is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated
 
@@ -23,16 +24,20 @@ from rich.table import Table
 from torch import nn
 
 from ..errors import ConfigError
+from ..io import atomic_write
 from . import app, stderr, stdout, user_errors
 
 TASK_FILE = "task.safetensors"
 RESULT_FILE = "result.json"
+BANK_FILE = "bank.json"
 
 # -- options shared by the commands -------------------------------------------------------------
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        "--model", help="Base model name, as in the run (default: the run's, from result.json)."
+        "--model",
+        help="Base model name, as in the run (default: the run's, from result.json; for a "
+        "bank, the one its bank.json records).",
     ),
 ]
 WeightsOpt = Annotated[
@@ -356,15 +361,49 @@ DirArg = Annotated[Path, typer.Argument(help="The bank's folder (one NAME.safete
 NameArg = Annotated[str, typer.Argument(help="Task name in the bank.")]
 
 
-def bank_spec(directory: Path, model, weights, checkpoint, cifar_stem, num_classes, seed):
-    """The base of a bank from the options; the head size defaults to the bank's first task's."""
+def saved_base(directory: Path) -> dict:
+    """The base options recorded in a bank's ``bank.json`` (``{}`` if it has none)."""
+    path = directory / BANK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["base"]
+        if not isinstance(saved, dict) or not isinstance(saved.get("model"), str):
+            raise ValueError("no base model recorded")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{str(path)!r} is unreadable ({err}); delete it and pass the base options"
+        ) from None
+    names = {f.name for f in fields(BaseSpec)}
+    return {key: value for key, value in saved.items() if key in names}
+
+
+def save_base(directory: Path, spec: BaseSpec) -> None:
+    """Record the base of a bank in its ``bank.json`` (atomically)."""
+    with atomic_write(directory / BANK_FILE, "w", encoding="utf-8") as f:
+        json.dump({"base": asdict(spec)}, f, indent=2)
+        f.write("\n")
+
+
+def bank_spec(
+    directory: Path, model, weights, checkpoint, cifar_stem, num_classes, seed, task=None
+) -> BaseSpec:
+    """The base of a bank: the options over its ``bank.json``; the head size defaults to the
+    recorded one, else to that of ``task`` or of the bank's first task."""
     from ..export import Task
 
-    first = None
-    if num_classes is None and directory.is_dir():
+    saved = saved_base(directory)
+    if model is None and not saved:
+        raise ConfigError(
+            f"--model is required: {str(directory)!r} has no {BANK_FILE} yet (the first "
+            "`sparta tasks add` records the base options there)"
+        )
+    if num_classes is None:
+        num_classes = saved.get("num_classes")
+    if num_classes is None and task is None and directory.is_dir():
         path = next(iter(sorted(directory.glob("*.safetensors"))), None)
-        first = Task.load(path) if path is not None else None
-    return base_spec({}, model, weights, checkpoint, cifar_stem, num_classes, seed, first)
+        task = Task.load(path) if path is not None else None
+    return base_spec(saved, model, weights, checkpoint, cifar_stem, num_classes, seed, task)
 
 
 def open_bank(directory: Path, spec: BaseSpec):
@@ -407,7 +446,7 @@ def tasks_list(
 ) -> None:
     """List the tasks of a bank.
 
-    Example: `sparta tasks list bank/ --model digits_cnn --measure`
+    Example: `sparta tasks list bank/ --measure`
     """
     with user_errors():
         spec = bank_spec(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
@@ -429,8 +468,9 @@ def tasks_add(
     seed: SeedOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a task of the same name.")] = False,
 ) -> None:
-    """Add a task file to a bank (refused if it was trained on another base than the one the
-    options describe).
+    """Add a task file to a bank (refused if it was trained on another base than the bank's).
+    The first add records the base options in the bank's bank.json; later commands on the
+    bank default to them.
 
     Example: `sparta tasks add bank/ digits runs/digits/task.safetensors --model digits_cnn`
     """
@@ -439,11 +479,15 @@ def tasks_add(
     with user_errors():
         path = task_path(task_file)
         loaded = Task.load(path)
-        # The bank's base comes from the options alone (not from the task's run), so that every
-        # task added is checked against the same base.
-        spec = base_spec({}, model, weights, checkpoint, cifar_stem, num_classes, seed, loaded)
+        # The bank's base comes from the options and bank.json (not from the task's run), so
+        # that every task added is checked against the same base.
+        spec = bank_spec(
+            directory, model, weights, checkpoint, cifar_stem, num_classes, seed, loaded
+        )
         bank = open_bank(directory, spec)
         info = bank.add(name, loaded, overwrite=overwrite)
+        if not (directory / BANK_FILE).is_file():
+            save_base(directory, spec)
     stdout.print(info_table([info], f"added to {directory}"))
 
 
@@ -460,7 +504,7 @@ def tasks_remove(
 ) -> None:
     """Remove a task (and its file) from a bank.
 
-    Example: `sparta tasks remove bank/ digits --model digits_cnn`
+    Example: `sparta tasks remove bank/ digits`
     """
     with user_errors():
         spec = bank_spec(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
@@ -483,7 +527,7 @@ def tasks_switch(
 ) -> None:
     """Switch to a task: build its compact model, print the switch time and a summary.
 
-    Example: `sparta tasks switch bank/ digits --model digits_cnn --show-model`
+    Example: `sparta tasks switch bank/ digits --show-model`
     """
     with user_errors():
         spec = bank_spec(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
