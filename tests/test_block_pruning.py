@@ -4,6 +4,7 @@ emptied heads and FFN neurons to dead channels, export -> build, accounting, bad
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -227,6 +228,32 @@ def test_activation_scores_a_head_by_what_it_passes_on(base):
         kept[criterion] = att.output.dense.adapter.mask_block.any(0)
     assert kept["activation"].tolist() == [False, True, True, True]
     assert bool(kept["magnitude"][0]) and int(kept["magnitude"].sum()) == 3
+
+
+@pytest.mark.parametrize("criterion", ["activation", "movement"])
+def test_a_model_under_pruning_pickles_whole_and_its_copy_is_not_pruned(base, criterion):
+    model = _wrapped(base)
+    pruner = BlockPruner(model, criterion, target=0.5, total_steps=4, warmup_steps=1)
+    _train(model, pruner, 2)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the pruner's hooks are on the model: they pickle, inert
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+
+    def state():
+        c = pruner.criterion
+        return torch.cat(c.energy) if criterion == "activation" else c.accumulated.clone()
+
+    before = state()
+    ids, labels = _batch(1)
+    nn.functional.cross_entropy(loaded(ids).logits, labels).backward()
+    assert torch.equal(state(), before)  # the copy feeds the pruner nothing
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    model.train()
+    _train(model, pruner, 2)  # the pruner goes on driving the original
+    assert pruner.done and pruner.density() <= 0.5 + 1e-9
 
 
 def test_local_ranking_keeps_the_same_fraction_in_every_layer(base):

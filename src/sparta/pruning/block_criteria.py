@@ -68,6 +68,24 @@ class BlockLayer:
         return self.layer.base.weight * self.adapter.mask_matrix()
 
 
+class PrunerHook:
+    """A pruner's hook on a model (``SPLoPA.factors_hook``, a forward pre-hook). A copy of the
+    model (``copy.deepcopy``, ``torch.save``/``torch.load``) gets it inert: the copy is not
+    pruned, and the model can be pickled whole while a pruner drives it. Inert, it returns
+    argument ``passthrough`` (or None)."""
+
+    def __init__(self, fn: Callable | None, passthrough: int | None = None):
+        self.fn, self.passthrough = fn, passthrough
+
+    def __call__(self, *args):
+        if self.fn is not None:
+            return self.fn(*args)
+        return None if self.passthrough is None else args[self.passthrough]
+
+    def __getstate__(self) -> dict:
+        return {"fn": None, "passthrough": self.passthrough}
+
+
 # -- criteria -----------------------------------------------------------------------------------
 class BlockCriterion(ABC):
     """Scores every block of the pruned layers (one flat vector, higher = keep).
@@ -167,7 +185,8 @@ class Activation(BlockCriterion):
 
     def attach(self) -> None:
         for i, lay in enumerate(self.layers):
-            self._handles.append(lay.layer.register_forward_pre_hook(self._recorder(i)))
+            hook = PrunerHook(self._recorder(i))
+            self._handles.append(lay.layer.register_forward_pre_hook(hook))
 
     def release(self) -> None:
         for handle in self._handles:
@@ -175,11 +194,7 @@ class Activation(BlockCriterion):
         self._handles = []
 
     def _recorder(self, i: int):
-        owner = self.layers[i].layer
-
         def record(module: nn.Module, args: tuple) -> None:
-            if module is not owner:  # a deepcopy of the model carries the hook along
-                return
             if torch.is_grad_enabled() and args and isinstance(args[0], Tensor):
                 x = args[0].detach()
                 x = x.reshape(-1, x.shape[-1])

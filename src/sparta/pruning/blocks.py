@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..adapters.layer import AdaptedLayer
 from ..adapters.splopa import SPLoPA
 from ..errors import ConfigError
-from .block_criteria import BlockLayer, get_block_criterion
+from .block_criteria import BlockLayer, PrunerHook, get_block_criterion
 from .groups import Group, _transformer_groups
 from .masks import ensure_masks, resolve_mask
 from .schedules import Schedule, get_schedule, level_at
@@ -353,13 +353,13 @@ class BlockPruner:
         criterion = self.criterion
 
         def hook(adapter: SPLoPA, masked: Tensor) -> Tensor:
-            lay = index.get(adapter)  # a copy of the model (deepcopy, fuse) is not pruned
+            lay = index.get(adapter)  # a model sharing this hook some other way: not pruned
             return masked if lay is None else criterion.hook(lay, masked)
 
         for lay in self.layers:
             if lay.adapter.factors_hook is not None:
                 raise ConfigError(f"{lay.name!r} is already driven by another BlockPruner")
-            lay.adapter.factors_hook = hook
+            lay.adapter.factors_hook = PrunerHook(hook, passthrough=1)
 
     def _live_blocks(self) -> Tensor:
         return torch.cat([lay.adapter._live_blocks().flatten().cpu() for lay in self.layers])
