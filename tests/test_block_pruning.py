@@ -16,19 +16,11 @@ from sparta.errors import ConfigError
 from sparta.pruning import BlockPruner, list_block_criteria
 from sparta.pruning.blocks import promote_dead_units
 from sparta.pruning.schedules import level_at
+from test_train import one_thread  # noqa: F401  (autouse: tiny matrices run faster on 1 thread)
 
 transformers = pytest.importorskip("transformers")
 
 HEADS, LAYERS, FFN = 4, 2, 128
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: two threads on a shared 2-core machine are ~50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from sparta.cli import app
 from sparta.cli.runs import build_config, parse_args
 from sparta.config import GridConfig, RunConfig
+from test_cli import _one_red_line
 
 runner = CliRunner()
 
@@ -31,14 +32,6 @@ FAST = [
 def _ok(result):
     assert result.exit_code == 0, (result.output, result.exception)
     return result
-
-
-def _one_red_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
 
 
 def _result(folder) -> dict:

@@ -406,11 +406,13 @@ def bank_spec(
     return base_spec(saved, model, weights, checkpoint, cifar_stem, num_classes, seed, task)
 
 
-def open_bank(directory: Path, spec: BaseSpec):
-    """``TaskBank(base, directory)`` with the base rebuilt from ``spec``."""
+def open_bank(directory: Path, *options, task=None):
+    """``(TaskBank(base, directory), spec)`` with the base rebuilt from the base options
+    (``model, weights, checkpoint, cifar_stem, num_classes, seed``) over the bank's bank.json."""
     from ..export import TaskBank
 
-    return TaskBank(spec.create(), directory)
+    spec = bank_spec(directory, *options, task=task)
+    return TaskBank(spec.create(), directory), spec
 
 
 def info_table(infos, title: str) -> Table:
@@ -449,8 +451,7 @@ def tasks_list(
     Example: `sparta tasks list bank/ --measure`
     """
     with user_errors():
-        spec = bank_spec(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
-        bank = open_bank(directory, spec)
+        bank, _ = open_bank(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
         infos = bank.list(measure=measure)
     _print([i.to_dict() for i in infos], as_json, info_table(infos, f"tasks in {directory}"))
 
@@ -481,10 +482,8 @@ def tasks_add(
         loaded = Task.load(path)
         # The bank's base comes from the options and bank.json (not from the task's run), so
         # that every task added is checked against the same base.
-        spec = bank_spec(
-            directory, model, weights, checkpoint, cifar_stem, num_classes, seed, loaded
-        )
-        bank = open_bank(directory, spec)
+        options = (model, weights, checkpoint, cifar_stem, num_classes, seed)
+        bank, spec = open_bank(directory, *options, task=loaded)
         info = bank.add(name, loaded, overwrite=overwrite)
         if not (directory / BANK_FILE).is_file():
             save_base(directory, spec)
@@ -507,8 +506,7 @@ def tasks_remove(
     Example: `sparta tasks remove bank/ digits`
     """
     with user_errors():
-        spec = bank_spec(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
-        bank = open_bank(directory, spec)
+        bank, _ = open_bank(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
         bank.remove(name)
     stdout.print(f"removed task {escape(name)!s} from {escape(str(directory))}")
 
@@ -530,8 +528,7 @@ def tasks_switch(
     Example: `sparta tasks switch bank/ digits --show-model`
     """
     with user_errors():
-        spec = bank_spec(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
-        bank = open_bank(directory, spec)
+        bank, _ = open_bank(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
         t0 = time.perf_counter()
         compact = bank.model(name)
         seconds = time.perf_counter() - t0
