@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .base import Adapter
+from .delta_fn import autocast_off
 from .layer import TensorMemo
 
 
@@ -29,9 +30,10 @@ class AdaptedWeight(nn.Module):
 
     def _compute(self, weight: Tensor) -> Tensor:
         rows = weight.split([a.out_features for a in self.adapters.values()])
-        return _cat(
-            [(w + a.delta()) * a.mask_matrix() for w, a in zip(rows, self.adapters.values())]
-        )
+        with autocast_off(weight.device):  # the weight's dtype; attention's own ops cast it
+            return _cat(
+                [(w + a.delta()) * a.mask_matrix() for w, a in zip(rows, self.adapters.values())]
+            )
 
     def forward(self, weight: Tensor) -> Tensor:
         if _needs_grad(self.adapters.parameters()):

@@ -12,15 +12,49 @@ frozen weight ``W`` (unless the caller unfroze it), and obtains the delta's grad
 Doing the adapter branch as separate modules instead (PEFT, the original SPA code) pays
 for a second forward, activation-sized additions and a second input gradient, which made a
 training step slower than full fine-tuning.
+
+Mixed precision: under ``torch.autocast`` a plain Linear/ConvNd runs in the autocast dtype
+(bf16/fp16) and its gradients reach each input in that input's own dtype. ``Geometry.layer``
+and ``DeltaLayerFn`` do the same on any device: the fused weight is formed in the parameters'
+dtype, then input, weight and bias are cast once to the autocast dtype (what
+``torch.amp.custom_fwd(cast_inputs=...)`` does for one fixed device type), and the backward
+returns every gradient in the dtype its input came in. ``autocast_dtype`` and ``autocast_off``
+are the one place that reads the autocast state.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs linear and convolution layers in on ``device``, or
+    ``None`` when autocast is off for that device type."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which ops on ``device`` run in the dtypes of their tensors: the adapter's
+    own arithmetic (``W + delta``, masks) stays in the parameters' precision under autocast,
+    so the fused, cached and training weights are the same numbers with or without it."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype`` where autocast would cast it (floating, not float64), else ``t``."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -50,6 +84,11 @@ class Geometry:
         return out
 
     def layer(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The plain layer; under autocast it runs in the autocast dtype, as ``F.linear`` and
+        ``F.conv*d`` do (``torch.convolution`` itself is not on autocast's list)."""
+        low = autocast_dtype(x.device)
+        if low is not None:
+            x, weight, bias = _cast(x, low), _cast(weight, low), _cast(bias, low)
         if self.spatial_dims == 0:
             return F.linear(x, weight, bias)
         zeros = [0] * self.spatial_dims
@@ -117,39 +156,58 @@ def _prefer_thin(left: Tensor, right: Tensor | None) -> bool:
 
 
 class DeltaLayerFn(torch.autograd.Function):
-    """``y = layer(x; W + centre(left @ right), bias)``; ``right is None`` means delta = left."""
+    """``y = layer(x; W + centre(left @ right), bias)``; ``right is None`` means delta = left.
+
+    Under autocast the layer runs in the autocast dtype like a plain one (see the module
+    docstring); each gradient is returned in the dtype of its input.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, left, right, geom: Geometry):
-        w_eff = geom.with_delta(weight, left if right is None else left @ right)
-        # Saving the fused weight (one weight-sized tensor per layer, far less than the
-        # gradient and two optimiser states of full fine-tuning) spares rebuilding it.
-        ctx.save_for_backward(x, w_eff, left, right)
-        ctx.geom = geom
-        return geom.layer(x, w_eff, bias)
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, left, right)]
+        low = autocast_dtype(x.device)
+        with autocast_off(x.device):
+            w_eff = geom.with_delta(weight, left if right is None else left @ right)
+            if low is not None:
+                x, w_eff, bias = _cast(x, low), _cast(w_eff, low), _cast(bias, low)
+                left, right = _cast(left, low), _cast(right, low)
+            # Saving the fused weight (one weight-sized tensor per layer, far less than the
+            # gradient and two optimiser states of full fine-tuning) spares rebuilding it.
+            ctx.save_for_backward(x, w_eff, left, right)
+            ctx.geom = geom
+            return geom.layer(x, w_eff, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, w_eff, left, right = ctx.saved_tensors
-        geom: Geometry = ctx.geom
-        need_x, need_w, need_b, need_l, need_r, _ = ctx.needs_input_grad
-        gx = gw = gb = gl = gr = None
-        if need_x or need_w:
-            gx, gw = geom.input_grad(grad, x, w_eff, (need_x, need_w))
-            if gw is not None:
-                gw = gw.reshape(w_eff.shape)
-        if need_b:
-            channel = 1 if geom.spatial_dims else grad.dim() - 1
-            gb = grad.sum(dim=[d for d in range(grad.dim()) if d != channel])
-        if need_l or need_r:
-            taps = geom.centre_taps(x, grad)
-            if _prefer_thin(left, right):
-                gl, gr = _low_rank_grads(grad, taps, left, right, geom, need_l, need_r)
-            else:
-                d = geom.centre_delta_grad(grad, taps, torch.Size((w_eff.shape[0], w_eff.shape[1])))
-                gl = d if right is None else (d @ right.t() if need_l else None)
-                gr = left.t() @ d if need_r and right is not None else None
-        return gx, gw, gb, gl, gr, None
+        with autocast_off(grad.device):
+            grads = _backward(ctx, grad.to(w_eff.dtype), x, w_eff, left, right)
+        return (*(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)), None)
+
+
+def _backward(ctx, grad, x, w_eff, left, right) -> tuple:
+    """``(gx, gw, gb, gl, gr)`` in the dtype the layer ran in (the bias gradient is summed
+    in the bias's own dtype, so that a bf16 run accumulates it in float32)."""
+    geom: Geometry = ctx.geom
+    need_x, need_w, need_b, need_l, need_r, _ = ctx.needs_input_grad
+    gx = gw = gb = gl = gr = None
+    if need_x or need_w:
+        gx, gw = geom.input_grad(grad, x, w_eff, (need_x, need_w))
+        if gw is not None:
+            gw = gw.reshape(w_eff.shape)
+    if need_b:
+        channel = 1 if geom.spatial_dims else grad.dim() - 1
+        dims = [d for d in range(grad.dim()) if d != channel]
+        gb = grad.sum(dim=dims, dtype=ctx.dtypes[2]) if dims else grad.to(ctx.dtypes[2])
+    if need_l or need_r:
+        taps = geom.centre_taps(x, grad)
+        if _prefer_thin(left, right):
+            gl, gr = _low_rank_grads(grad, taps, left, right, geom, need_l, need_r)
+        else:
+            d = geom.centre_delta_grad(grad, taps, torch.Size((w_eff.shape[0], w_eff.shape[1])))
+            gl = d if right is None else (d @ right.t() if need_l else None)
+            gr = left.t() @ d if need_r and right is not None else None
+    return gx, gw, gb, gl, gr
 
 
 def _low_rank_grads(grad, taps, left, right, geom: Geometry, need_l, need_r):
