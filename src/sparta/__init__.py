@@ -15,6 +15,7 @@ from .adapters import (
 )
 from .errors import (
     ConfigError,
+    NonFiniteError,
     NotAdaptableError,
     SkippedLayerWarning,
     SpartaError,
@@ -33,6 +34,7 @@ __all__ = [
     "ArtifactError",
     "ConfigError",
     "MacCounter",
+    "NonFiniteError",
     "NotAdaptableError",
     "Pruner",
     "SPLoRA",

@@ -36,5 +36,10 @@ class NotAdaptableError(ConfigError):
     """A layer cannot carry the requested adapter (the message says why)."""
 
 
+class NonFiniteError(SpartaError, ValueError):
+    """A loss, score or weight is NaN or infinite: the pruning step is refused before any mask
+    changes (the message names the criterion, the layers and the count of bad values)."""
+
+
 class SkippedLayerWarning(UserWarning):
     """``sparta.wrap`` left some layers unadapted (the report lists each with its reason)."""

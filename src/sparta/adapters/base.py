@@ -62,13 +62,20 @@ def kept_entries(mask_out: Tensor, mask_in: Tensor, groups: int = 1) -> int:
     return int(per_group.sum())
 
 
+#: ``init_scale`` bounds: the adapter starts as ``uniform(-init_scale, init_scale)`` next to
+#: the frozen weight, meant to be a tiny perturbation (1e-4 by default). Above 1 it is no longer
+#: one (1e30 already turns a ResNet's outputs into NaN), so it is refused, from ``wrap`` and
+#: from a task file alike.
+MAX_INIT_SCALE = 1.0
+
+
 def check_init_scale(value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 <= value < float("inf")
-    ):
-        raise ConfigError(f"init_scale must be a finite number >= 0, got {value!r}")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and 0 <= value <= MAX_INIT_SCALE):
+        raise ConfigError(
+            f"init_scale must be a number in [0, {MAX_INIT_SCALE:g}] (the adapter's initial "
+            f"values are uniform(-init_scale, init_scale); default 1e-4), got {value!r}"
+        )
 
 
 class Adapter(nn.Module, metaclass=ABCMeta):

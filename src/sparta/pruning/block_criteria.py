@@ -21,6 +21,7 @@ from ..adapters.layer import AdaptedLayer
 from ..adapters.splopa import SPLoPA
 from ..errors import ConfigError
 from ..registry import Registry
+from .checks import bad_count, finite, nonfinite
 
 _BLOCK_CRITERIA: Registry[BlockCriterion] = Registry("block criterion")
 
@@ -102,6 +103,9 @@ class BlockCriterion(ABC):
     # attention output or FFN output layer), not by the rows that produce it.
     consumer_side: ClassVar[bool] = False
     options: ClassVar[dict] = {}
+    positive: ClassVar[tuple[str, ...]] = ()  # options that must be > 0
+    #: What the criterion's hooks read, for the message when it is NaN/inf.
+    reads: ClassVar[str] = "the values it reads"
 
     def __init__(self, layers: list[BlockLayer], **options):
         unknown = set(options) - set(self.options)
@@ -110,9 +114,18 @@ class BlockCriterion(ABC):
                 f"block criterion {self.name!r} takes no option {sorted(unknown)[0]!r}; "
                 f"its options are: {', '.join(self.options) or 'none'}"
             )
+        for key, value in options.items():
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            low = key in self.positive
+            if not (number and math.isfinite(value) and (value > 0 or not low)):
+                raise ConfigError(
+                    f"block criterion {self.name!r}: {key} must be a finite number"
+                    f"{' > 0' if low else ''}, got {value!r}"
+                )
         self.layers = layers
         self.total = sum(lay.count for lay in layers)
         self.device = layers[0].layer.base.weight.device
+        self.bad: list[str] = []  # non-finite values the hooks met (and dropped) since a step
         for key, default in self.options.items():
             setattr(self, key, options.get(key, default))
 
@@ -132,6 +145,18 @@ class BlockCriterion(ABC):
     def update(self) -> None:
         """Called by every ``BlockPruner.step`` before pruning (nothing to do by default)."""
         return None
+
+    def check(self) -> None:
+        """Called by every ``BlockPruner.step`` before :meth:`update`: raise
+        :class:`~sparta.NonFiniteError` if the hooks met NaN/inf since the last step (they
+        dropped those values, so a caller that skips such a batch may go on)."""
+        bad, self.bad = self.bad, []
+        if bad:
+            nonfinite(
+                f"block criterion {self.name!r}: {self.reads} since the last step",
+                bad,
+                "They were not added to the scores and no mask was changed.",
+            )
 
     def parameters(self) -> list[nn.Parameter]:
         return []
@@ -174,6 +199,7 @@ class Activation(BlockCriterion):
 
     normalise = True
     consumer_side = True
+    reads = "the inputs of the pruned layers"
 
     def __init__(self, layers, **options):
         super().__init__(layers, **options)
@@ -198,7 +224,11 @@ class Activation(BlockCriterion):
             if torch.is_grad_enabled() and args and isinstance(args[0], Tensor):
                 x = args[0].detach()
                 x = x.reshape(-1, x.shape[-1])
-                self.energy[i] += x.float().square().sum(0)  # float32: any device
+                energy = x.float().square().sum(0)  # float32: any device
+                if not finite(energy):
+                    self.bad.append(f"{self.layers[i].name!r} ({bad_count(x)})")
+                    return
+                self.energy[i] += energy
                 self.tokens[i] += x.shape[0]
 
         return record
@@ -218,6 +248,7 @@ class Movement(BlockCriterion):
     """First-order movement: ``S -= sum_block W' * dL/dW'`` at every backward pass."""
 
     uses_hook = True
+    reads = "the gradients of the pruned weights"
 
     def __init__(self, layers, **options):
         super().__init__(layers, **options)
@@ -230,9 +261,11 @@ class Movement(BlockCriterion):
             def accumulate(grad: Tensor) -> None:
                 # dL/d(masked delta) is dL/dW' on the Linear path; W' = masked W + masked delta
                 weight = lay.masked_base() + value
-                self.accumulated[lay.offset : lay.offset + lay.count] -= lay.per_block(
-                    weight * grad
-                )
+                moved = lay.per_block(weight * grad)
+                if not finite(moved):  # dropped: one bad batch must not poison every step
+                    self.bad.append(f"{lay.name!r} ({bad_count(weight * grad)})")
+                    return
+                self.accumulated[lay.offset : lay.offset + lay.count] -= moved
 
             masked.register_hook(accumulate)
         return masked
@@ -266,6 +299,18 @@ class _Gated(BlockCriterion):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
+    def check(self) -> None:
+        super().check()
+        grad = self.value.grad
+        if grad is not None and not finite(grad):
+            self.value.grad = None  # dropped: the scores learn nothing from this step
+            parts = [(lay, grad[lay.offset : lay.offset + lay.count]) for lay in self.layers]
+            nonfinite(
+                f"block criterion {self.name!r}: the gradients of its learned scores",
+                [f"{lay.name!r} ({bad_count(g)})" for lay, g in parts if not finite(g)],
+                "They were dropped and no mask was changed.",
+            )
+
     def scores(self) -> Tensor:
         return self.value.detach().double().cpu()
 
@@ -282,6 +327,7 @@ class SoftMovement(_Gated):
     straight-through gradient ``dL/dS = sum_block W' * dL/dW'`` (Sanh et al. 2020)."""
 
     options: ClassVar[dict] = {"threshold": 0.0, "init": 1.0, "lr": 1e-2}
+    positive = ("lr",)
 
     def gate(self, lay: BlockLayer) -> Tensor:
         s = self._part(lay)
@@ -301,6 +347,7 @@ class HardConcrete(_Gated):
     eval (``u = 1/2``); the score is ``log_alpha``."""
 
     options: ClassVar[dict] = {"init": 3.0, "lr": 1e-2, "beta": 2 / 3}
+    positive = ("lr", "beta")
     gamma, zeta = -0.1, 1.1
 
     def _stretch(self, s: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from ..adapters.layer import AdaptedLayer
 from ..adapters.splopa import SPLoPA
 from ..errors import ConfigError
 from .block_criteria import BlockLayer, PrunerHook, get_block_criterion
+from .checks import bad_count, check_int, check_weights, finite, nonfinite
 from .groups import Group, _transformer_groups
 from .masks import ensure_masks, resolve_mask
 from .schedules import Schedule, get_schedule, level_at
@@ -253,9 +254,9 @@ class BlockPruner:
                 f"granularity must be 'blocks', 'heads', 'neurons' or ('heads', 'neurons'), "
                 f"got {granularity!r}"
             )
-        for key, value in (("total_steps", total_steps), ("warmup_steps", warmup_steps)):
-            _check_int(key, value, 1 if key == "total_steps" else 0)
-        _check_int("cooldown_steps", cooldown_steps, 0)
+        check_int("total_steps", total_steps, 1)
+        check_int("warmup_steps", warmup_steps, 0)
+        check_int("cooldown_steps", cooldown_steps, 0)
         cls = get_block_criterion(criterion)
         self.model, self.target, self.ranking = model, float(target), ranking
         self.total_steps, self.warmup, self.cooldown = total_steps, warmup_steps, cooldown_steps
@@ -288,23 +289,27 @@ class BlockPruner:
 
         From step ``total_steps - cooldown_steps`` on the masks are final: the pruner has
         detached from the model and later steps only count (the cool-down trains the kept
-        blocks under the fixed masks)."""
+        blocks under the fixed masks).
+
+        NaN/inf met since the last step (gradients, inputs, weights, scores) raise
+        :class:`~sparta.NonFiniteError` before any mask changes; the step is not counted."""
         if self.done:
             raise ConfigError(f"all {self.total_steps} block pruning steps are done")
-        self.steps_done += 1
-        t = self.steps_done
+        t = self.steps_done + 1
         level = level_at(
             t, self.total_steps, self.target, self.schedule, self.warmup, self.cooldown
         )
         pruned, promoted = 0, {}
         if not self.final:
+            self.criterion.check()  # before the criterion learns from bad numbers
             self.criterion.update()
-            pruned = self._prune(level) if level < 1 else 0
+            pruned = self._prune(level, self._checked_scores()) if level < 1 else 0
             promoted = promote_dead_units(self.model, self.groups)
             self._live = self._live_blocks()
             if t >= self.total_steps - self.cooldown:
                 self.detach()
                 self.final = True
+        self.steps_done = t
         record = BlockStep(t, level, self.density(), pruned, promoted)
         self.history.append(record)
         return record
@@ -364,8 +369,20 @@ class BlockPruner:
     def _live_blocks(self) -> Tensor:
         return torch.cat([lay.adapter._live_blocks().flatten().cpu() for lay in self.layers])
 
-    def _block_scores(self, live: Tensor) -> Tensor:
+    def _checked_scores(self) -> Tensor:
+        """The criterion's scores, refused (naming the layers) if any is NaN/inf."""
         scores = self.criterion.scores()
+        if finite(scores):
+            return scores
+        name = f"block criterion {self.criterion.name!r}"
+        check_weights(self.model, [lay.name for lay in self.layers], name)  # the usual cause
+        parts = [(lay, scores[lay.offset : lay.offset + lay.count]) for lay in self.layers]
+        nonfinite(
+            f"{name}: the block scores",
+            [f"{lay.name!r} ({bad_count(p)})" for lay, p in parts if not finite(p)],
+        )
+
+    def _block_scores(self, live: Tensor, scores: Tensor) -> Tensor:
         # Scale each layer's scores to RMS 1 where units are compared across layers: in a
         # global ranking, and in heads / neurons, whose blocks sit in several layers.
         if self.criterion.normalise and (self.ranking == "global" or self._structured):
@@ -375,7 +392,7 @@ class BlockPruner:
                 part /= kept.square().mean().sqrt() + 1e-12 if len(kept) else 1.0
         return scores
 
-    def _prune(self, level: float) -> int:
+    def _prune(self, level: float, scores: Tensor) -> int:
         u, live = self.units, self._live_blocks()
         n_units = len(u.group_of)
         live_e = live[u.block_of].double()
@@ -386,7 +403,7 @@ class BlockPruner:
         # A unit's score: the mean over its live blocks, or over those that take its output
         # for criteria that measure what a unit passes on (activation).
         weight_e = live_e * u.consumer.double() if self.criterion.consumer_side else live_e
-        score_e = self._block_scores(live)[u.block_of] * weight_e
+        score_e = self._block_scores(live, scores)[u.block_of] * weight_e
         score = torch.zeros(n_units, dtype=torch.float64).index_add_(0, u.unit_of, score_e)
         weight = torch.zeros(n_units, dtype=torch.float64).index_add_(0, u.unit_of, weight_e)
         score /= weight.clamp(min=1)
@@ -452,8 +469,3 @@ def _splopa_layers(model: nn.Module) -> list[BlockLayer]:
             "(sparta.wrap(model, 'splopa', block=...)); this one has no SPLoPA-adapted Linear"
         )
     return layers
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -12,23 +12,34 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from math import inf
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from ..adapters.layer import AdaptedLayer, TensorMemo
 from ..errors import ConfigError
 from ..registry import Registry
-from ..utils import call
+from .checks import (
+    check_entries,
+    check_loss,
+    check_nonempty,
+    check_outputs,
+    check_weights,
+    describe,
+    finite,
+    guarded,
+    run_loss,
+    run_model,
+    tensors,
+)
 from .groups import Group
 from .lrp import composite as _composite
 from .lrp import lrp_copy as _lrp_copy
 from .lrp import true_class_start as _true_class_start
-from .masks import NORMS
+from .probes import _attached, _collect, _module, _probes, _scored_members, _scoring
 
 _CRITERIA: Registry[Criterion] = Registry("criterion")
 
@@ -79,6 +90,12 @@ class Criterion(metaclass=ABCMeta):
         _split_batch(batch)  # weight-based criteria read no data but refuse malformed batches
         self._batches += 1
 
+    def check_weights(self) -> None:
+        """Raise :class:`~sparta.NonFiniteError` naming any NaN/inf parameter or buffer of
+        the scored modules (their base weights, adapters, norms)."""
+        read = {m.module for g in self.groups for m in g.members}
+        check_weights(self.model, read, f"criterion {self.name!r}")
+
     @abstractmethod
     def scores(self) -> dict[str, Tensor]:
         """Raw importance per group: a float vector of ``group.size`` (higher = keep)."""
@@ -89,6 +106,7 @@ class _Magnitude(Criterion):
     power: ClassVar[int] = 1
 
     def scores(self) -> dict[str, Tensor]:
+        self.check_weights()  # a NaN weight would rank at random
         out = {}
         for g in self.groups:
             total = torch.zeros(g.size)
@@ -163,8 +181,10 @@ class _Attribution(Criterion):
 
     def accumulate(self, batch, loss_fn: Callable) -> None:
         inputs, targets = _split_batch(batch)
+        check_nonempty(inputs, f"the inputs of scoring batch {self._batches + 1}")
         with _scoring(self.model):
             entries = self._entries(inputs, targets, loss_fn)
+        check_entries(entries, self.name, self._batches + 1)  # before anything is added up
         for g in self.groups:
             for m in _scored_members(g):
                 entry = entries.get((m.module, m.site))
@@ -177,8 +197,9 @@ class _Attribution(Criterion):
     def scores(self) -> dict[str, Tensor]:
         if not self._batches:
             raise ConfigError(
-                f"criterion {self.name!r} is data-driven: call accumulate((inputs, targets), "
-                "loss_fn) on at least one batch before scores()"
+                f"criterion {self.name!r} is data-driven and has seen no batch: call "
+                "Pruner.score(batches, loss_fn) (or accumulate((inputs, targets), loss_fn)) "
+                "with at least one batch before pruning"
             )
         return {name: total.clone() for name, total in self._totals.items()}
 
@@ -187,13 +208,14 @@ class _Attribution(Criterion):
         with _attached(probes):
             # cached: each parametrised weight is built once per forward, so the out_proj
             # weight an attention probe catches is the one the forward used
+            batch = self._batches + 1
             with parametrize.cached():
-                outputs = call(self.model, inputs)
-            loss = loss_fn(_logits(outputs), targets)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                raise ConfigError(f"loss_fn must return a scalar tensor, got {got}")
-            return _collect(probes, loss.reshape(()), None, self.quantity, self.mean)
+                outputs = run_model(self.model, inputs, batch)
+            loss = run_loss(loss_fn, _logits(outputs), targets, batch)
+            if isinstance(loss, Tensor) and not finite(loss):
+                self.check_weights()  # a diverged weight is the cause to name, if there is one
+            loss = check_loss(loss, self.name, batch)
+            return _collect(probes, loss, None, self.quantity, self.mean)
 
 
 @register_criterion("gradient")
@@ -224,232 +246,28 @@ class LRP(_Attribution):
 
     def __init__(self, model: nn.Module, groups: Iterable[Group], epsilon: float = 0.25, **options):
         super().__init__(model, groups, **options)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or epsilon <= 0:
-            raise ConfigError(f"lrp criterion: epsilon must be a number > 0, got {epsilon!r}")
+        number = isinstance(epsilon, int | float) and not isinstance(epsilon, bool)
+        if not (number and 0 < epsilon < inf):
+            raise ConfigError(
+                f"lrp criterion: epsilon must be a finite number > 0, got {epsilon!r}"
+            )
         self.epsilon, self._plain = float(epsilon), TensorMemo()
 
     def _entries(self, inputs, targets, loss_fn) -> dict[tuple[str, str], Tensor]:
         state = [*self.model.parameters(), *self.model.buffers()]
-        plain = self._plain.get(state, lambda: _lrp_copy(self.model, inputs))
+        batch = self._batches + 1
+        what = f"the model failed on scoring batch {batch} (inputs {describe(inputs)})"
+        plain = guarded(lambda: self._plain.get(state, lambda: _lrp_copy(self.model, inputs)), what)
         probes = _probes(plain, self.groups, split_attention=True)
         # probes first: their pre-hooks must see a layer's input before zennit wraps it, so the
         # gradient they read is the relevance that the layer's rule hands down
         with _attached(probes), _composite(self.epsilon).context(plain) as hooked:
-            logits = _logits(call(hooked, inputs))
+            logits = _logits(run_model(hooked, inputs, batch))
+            if not all(finite(t) for t in tensors(logits)):
+                self.check_weights()
+            check_outputs(logits, self.name, batch)
             start = _true_class_start(logits, targets)
             return _collect(probes, logits, start, self.quantity, self.mean)
-
-
-def _scored_members(group: Group):
-    """Members whose activations are read. A head is scored by its context (MHA site "o",
-    Hugging Face ``output.dense`` site "in"): zeroing the context removes the head, zeroing its
-    query or key rows only flattens its attention."""
-    if group.kind == "heads":
-        consumers = [m for m in group.members if m.site in ("o", "in")]
-        if consumers:
-            return consumers
-    return group.outputs()
-
-
-def _trackable(t):
-    """``t``, or if autograd does not track it a leaf with the same values that it does
-    (nothing upstream needs a gradient then, so the graph loses nothing)."""
-    if isinstance(t, Tensor) and t.is_floating_point() and not t.requires_grad:
-        return t.detach().requires_grad_()
-    return t
-
-
-def _channel_dim(module: nn.Module) -> int:
-    base = module.base if isinstance(module, AdaptedLayer) else module
-    if isinstance(base, _ConvNd | nn.modules.batchnorm._NormBase | nn.GroupNorm):
-        return 1
-    return -1  # Linear, LayerNorm, RMSNorm: features last
-
-
-class _SiteProbe:
-    """Records a module's output ("out") or first input ("in") at every call."""
-
-    def __init__(self, module: nn.Module, site: str):
-        self.module, self.site, self.dim, self.seen = module, site, _channel_dim(module), []
-
-    def attach(self) -> list:
-        if self.site == "out":
-            return [self.module.register_forward_hook(self._on_output)]
-        return [self.module.register_forward_pre_hook(self._on_input)]
-
-    def _on_output(self, module, args, output):
-        # the model gets a copy: in-place ops after the layer (ReLU(inplace=True), a residual
-        # ``out += identity``) must not turn the captured tensor into a later one
-        output = self._see(output)
-        return output.clone() if isinstance(output, Tensor) else None
-
-    def _see(self, t):
-        t = _trackable(t)
-        if isinstance(t, Tensor) and t.requires_grad:
-            self.seen.append(t)
-        return t
-
-    def _on_input(self, module, args):
-        return (self._see(args[0]), *args[1:]) if args else None
-
-    def tensors(self) -> list[Tensor]:
-        return self.seen
-
-    def sums(self, grads, quantity: str) -> tuple[Tensor | None, int]:
-        """Per channel, the quantity summed over batch and positions; and the positions."""
-        total, count = None, 0
-        for a, g in zip(self.seen, grads):
-            width = a.shape[self.dim]
-            count += a.numel() // width
-            if g is None:  # this tensor did not reach the loss
-                q = a.new_zeros(width)
-            else:
-                q = a.detach() * g if quantity == "taylor" else g
-                # sum over every other dim in place (a movedim + reshape copies transposed)
-                q = q.sum(dim=[d for d in range(q.dim()) if d != self.dim % q.dim()])
-            total = q if total is None else total + q
-        return total, count
-
-
-class _AttentionProbe:
-    """Head contexts ``a`` of ``nn.MultiheadAttention``, seen through ``out_proj``'s weight.
-
-    The attention applies ``out_proj`` functionally, so no hook sees ``a``. With ``y = a W^T + b``
-    over positions ``p``: ``dL/dW[r, c] = sum_p dL/dy[p, r] a[p, c]``, hence
-    ``sum_r W[r, c] dL/dW[r, c] = sum_p a[p, c] dL/da[p, c]`` (Taylor) and
-    ``sum_p dL/da[p, c] = sum_r W[r, c] sum_p dL/dy[p, r]`` (gradient). ``W`` is the effective
-    weight the forward used, caught where its parametrisation is evaluated.
-    """
-
-    def __init__(self, mha: nn.MultiheadAttention):
-        self.mha, self.weights, self.outputs, self.positions = mha, [], [], 0
-
-    def attach(self) -> list:
-        mha = self.mha
-        handles = [
-            mha.register_forward_pre_hook(self._count, with_kwargs=True),
-            mha.register_forward_hook(self._on_output),
-        ]
-        if parametrize.is_parametrized(mha.out_proj, "weight"):
-            chain = mha.out_proj.parametrizations["weight"]
-            handles.append(chain.register_forward_hook(self._on_weight))
-        else:  # a plain weight: tracked by autograd during this forward only
-            weight = mha.out_proj.weight
-            self.weights.append(weight)
-            if not weight.requires_grad:
-                handles.append(_Undo(lambda: weight.requires_grad_(False)))
-                weight.requires_grad_(True)
-        return handles
-
-    def _count(self, module, args, kwargs):
-        query = args[0] if args else kwargs["query"]
-        self.positions += query.numel() // query.shape[-1]
-
-    def _on_output(self, module, args, output):
-        self.outputs.append(output[0])
-        return (output[0].clone(), *output[1:])  # as in _SiteProbe: safe from in-place ops
-
-    def _on_weight(self, module, args, weight):
-        if not torch.is_grad_enabled():  # our own read in sums()
-            return None
-        self.weights.append(_trackable(weight))
-        return self.weights[-1]
-
-    def tensors(self) -> list[Tensor]:
-        return [*self.weights, *(y for y in self.outputs if y.requires_grad)]
-
-    def sums(self, grads, quantity: str) -> tuple[Tensor | None, int]:
-        if not self.positions:
-            return None, 0
-        with torch.no_grad():
-            weight = self.mha.out_proj.weight
-        total, n = weight.new_zeros(weight.shape[1]), len(self.weights)
-        if quantity == "taylor":
-            for w, g in zip(self.weights, grads[:n]):
-                if g is not None:  # a read the forward did not use has no gradient
-                    total += (w.detach() * g).sum(0)
-        else:
-            for g in grads[n:]:
-                if g is not None:
-                    total += g.reshape(-1, g.shape[-1]).sum(0) @ weight
-        return total, self.positions
-
-
-class _Undo:
-    def __init__(self, fn: Callable[[], object]):
-        self.remove = fn
-
-
-def _probes(model: nn.Module, groups: list[Group], split_attention: bool) -> dict:
-    """One probe per scored (module, site); with ``split_attention`` (the LRP copy), an
-    attention's contexts are the input of its ``out_proj`` module."""
-    probes: dict[tuple[str, str], object] = {}
-    for g in groups:
-        members = _scored_members(g)
-        if split_attention:
-            # LRP passes relevance through norms unchanged (BatchNorm merged or Pass rule),
-            # so a norm's output relevance repeats its producer's: read the layers only.
-            layers = [m for m in members if not isinstance(_module(model, m.module), NORMS)]
-            members = layers or members
-        for m in members:
-            key, module = (m.module, m.site), _module(model, m.module)
-            if key in probes:
-                continue
-            if m.site == "o":
-                probes[key] = (
-                    _SiteProbe(_module(model, f"{m.module}.out_proj"), "in")
-                    if split_attention
-                    else _AttentionProbe(module)
-                )
-            elif m.site in ("out", "in"):
-                probes[key] = _SiteProbe(module, m.site)
-            else:
-                raise ConfigError(
-                    f"group {g.name!r}: cannot read activations at site {m.site!r} of "
-                    f"{m.module!r}; data-driven criteria score heads through their contexts"
-                )
-    return probes
-
-
-def _collect(probes: dict, root: Tensor, grad_root, quantity: str, mean: bool) -> dict:
-    """Gradients of ``root`` at the probes' tensors, reduced to a CPU vector per site."""
-    tensors = [t for p in probes.values() for t in p.tensors()]
-    grads: list = [None] * len(tensors)
-    if tensors and root.requires_grad:
-        grads = list(torch.autograd.grad(root, tensors, grad_root, allow_unused=True))
-    entries, start = {}, 0
-    for key, probe in probes.items():
-        n = len(probe.tensors())
-        total, count = probe.sums(grads[start : start + n], quantity)
-        start += n
-        if total is not None:
-            entries[key] = (total / max(count, 1) if mean else total).detach().float().cpu()
-    return entries
-
-
-@contextmanager
-def _attached(probes: dict):
-    handles: list = []
-    try:
-        for probe in probes.values():
-            handles += probe.attach()
-        yield
-    finally:
-        for handle in reversed(handles):
-            handle.remove()
-
-
-@contextmanager
-def _scoring(model: nn.Module):
-    """Eval mode with autograd on; every module's own train/eval flag is restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -457,7 +275,8 @@ def _split_batch(batch) -> tuple:
     if not isinstance(batch, tuple | list) or len(batch) != 2:
         size = f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""
         raise ConfigError(
-            f"a batch must be a pair (inputs, targets), got {type(batch).__name__}{size}"
+            f"a batch must be a pair (inputs, targets), got {type(batch).__name__}{size}; "
+            "score() takes an iterable of such pairs: for one batch, pass [(inputs, targets)]"
         )
     return batch[0], batch[1]
 
@@ -465,13 +284,3 @@ def _split_batch(batch) -> tuple:
 def _logits(outputs):
     """``outputs.logits`` for Hugging Face model outputs, else the outputs themselves."""
     return getattr(outputs, "logits", outputs)
-
-
-def _module(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise ConfigError(
-            f"group member {name!r} is not a module of this model; were the groups found on "
-            "another model?"
-        ) from None

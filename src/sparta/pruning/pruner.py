@@ -8,62 +8,23 @@ writes zeros into masks, and never writes a one, so pruned channels cannot regro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..heads import protected_layers
 from ..inputs import input_spec
 from ..measure import MacCounter
 from ..registry import require_modules
+from .checks import check_batches, check_int, check_nonempty, check_scores, check_weights
 from .groups import Group, check_inputs, find_groups
 from .masks import resolve_mask
-from .schedules import Schedule, levels
-
-TARGET_KINDS = ("density", "sparsity", "macs")
-
-
-@dataclass(frozen=True)
-class Target:
-    """What to reach: ``density`` (fraction of filters kept), ``sparsity`` (fraction of
-    prunable weights removed; the paper's "density" is the fraction of weights kept, i.e.
-    ``1 - sparsity``) or ``macs`` (fraction of MACs kept)."""
-
-    kind: str
-    value: float
-
-    def __post_init__(self):
-        if self.kind not in TARGET_KINDS:
-            raise ConfigError(
-                f"target kind must be one of {', '.join(TARGET_KINDS)}, got {self.kind!r}"
-            )
-        v = self.value
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ConfigError(f"{self.kind} target must be a number, got {v!r}")
-        low_ok = v >= 0 if self.kind == "sparsity" else v > 0
-        high_ok = v < 1 if self.kind == "sparsity" else v <= 1
-        if not (low_ok and high_ok):
-            bounds = "[0, 1)" if self.kind == "sparsity" else "(0, 1]"
-            raise ConfigError(f"{self.kind} target must be in {bounds}, got {v!r}")
-
-    @property
-    def level(self) -> float:
-        """The kept fraction of the measured quantity."""
-        return 1.0 - self.value if self.kind == "sparsity" else float(self.value)
-
-    @classmethod
-    def parse(cls, target) -> Target:
-        if isinstance(target, Target):
-            return target
-        if isinstance(target, str) and "=" in target:
-            kind, _, value = target.partition("=")
-            try:
-                return cls(kind.strip(), float(value))
-            except ValueError as exc:
-                raise ConfigError(f"cannot read target {target!r}: {exc}") from None
-        return cls("density", target)
+from .schedules import Schedule, get_schedule, levels
+from .target import Target
 
 
 @dataclass
@@ -110,20 +71,25 @@ class Pruner:
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner expects a torch.nn.Module, got {type(model).__name__}")
+        # Everything that can be checked without running the model is checked first.
+        spec = input_spec(example_inputs)  # a tensor or a tuple/list/dict of tensors
+        check_nonempty(example_inputs, "example_inputs")
         self.target = Target.parse(target)
-        _check_int("steps", steps, 1)
-        _check_int("min_channels", min_channels, 1)
+        check_int("steps", steps, 1)
+        check_int("min_channels", min_channels, 1)
         if round_to is not None:
-            _check_int("round_to", round_to, 1)
+            check_int("round_to", round_to, 1)
         if ranking not in ("global", "local"):
             raise ConfigError(f"ranking must be 'global' or 'local', got {ranking!r}")
+        get_schedule(schedule)
         self.criterion_cls = get_criterion(criterion)
+        self.criterion_cls(model, [], **criterion_options)  # refuses bad options before tracing
         self.criterion_name, self.criterion_options = criterion, criterion_options
         self.model, self.example_inputs = model, example_inputs
-        self.levels = levels(schedule, steps, self.target.level)
         self.min_channels, self.round_to, self.ranking = min_channels, round_to, ranking
-        self.ignored = _resolve_ignored(model, ignored)
+        _check_ignored(ignored)
         check_inputs(model, example_inputs)
+        self.ignored = _resolve_ignored(model, ignored, example_inputs)
         self.groups, self.notes = find_groups(model, example_inputs, self.ignored)
         if not self.groups:
             raise ConfigError(
@@ -134,8 +100,10 @@ class Pruner:
                 resolve_mask(model, m.module, m.site)
         self.macs = MacCounter(model, example_inputs)
         # Recorded for sparta.export, so that the task can be built without an example batch.
-        model.sparta_inputs = input_spec(example_inputs)
+        model.sparta_inputs = spec
         self.initial = self._totals()
+        self._check_reachable(steps)
+        self.levels = levels(schedule, steps, self.target.level)
         self.history: list[StepRecord] = []
         self.reset_scores()
 
@@ -145,7 +113,13 @@ class Pruner:
         return len(self.history) >= len(self.levels)
 
     def score(self, batches: Iterable, loss_fn: Callable, progress: Callable | None = None) -> int:
-        """Accumulate a data-driven criterion over ``batches`` of ``(inputs, targets)``."""
+        """Accumulate a data-driven criterion over ``batches`` of ``(inputs, targets)``.
+
+        A batch whose loss, outputs or gradients are NaN/inf raises
+        :class:`~sparta.NonFiniteError` and is not counted (the batches before it are)."""
+        batches = check_batches(batches, loss_fn)
+        if progress is not None and not callable(progress):
+            raise ConfigError(f"progress must be a function of the batch count, got {progress!r}")
         n = 0
         for batch in batches:
             self._criterion.accumulate(batch, loss_fn)
@@ -168,21 +142,18 @@ class Pruner:
 
         ``scores`` (``{group name: one score per unit}``) replaces :meth:`importance`, e.g.
         scores summed over the ranks of a distributed run so that every rank decides alike.
+
+        Non-finite weights of the pruned layers or non-finite scores raise
+        :class:`~sparta.NonFiniteError` before any mask changes; the step is not taken.
         """
         if self.done:
             raise ConfigError(f"all {len(self.levels)} pruning steps are done")
         level = self.levels[len(self.history)]
-        if scores is None:
-            scores = self.importance()
-        else:
-            scores = {k: torch.as_tensor(v).detach().double().cpu() for k, v in scores.items()}
-            expected = {g.name: g.size for g in self.groups}
-            shapes = {k: tuple(v.shape) for k, v in scores.items()}
-            if shapes != {k: (n,) for k, n in expected.items()}:
-                raise ConfigError(
-                    "scores must give one score per unit of every group "
-                    f"({len(expected)} groups); got {len(scores)} entries"
-                )
+        members = {m.module for g in self.groups for m in g.members}
+        check_weights(self.model, members, f"criterion {self.criterion_name!r}")
+        given = scores is not None
+        scores = self._given(scores) if given else self.importance()
+        check_scores(scores, self.criterion_name, given)
         alive = self._alive()
         chosen = self._select(level, scores, alive)
         self._apply(chosen)
@@ -201,6 +172,36 @@ class Pruner:
         self.history.append(record)
         self.reset_scores()
         return record
+
+    def _given(self, scores) -> dict[str, Tensor]:
+        """Scores from the caller, checked to hold one number per unit of every group."""
+        if not isinstance(scores, Mapping):
+            raise ConfigError(
+                "scores must be a dict {group name: one score per unit}, got "
+                f"{type(scores).__name__}"
+            )
+        out = {}
+        for k, v in scores.items():
+            try:
+                out[k] = torch.as_tensor(v).detach().double().cpu()
+            except (TypeError, ValueError, RuntimeError):
+                raise ConfigError(
+                    f"scores[{k!r}] must be numbers, one per unit, got {type(v).__name__}"
+                ) from None
+        expected = {g.name: g.size for g in self.groups}
+        wrong = sorted(set(expected) ^ set(out))
+        wrong += [k for k in expected if k in out and tuple(out[k].shape) != (expected[k],)]
+        if wrong:
+            detail = ", ".join(
+                f"{k!r}: expected {expected[k] if k in expected else 'no entry'}, got "
+                + (str(tuple(out[k].shape)) if k in out else "none")
+                for k in wrong[:5]
+            )
+            raise ConfigError(
+                f"scores must give one score per unit of every group ({len(expected)} groups); "
+                f"got {len(out)} entries ({detail})"
+            )
+        return out
 
     def reset_scores(self) -> None:
         """Forget accumulated scores (done after every step: each step scores afresh)."""
@@ -246,7 +247,7 @@ class Pruner:
                 sites[k].copy_(t)
         try:
             filters = sum(
-                float(t.sum())
+                float(t.count_nonzero())
                 for (name, site), t in sites.items()
                 if site in ("out", "q", "k", "v") and self._is_layer(name)
             )
@@ -273,6 +274,56 @@ class Pruner:
             elif self._is_layer(name):
                 total += _kept_entries(module)
         return total
+
+    # -- what the options allow ---------------------------------------------------------------
+    def _check_reachable(self, steps: int) -> None:
+        """Refuse options under which nothing (or less than one unit per step) can be pruned;
+        warn, with the reachable level, when the target lies beyond what they allow."""
+        if self.target.level >= 1:
+            return
+        alive = self._alive()
+        units = [
+            (g.name, int(u))
+            for g in self.groups
+            for u in alive[g.name].nonzero().flatten()[self._floor(g) :]
+        ]
+        if not units:
+            raise ConfigError(self._nothing_to_prune())
+        if steps > len(units):
+            raise ConfigError(
+                f"steps={steps} is more than the {len(units)} units that can be pruned in all: "
+                f"some steps would prune nothing; choose steps <= {len(units)}"
+            )
+        lowest = self._level_after(units)
+        if lowest > self.target.level + 1e-6:
+            kind, sparsity = self.target.kind, self.target.kind == "sparsity"
+            reach = 1.0 - lowest if sparsity else lowest
+            limits = f"min_channels={self.min_channels}" + (
+                f", round_to={self.round_to}" if self.round_to else ""
+            )
+            warnings.warn(
+                f"target {kind}={self.target.value:g} cannot be reached: the "
+                f"{'highest' if sparsity else 'lowest'} reachable {kind} is {reach:.4f} "
+                f"({limits}; ignored layers: {', '.join(sorted(self.ignored)) or 'none'}; "
+                "layers outside every prunable group keep all their channels). Pruning will "
+                "stop there; lower min_channels or round_to, or ignore fewer layers, to go on.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _nothing_to_prune(self) -> str:
+        widest = max(self.groups, key=lambda g: g.size)
+        for option, value in (("min_channels", self.min_channels), ("round_to", self.round_to)):
+            if value and value >= widest.size:
+                return (
+                    f"{option}={value} leaves nothing to prune: every prunable group has at "
+                    f"most that many units (the widest, {widest.name!r}, has {widest.size}); "
+                    f"choose {option} < {widest.size}"
+                )
+        return (
+            "nothing left to prune: every prunable group is already at its minimum "
+            f"(min_channels={self.min_channels}, round_to={self.round_to})"
+        )
 
     # -- selection ------------------------------------------------------------------------------
     def _order(self, scores: dict[str, Tensor], alive: dict[str, Tensor]) -> list[tuple[str, int]]:
@@ -373,19 +424,21 @@ class Pruner:
                     mask[m.idxs[hit].to(mask.device)] = 0
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+def _check_ignored(ignored) -> None:
+    """``ignored`` is None, a module name or an iterable of module names."""
+    if ignored is None or isinstance(ignored, str):
+        return
+    items = list(ignored) if isinstance(ignored, Iterable) else None
+    if items is None or not all(isinstance(n, str) for n in items):
+        raise ConfigError(
+            f"ignored must be a module name or a list of module names, got {ignored!r}"
+        )
 
 
-def _resolve_ignored(model: nn.Module, ignored) -> set[str]:
+def _resolve_ignored(model: nn.Module, ignored, example_inputs) -> set[str]:
     names = [n for n, _ in model.named_modules() if n]
-    if ignored is None:
-        report = getattr(model, "sparta_report", None)
-        if report is not None:
-            return set(report.head)
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        return set(linears[-1:])
+    if ignored is None:  # the head and every layer producing the outputs (sparta.heads)
+        return protected_layers(model, example_inputs)
     ignored = [ignored] if isinstance(ignored, str) else list(ignored)
     require_modules(ignored, names, "ignored layer")
     return set(ignored)

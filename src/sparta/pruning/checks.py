@@ -1,0 +1,197 @@
+"""Bad numbers stop a pruning step; they never decide it.
+
+A NaN ranks arbitrarily (every comparison with it is false) and an inf swamps the per-group
+normalisation, so a step taken on non-finite losses, scores or weights would remove channels at
+random and record it as a decision. The checks here run before any mask changes and raise
+:class:`~sparta.errors.NonFiniteError` naming the criterion, the layers and the count of bad
+values. Empty example batches, wrong loss types and failures of the caller's model or loss on
+a scoring batch become one clear :class:`~sparta.errors.ConfigError` naming the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, NonFiniteError, SpartaError
+from ..utils import call
+
+ADVICE = (
+    "Training has diverged or the data holds NaN/inf: lower the learning rate, clip the "
+    "gradients, check the inputs, targets and loss for NaN/inf, or reload the last good "
+    "checkpoint."
+)
+_SHOWN = 6  # names listed in a message before "and N more"
+# What a user's model or loss raises on malformed input (SpartaError passes through as it is).
+_INPUT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
+
+
+def describe(inputs) -> str:
+    """``of shape (2, 3, 8, 8)``, or the structure of a tuple/dict of tensors."""
+    if isinstance(inputs, Tensor):
+        return f"of shape {tuple(inputs.shape)}"
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, tuple | list):
+        return "(" + ", ".join(describe(v) for v in inputs) + ")"
+    return f"of type {type(inputs).__name__}"
+
+
+def tensors(inputs) -> Iterable[Tensor]:
+    if isinstance(inputs, Tensor):
+        yield inputs
+    elif isinstance(inputs, dict):
+        for v in inputs.values():
+            yield from tensors(v)
+    elif isinstance(inputs, tuple | list):
+        for v in inputs:
+            yield from tensors(v)
+
+
+def check_nonempty(inputs, what: str) -> None:
+    """Refuse a batch holding a tensor with a zero-sized dimension (e.g. a batch of 0): shapes,
+    MACs per sample and scores cannot be measured on no data."""
+    if any(0 in t.shape for t in tensors(inputs)):
+        raise ConfigError(
+            f"{what} {describe(inputs)} hold a tensor with a zero-sized dimension (a batch of "
+            "0?); give a batch of at least one sample, every dimension at least 1"
+        )
+
+
+def bad_count(t: Tensor) -> str:
+    """``"3 NaN and 1 inf of 64"`` for the non-finite entries of ``t``."""
+    t = t.detach()
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    parts = ([f"{nan} NaN"] if nan else []) + ([f"{inf} inf"] if inf else [])
+    return " and ".join(parts) + f" of {t.numel()}"
+
+
+def finite(t: Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t.detach()).all())
+
+
+def listing(items: list[str]) -> str:
+    more = len(items) - _SHOWN
+    return ", ".join(items[:_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+def nonfinite(subject: str, items: list[str], recovery: str = "No mask was changed.") -> None:
+    """Raise the one error for bad numbers: what they are in, where, how many, what to do."""
+    raise NonFiniteError(f"{subject} hold non-finite values: {listing(items)}. {recovery} {ADVICE}")
+
+
+# -- options ------------------------------------------------------------------------------------
+def check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+# -- the pieces a criterion reads ----------------------------------------------------------------
+def check_weights(model: nn.Module, modules: Iterable[str], who: str) -> None:
+    """Every parameter and floating buffer of ``modules`` (base weight, bias, adapter factors,
+    norm statistics) is finite."""
+    bad = []
+    for name in sorted(set(modules)):
+        module = model.get_submodule(name)
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        for key, t in tensors:
+            if not finite(t):
+                bad.append(f"{name + '.' + key if name else key} ({bad_count(t)})")
+    if bad:
+        nonfinite(f"{who}: the weights of the pruned layers", bad)
+
+
+def check_scores(scores: dict[str, Tensor], criterion: str, given: bool) -> None:
+    bad = [f"group {k!r} ({bad_count(v)})" for k, v in scores.items() if not finite(v)]
+    if bad:
+        origin = "the scores passed to step()" if given else f"criterion {criterion!r}: scores"
+        nonfinite(origin, bad)
+
+
+def check_entries(entries: dict, criterion: str, batch: int) -> None:
+    """Per-channel activations/gradients of one scoring batch, before they are added up."""
+    bad = [f"{m!r} ({bad_count(v)})" for (m, _), v in entries.items() if not finite(v)]
+    if bad:
+        nonfinite(
+            f"criterion {criterion!r}: the activations or gradients of scoring batch {batch}",
+            bad,
+            "The batch was not counted and no mask was changed.",
+        )
+
+
+def check_loss(loss, criterion: str, batch: int) -> Tensor:
+    """The scalar, finite, differentiable loss of a scoring batch."""
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        got = (
+            f"a tensor of shape {tuple(loss.shape)}"
+            if isinstance(loss, Tensor)
+            else type(loss).__name__
+        )
+        raise ConfigError(
+            f"loss_fn must return a scalar tensor, got {got} on scoring batch {batch} "
+            f"(criterion {criterion!r}); reduce it to one value, e.g. with a mean over the batch"
+        )
+    if not finite(loss):
+        raise NonFiniteError(
+            f"criterion {criterion!r}: the loss of scoring batch {batch} is {float(loss)}. The "
+            f"batch was not counted and no mask was changed. {ADVICE}"
+        )
+    if not loss.requires_grad:
+        raise ConfigError(
+            f"criterion {criterion!r}: the loss of scoring batch {batch} does not depend on the "
+            "model's outputs (it has no gradient); loss_fn(outputs, targets) must compute it "
+            "from `outputs` without detaching them or converting them to numbers"
+        )
+    return loss.reshape(())
+
+
+def check_outputs(outputs, criterion: str, batch: int) -> None:
+    bad = [f"output {describe(t)} ({bad_count(t)})" for t in tensors(outputs) if not finite(t)]
+    if bad:
+        nonfinite(
+            f"criterion {criterion!r}: the model's outputs on scoring batch {batch}",
+            bad,
+            "The batch was not counted and no mask was changed.",
+        )
+
+
+# -- the caller's code on a scoring batch --------------------------------------------------------
+def guarded(fn: Callable, what: str):
+    """``fn()``; an error of the caller's model or loss on bad input becomes a ConfigError
+    saying ``what`` failed (the original is chained)."""
+    try:
+        return fn()
+    except SpartaError:
+        raise
+    except _INPUT_ERRORS as exc:
+        raise ConfigError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def run_model(model: nn.Module, inputs, batch: int):
+    what = f"the model failed on scoring batch {batch} (inputs {describe(inputs)})"
+    return guarded(lambda: call(model, inputs), what)
+
+
+def run_loss(loss_fn: Callable, outputs, targets, batch: int):
+    what = (
+        f"loss_fn failed on scoring batch {batch} (outputs {describe(outputs)}, targets "
+        f"{describe(targets)})"
+    )
+    return guarded(lambda: loss_fn(outputs, targets), what)
+
+
+def check_batches(batches, loss_fn) -> Iterable:
+    """``iter(batches)`` after checking that ``batches`` and ``loss_fn`` can be used."""
+    if not callable(loss_fn):
+        raise ConfigError(
+            f"loss_fn must be a function (outputs, targets) -> scalar loss tensor, got "
+            f"{type(loss_fn).__name__}"
+        )
+    if isinstance(batches, Tensor | dict) or not isinstance(batches, Iterable):
+        raise ConfigError(
+            "batches must be an iterable of (inputs, targets) pairs (a list or a DataLoader), "
+            f"got {type(batches).__name__}"
+        )
+    return iter(batches)
