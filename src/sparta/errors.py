@@ -32,6 +32,11 @@ class UnknownNameError(ConfigError):
         self.kind, self.name, self.known = kind, name, known
 
 
+class FileError(SpartaError, OSError):
+    """A file or folder cannot be written or read; the message names the path the user gave
+    (never a temporary file) and says why. ``errno`` is the operating system's error code."""
+
+
 class NotAdaptableError(ConfigError):
     """A layer cannot carry the requested adapter (the message says why)."""
 

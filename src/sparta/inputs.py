@@ -8,12 +8,22 @@ A spec is ``{"tensor": {"shape": [...], "dtype": "float32"}}``, ``{"tuple": [spe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
 
-_MAX_DEPTH = 8
+MAX_DEPTH = 8
+MAX_RANK = 8
+MAX_LEAVES = 64
+MAX_ELEMENTS = 2**24  # 64 MB of float32: ample for an example batch, harmless to allocate
+#: Input dtypes a spec may name: floats, and integers / bools (token ids, masks, segment ids).
+DTYPES = (
+    "float32", "float16", "bfloat16", "float64",
+    "int64", "int32", "int16", "int8", "uint8", "bool",
+)  # fmt: skip
 
 
 def input_spec(inputs) -> dict:
@@ -45,36 +55,78 @@ def make_inputs(spec: dict, seed: int = 0):
             return tuple(build(x) for x in s["tuple"])
         return {k: build(v) for k, v in s["dict"].items()}
 
-    if not check_spec(spec):
-        raise ConfigError(f"not an input spec: {spec!r}")
+    problem = spec_problem(spec)
+    if problem is not None:
+        raise ConfigError(f"not a usable input spec ({problem}): {_short(spec)}")
     return build(spec)
 
 
-def check_spec(spec, depth: int = 0) -> bool:
-    """Whether ``spec`` is a well-formed input spec (it may come from an untrusted file)."""
-    if depth > _MAX_DEPTH or not isinstance(spec, dict) or len(spec) != 1:
-        return False
+def check_spec(spec) -> bool:
+    """Whether ``spec`` is a well-formed, sane input spec (it may come from an untrusted file)."""
+    return spec_problem(spec) is None
+
+
+def spec_problem(spec) -> str | None:
+    """Why ``spec`` is not a sane input spec, or ``None``: tensors of the dtypes in
+    :data:`DTYPES`, ranks up to :data:`MAX_RANK`, sizes >= 1, nested at most
+    :data:`MAX_DEPTH` deep, at most :data:`MAX_LEAVES` tensors and :data:`MAX_ELEMENTS`
+    elements in all (so that building a batch from a file cannot exhaust memory)."""
+    leaves: list[list[int]] = []
+    problem = _walk(spec, 0, leaves)
+    if problem is None and len(leaves) > MAX_LEAVES:
+        problem = f"{len(leaves)} tensors (at most {MAX_LEAVES})"
+    if problem is None:
+        total = sum(math.prod(s) for s in leaves)
+        if total > MAX_ELEMENTS:
+            problem = f"{total:,} elements in all (at most {MAX_ELEMENTS:,} = 2**24)"
+    return problem
+
+
+def _walk(spec, depth: int, leaves: list) -> str | None:
+    if depth > MAX_DEPTH:
+        return f"nested deeper than {MAX_DEPTH}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        return (
+            f"{_short(spec)} is not one of {{'tensor': ...}}, {{'tuple': [...]}}, {{'dict': ...}}"
+        )
     ((kind, value),) = spec.items()
     if kind == "tensor":
-        shape, dtype = (
-            (value.get("shape"), value.get("dtype"))
-            if isinstance(value, dict)
-            else (
-                None,
-                None,
-            )
-        )
-        return (
-            isinstance(shape, list)
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-            and isinstance(dtype, str)
-            and isinstance(getattr(torch, dtype, None), torch.dtype)
-        )
-    if kind == "tuple":
-        return isinstance(value, list) and all(check_spec(x, depth + 1) for x in value)
-    if kind == "dict":
-        return isinstance(value, dict) and all(check_spec(x, depth + 1) for x in value.values())
-    return False
+        return _tensor_problem(value, leaves)
+    if kind == "tuple" and isinstance(value, list):
+        items = value
+    elif kind == "dict" and isinstance(value, dict):
+        items = list(value.values())
+    else:
+        return f"{_short(spec)} is not a tensor, a tuple (list) or a dict spec"
+    for item in items:
+        if len(leaves) > MAX_LEAVES:
+            break
+        if (problem := _walk(item, depth + 1, leaves)) is not None:
+            return problem
+    return None
+
+
+def _tensor_problem(value, leaves: list) -> str | None:
+    if not isinstance(value, dict) or set(value) != {"shape", "dtype"}:
+        return f"tensor spec {_short(value)} needs exactly 'shape' and 'dtype'"
+    shape, dtype = value["shape"], value["dtype"]
+    if dtype not in DTYPES:
+        return f"dtype {_short(dtype)} is not one of {', '.join(DTYPES)}"
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+    ):
+        return f"shape {_short(shape)} is not a list of at most {MAX_RANK} sizes >= 1"
+    if math.prod(shape) > MAX_ELEMENTS:
+        return f"shape {shape} has {math.prod(shape):,} elements (at most {MAX_ELEMENTS:,})"
+    leaves.append(shape)
+    return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import json
 
+import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SpartaError
 from ..inputs import input_spec, make_inputs
 from ..pruning.groups import Group, find_groups
-from .artifact import (
-    ArtifactError,
-    Task,
-    _combine,
-    _is_wrapped,
-    base_digests,
-    task_model,
-)
-from .artifact import (
-    _load as load_task,
-)
+from ..utils import call
+from .apply import _load as load_task
+from .apply import storages, task_model
+from .artifact import Task
 from .compact import CompactReport, build_compact
+from .fingerprint import _combine, _is_wrapped, base_digests
+from .taskfile import ArtifactError, check_manifest
 
 
 class Builder:
@@ -56,6 +52,8 @@ class Builder:
         self._groups: dict[str, list[Group]] = {}
         self._templates: dict[str, tuple[nn.Module, dict]] = {}
         self._combined: dict[tuple, str] = {}
+        self._protected: set[int] | None = None
+        self._runs: set[str] = set()  # input specs the base is known to accept
 
     def check(self, task: Task) -> None:
         """Raise :class:`ArtifactError` unless ``task`` was trained on this base.
@@ -64,6 +62,7 @@ class Builder:
         in place afterwards (no sparta code does)."""
         if not isinstance(task, Task):
             raise TypeError(f"expected a sparta Task, got {type(task).__name__}")
+        check_manifest(task.manifest, "<task>")  # a Task object may have been edited
         if self._digests is None:
             self._digests = base_digests(self.base)
         expected = task.manifest["base"]["tensors"]
@@ -79,16 +78,45 @@ class Builder:
             )
 
     def inputs(self, task: Task):
-        """The example batch for ``task``: the one given to the builder, else the task's."""
+        """The example batch for ``task``: the one given to the builder, else the task's.
+        The base must run on it (checked once per input shapes)."""
         if self.example_inputs is not None:
-            return self.example_inputs
-        spec = task.manifest.get("inputs")
-        if spec is None:
+            inputs, source = self.example_inputs, "example_inputs"
+        else:
+            spec = task.manifest.get("inputs")
+            if spec is None:
+                raise ConfigError(
+                    "this task records no input shapes (it was exported without example_inputs "
+                    "and never pruned with sparta.Pruner); pass example_inputs=<a batch>"
+                )
+            inputs, source = make_inputs(spec), "the input shapes the task records"
+        self._check_runs(inputs, source)
+        return inputs
+
+    def _check_runs(self, inputs, source: str) -> None:
+        """Run the base once on ``inputs`` (eval mode, no gradients, flags restored) so that a
+        batch it cannot take is one clear error, not a failure deep inside tracing."""
+        spec = input_spec(inputs)
+        key = json.dumps(spec, sort_keys=True)
+        if key in self._runs:
+            return
+        flags = {m: m.training for m in self.base.modules()}
+        self.base.eval()
+        try:
+            with torch.no_grad():
+                call(self.base, inputs)
+        except SpartaError:
+            raise
+        except Exception as exc:
             raise ConfigError(
-                "this task records no input shapes (it was exported without example_inputs "
-                "and never pruned with sparta.Pruner); pass example_inputs=<a batch>"
-            )
-        return make_inputs(spec)
+                f"the base model cannot run on {source} ({_describe(spec)}): "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}; pass "
+                "example_inputs=<a batch the base accepts>"
+            ) from exc
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+        self._runs.add(key)
 
     def groups(self, task: Task, example_inputs) -> list[Group]:
         """The base's coupled channel groups (cached per input shape and head)."""
@@ -109,10 +137,13 @@ class Builder:
             sort_keys=True,
         )
         model, cache = self._templates.pop(key, (None, {}))
+        if self._protected is None:
+            self._protected = storages(self.base)
         if model is None:
-            model = task_model(self.base, task, share_frozen=True).eval()
+            model = task_model(self.base, task, share_frozen=True, protected=self._protected)
+            model.eval()
         else:
-            load_task(model, task, cache)
+            load_task(model, task, cache, protected=self._protected)
         self._templates[key] = model, cache  # most recently used last
         self._structure = cache.setdefault("structure", {})
         while len(self._templates) > self.TEMPLATES:
@@ -126,9 +157,12 @@ class Builder:
         groups = self.groups(task, inputs)
         masked = self.task_model(task)
         structure = self._structure.setdefault(id(groups), {})
-        return build_compact(
+        model, report = build_compact(
             masked, groups, inputs, verify, skeleton=skeleton(self.base), structure=structure
         )
+        if storages(model) & self._protected:  # never expected: the last line of defence
+            raise SpartaError("the compact model shares storage with the base; refused")
+        return model, report
 
 
 def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True) -> nn.Module:
@@ -144,6 +178,14 @@ def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True)
     model, report = Builder(base, example_inputs).build(task, verify=verify)
     model.sparta_compact = report
     return model.eval()
+
+
+def _describe(spec) -> str:
+    if "tensor" in spec:
+        return f"{spec['tensor']['dtype']} {spec['tensor']['shape']}"
+    if "tuple" in spec:
+        return "(" + ", ".join(_describe(x) for x in spec["tuple"]) + ")"
+    return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in spec["dict"].items()) + "}"
 
 
 def skeleton(base: nn.Module) -> nn.Module:

@@ -1,0 +1,485 @@
+"""Reading, checking and writing task files: a safetensors file whose metadata holds the JSON
+manifest (see :mod:`sparta.export.artifact`), read without ever unpickling.
+
+A task file may come from anyone, so nothing in it is trusted before it is checked: only a
+regular file is opened (never a pipe or a device, which could block or never end), its size
+and the safetensors header are checked before the body is read, the manifest must follow the
+schema (names, shapes, dtypes, adapter options, input shapes within bounds) and every tensor
+must match its manifest entry and checksum. Writing is deterministic: the same task gives the
+same bytes in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import stat
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from torch import Tensor
+
+from ..adapters.base import get_adapter
+from ..errors import ConfigError, SpartaError
+from ..inputs import spec_problem
+
+FORMAT = "sparta.task"
+VERSION = 2
+MANIFEST_KEY = "sparta.manifest"
+CHECKSUM_KEY = "sparta.manifest.sha256"
+STATS = ("running_mean", "running_var", "num_batches_tracked")
+KINDS = ("param", "mask", "stat")
+MAX_FILE_BYTES = 2**30  # a task holds adapters, norms and a head: megabytes, not gigabytes
+MAX_HEADER_BYTES = 2**24
+MAX_TENSOR_ELEMENTS = 2**32  # the full (unpruned) shape of any one task tensor
+MAX_RANK = 8
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool,
+)}  # fmt: skip
+_CODES = {  # safetensors dtype codes
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+_SIZES = {code: _DTYPES[name].itemsize for name, code in _CODES.items()}
+
+
+class ArtifactError(ConfigError):
+    """A task artifact is unreadable, inconsistent, or does not fit the given base."""
+
+
+def digest(t: Tensor) -> str:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def serialize(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
+    """safetensors bytes with a deterministic layout: header keys sorted, tensors ordered by
+    element size (largest first, as safetensors aligns them) then name. ``safetensors.save``
+    writes the metadata in hash-map order, which differs from one process to the next."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {"__metadata__": dict(sorted(meta.items()))}
+    chunks, offset = [], 0
+    for key in order:
+        t = tensors[key].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        name = str(t.dtype).removeprefix("torch.")
+        header[key] = {
+            "dtype": _CODES[name],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the body starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def pack_masks(tensors: dict[str, Tensor], manifest: dict) -> dict[str, Tensor]:
+    """Tensors as written to the file: masks flagged ``packed`` as 8 channels per byte."""
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if manifest["tensors"][key].get("packed"):
+            t = torch.from_numpy(np.packbits(t.numpy().astype(bool)))
+        out[key] = t
+    return out
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def read_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of task file ``path``, its size and header checked before the body is read."""
+    if not isinstance(path, str | os.PathLike):
+        raise ArtifactError(
+            f"expected the path of a task file (str or pathlib.Path), got {type(path).__name__}"
+        )
+    name = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ArtifactError(f"cannot open task file {name!r}: {reason}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise ArtifactError(
+                f"{name!r} is {kind} (a pipe, socket or device is never read); a task is one "
+                "regular .safetensors file"
+            )
+        if info.st_size > max_bytes:
+            raise ArtifactError(
+                f"task file {name!r} is {info.st_size:,} bytes, over the limit of {max_bytes:,}; "
+                "a task file holds adapters, norms and a head (pass max_bytes= to allow more)"
+            )
+        prefix = _read(fd, min(9, info.st_size), name)
+        n = header_length(prefix, info.st_size, name)
+        prefix += _read(fd, 8 + n - len(prefix), name)
+        inspect(prefix, info.st_size, name)  # header and manifest, before the body
+        data = prefix + _read(fd, info.st_size - len(prefix), name)
+        if _read(fd, 1, name, exact=False):
+            raise ArtifactError(f"task file {name!r} grew while it was read; try again")
+    finally:
+        os.close(fd)
+    return data
+
+
+def _read(fd: int, n: int, name: str, exact: bool = True) -> bytes:
+    chunks, left = [], n
+    try:
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise ArtifactError(f"cannot read task file {name!r}: {exc.strerror or exc}") from None
+    if exact and left > 0:
+        raise ArtifactError(f"task file {name!r} shrank while it was read; try again")
+    return b"".join(chunks)
+
+
+def header_length(prefix: bytes, size: int, path: str) -> int:
+    """The safetensors header length in the first 8 bytes (``prefix``: the first 9 or more
+    bytes of a file of ``size`` bytes), checked against the file size."""
+    # A safetensors file has its JSON header at byte 8; a pickle starts with the 0x80 protocol
+    # opcode, a torch.save file is a zip. Byte 0 alone is not enough: it is the low byte of
+    # the header length, 0x80 for one length in 256.
+    if prefix[8:9] != b"{" and (prefix[:1] == b"\x80" or prefix[:4] == b"PK\x03\x04"):
+        raise ArtifactError(
+            f"{path!r} is a pickle / torch.save file, not a sparta task; sparta never "
+            "unpickles (it could run arbitrary code). Re-export the task with "
+            "sparta.export(...).save()"
+        )
+    if size < 8 or len(prefix) < 8:
+        raise ArtifactError(f"task file {path!r} is truncated ({size} bytes)")
+    n = int.from_bytes(prefix[:8], "little")
+    if n > size - 8:
+        raise ArtifactError(
+            f"task file {path!r} is truncated or corrupted: header says {n} bytes, "
+            f"file has {size - 8} after the length"
+        )
+    if n > MAX_HEADER_BYTES or n < 2:
+        raise ArtifactError(
+            f"task file {path!r}: header length {n:,} is not between 2 and {MAX_HEADER_BYTES:,}"
+        )
+    return n
+
+
+def inspect(prefix: bytes, size: int, path: str) -> tuple[dict, dict]:
+    """``(manifest, header entries)`` from the first ``8 + header length`` bytes of a file of
+    ``size`` bytes: everything is checked that can be without reading the tensors."""
+    n = header_length(prefix, size, path)
+    try:
+        header = json.loads(prefix[8 : 8 + n].decode("utf-8"))
+        meta = header.pop("__metadata__")
+        if not isinstance(meta, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise ArtifactError(
+            f"{path!r} is not a sparta task file (no readable safetensors header with a "
+            "sparta manifest), or it is corrupted"
+        ) from None
+    manifest = read_manifest(meta, path)
+    _check_layout(header, manifest, size - 8 - n, path)
+    return manifest, header
+
+
+def read_manifest(meta: dict, path: str) -> dict:
+    text = meta.get(MANIFEST_KEY)
+    if not isinstance(text, str):
+        raise ArtifactError(f"{path!r} holds no {MANIFEST_KEY!r}: not a sparta task file")
+    if hashlib.sha256(text.encode()).hexdigest() != meta.get(CHECKSUM_KEY):
+        raise ArtifactError(f"task file {path!r} is corrupted: manifest checksum differs")
+    try:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"task file {path!r} has an unreadable manifest: {exc}") from None
+    check_manifest(manifest, path)
+    return manifest
+
+
+def _check_layout(header: dict, manifest: dict, body: int, path: str) -> None:
+    """The header's tensors are the manifest's, at its dtypes and shapes, and fill the body."""
+    table = manifest["tensors"]
+    if set(header) != set(table):
+        extra, missing = sorted(set(header) - set(table)), sorted(set(table) - set(header))
+        raise ArtifactError(
+            f"task {path!r}: tensors do not match the manifest "
+            f"(not listed: {extra[:3]}, absent: {missing[:3]})"
+        )
+    spans = []
+    for key, h in header.items():
+        e = table[key]
+        shape = (
+            [(math.prod(e["shape"]) + 7) // 8] if e.get("packed") else e.get("stored", e["shape"])
+        )
+        code = "U8" if e.get("packed") else _CODES[e["dtype"]]
+        offsets = h.get("data_offsets") if isinstance(h, dict) else None
+        if (
+            not isinstance(h, dict)
+            or h.get("dtype") != code
+            or h.get("shape") != shape
+            or not _ints(offsets)
+            or len(offsets) != 2
+            or offsets[1] - offsets[0] != math.prod(shape) * _SIZES[code]
+        ):
+            raise ArtifactError(
+                f"task {path!r}: tensor {key!r} is stored as {_short(h)}, the manifest says "
+                f"{shape} {e['dtype']}" + (" packed" if e.get("packed") else "")
+            )
+        spans.append(offsets)
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            break
+        end = stop
+    if end != body:
+        raise ArtifactError(
+            f"task file {path!r} is truncated or corrupted: its tensors cover {end:,} of the "
+            f"{body:,} bytes after the header (or overlap)"
+        )
+
+
+def decode(data: bytes, manifest: dict, path: str) -> dict[str, Tensor]:
+    """The checked tensors of a file whose header :func:`inspect` accepted."""
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors reports damage with several exception types
+        raise ArtifactError(f"task file {path!r} is corrupted: {exc}") from None
+    tensors = _unpack_masks(tensors, manifest, path)
+    check_tensors(tensors, manifest, path)
+    return tensors
+
+
+def _unpack_masks(tensors: dict[str, Tensor], manifest: dict, path: str) -> dict[str, Tensor]:
+    out = dict(tensors)
+    for key, e in manifest["tensors"].items():
+        t = tensors.get(key)
+        if t is None or not e.get("packed"):
+            continue
+        n = math.prod(e["shape"])
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != (n + 7) // 8:
+            raise ArtifactError(
+                f"task {path!r}: packed mask {key!r} holds {list(t.shape)} {t.dtype}, expected "
+                f"[{(n + 7) // 8}] uint8 bits for shape {e['shape']}"
+            )
+        bits = np.unpackbits(t.numpy(), count=n).astype(bool).reshape(e["shape"])
+        out[key] = torch.from_numpy(bits)
+    return out
+
+
+# -- the manifest schema ---------------------------------------------------------------------------
+_SCHEMA = {
+    "format": str,
+    "version": int,
+    "adapter": dict,
+    "adapted": list,
+    "head": list,
+    "masked": list,
+    "tensors": dict,
+    "base": dict,
+    "counts": dict,
+}
+
+
+def check_manifest(m, path: str) -> None:
+    """Raise :class:`ArtifactError` unless ``m`` follows the manifest schema and its bounds."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ArtifactError(f"{path!r} is not a sparta task (manifest format is not {FORMAT!r})")
+    if not _int(m.get("version")) or m["version"] > VERSION:
+        raise ArtifactError(
+            f"task file {path!r} has format version {_short(m.get('version'))}, but this "
+            f"sparta reads version {VERSION} and older; upgrade sparta to load it"
+        )
+    for key, typ in _SCHEMA.items():
+        if not isinstance(m.get(key), typ):
+            raise ArtifactError(
+                f"task file {path!r}: manifest field {key!r} is missing or not a {typ.__name__}"
+            )
+    problem = _schema_problem(m)
+    if problem:
+        raise ArtifactError(f"task file {path!r}: manifest does not follow the schema ({problem})")
+    if "inputs" in m and (problem := spec_problem(m["inputs"])) is not None:
+        raise ArtifactError(
+            f"task file {path!r}: manifest field 'inputs' is not a usable input spec ({problem})"
+        )
+    _check_adapter(m["adapter"], path)
+
+
+def _schema_problem(m: dict) -> str | None:
+    names = m["adapted"] + m["head"]
+    checks = [
+        (isinstance(m["adapter"].get("name"), str), "adapter.name is not a string"),
+        (isinstance(m["adapter"].get("options"), dict), "adapter.options is not a dict"),
+        (all(isinstance(n, str) for n in names), "adapted/head hold a non-string"),
+        (len(set(names)) == len(names), "a layer is listed twice in adapted/head"),
+        (
+            all(
+                isinstance(x, list) and len(x) == 2 and all(isinstance(s, str) for s in x)
+                for x in m["masked"]
+            ),
+            "masked is not a list of [module, tensor] names",
+        ),
+        (isinstance(m["base"].get("sha256"), str), "base.sha256 is not a string"),
+        (
+            isinstance(m["base"].get("tensors"), dict)
+            and all(isinstance(v, str) for v in m["base"]["tensors"].values()),
+            "base.tensors is not a dict of digests",
+        ),
+        (
+            _int(m["counts"].get("learned_parameters")),
+            "counts.learned_parameters is missing or not an integer >= 0",
+        ),
+        (_int(m["counts"].get("tensor_bytes", 0)), "counts.tensor_bytes is not an integer >= 0"),
+    ]
+    problem = next((why for ok, why in checks if not ok), None)
+    if problem is None:
+        bad = next((k for k, e in m["tensors"].items() if not _entry_ok(e)), None)
+        problem = None if bad is None else f"tensor entry {_short(bad)} is malformed"
+    return problem
+
+
+def _check_adapter(adapter: dict, path: str) -> None:
+    """The adapter is a registered one and its options pass its own checks."""
+    try:
+        get_adapter(adapter["name"]).resolve_options(dict(adapter["options"]))
+    except (SpartaError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"task file {path!r}: its adapter does not load ({exc})") from None
+
+
+def _entry_ok(e) -> bool:
+    return (
+        isinstance(e, dict)
+        and e.get("kind") in KINDS
+        and _shape_ok(e.get("shape"))
+        and isinstance(e.get("dtype"), str)
+        and e["dtype"] in _DTYPES
+        and isinstance(e.get("as", "bool"), str)
+        and e.get("as", "bool") in _DTYPES
+        and isinstance(e.get("sha256"), str)
+        and ("stored" not in e or (_shape_ok(e["stored"]) and len(e["stored"]) == len(e["shape"])))
+        and isinstance(e.get("packed", False), bool)
+        and (not e.get("packed") or (e["kind"] == "mask" and e["dtype"] == "bool"))
+        and (e["kind"] != "mask" or (e["dtype"] == "bool" and "stored" not in e))
+        and all(isinstance(e.get(k), str | None) for k in ("rows", "cols"))
+    )
+
+
+def _shape_ok(value) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_RANK
+        and all(_int(s) for s in value)
+        and math.prod(value) <= MAX_TENSOR_ELEMENTS
+    )
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(_int(s) for s in value)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- the tensors -----------------------------------------------------------------------------------
+def check_tensors(tensors: dict, manifest: dict, path) -> None:
+    """Validate ``tensors`` against the manifest: keys, shapes, dtypes, checksums, finite
+    values, and every compact entry against its masks (without expanding anything)."""
+    table = manifest["tensors"]
+    if set(tensors) != set(table):
+        extra, missing = sorted(set(tensors) - set(table)), sorted(set(table) - set(tensors))
+        raise ArtifactError(
+            f"task {str(path)!r}: tensors do not match the manifest "
+            f"(not listed: {extra[:3]}, absent: {missing[:3]})"
+        )
+    for key, t in tensors.items():
+        e = table[key]
+        shape = e.get("stored", e["shape"])
+        if list(t.shape) != shape or t.dtype != _DTYPES[e["dtype"]]:
+            raise ArtifactError(
+                f"task {str(path)!r}: tensor {key!r} is {list(t.shape)} {t.dtype}, the manifest "
+                f"says {shape} {e['dtype']}"
+            )
+        if digest(t) != e["sha256"]:
+            raise ArtifactError(f"task {str(path)!r} is corrupted: tensor {key!r} checksum differs")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(
+                f"task {str(path)!r}: tensor {key!r} holds NaN or infinite values; a task's "
+                "tensors must be finite (re-export it from a healthy model)"
+            )
+    kept_indices(tensors, table, path)
+
+
+def kept_indices(tensors: dict, table: dict, path) -> dict[str, Tensor]:
+    """``{mask key: indices of its kept entries}`` for the masks compact entries refer to;
+    checks that every compact entry fits them."""
+    kept: dict[str, Tensor] = {}
+    for key, e in table.items():
+        if "stored" not in e:
+            continue
+        expected = list(e["shape"])
+        for axis, side in enumerate(("rows", "cols")):
+            name = e.get(side)
+            if name is None:
+                continue
+            mask = tensors.get(name)
+            if (
+                table.get(name, {}).get("kind") != "mask"
+                or mask is None
+                or mask.dtype != torch.bool
+            ):
+                raise ArtifactError(f"task {str(path)!r}: {key!r} refers to no mask {name!r}")
+            if len(expected) <= axis or list(mask.shape) != [expected[axis]]:
+                raise ArtifactError(
+                    f"task {str(path)!r}: mask {name!r} does not fit {key!r} {e['shape']}"
+                )
+            if name not in kept:
+                kept[name] = mask.nonzero().flatten()
+            expected[axis] = len(kept[name])
+        if e["stored"] != expected:
+            raise ArtifactError(
+                f"task {str(path)!r}: {key!r} stores {e['stored']} entries, its masks keep "
+                f"{expected}"
+            )
+    return kept
+
+
+def full_tensors(tensors: dict, table: dict, path) -> dict[str, Tensor]:
+    """The task's tensors at full size, entries of pruned channels as zeros."""
+    kept = kept_indices(tensors, table, path)
+    out = {}
+    for key, t in tensors.items():
+        e = table[key]
+        if "stored" in e:
+            rows, cols = (kept.get(e.get(side)) for side in ("rows", "cols"))
+            t = expand(t, e["shape"], rows, cols)
+        out[key] = t
+    return out
+
+
+def compact(t: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+    if rows is not None:
+        t = t[rows]
+    return t if cols is None else t[:, cols]
+
+
+def expand(t: Tensor, shape: list[int], rows: Tensor | None, cols: Tensor | None) -> Tensor:
+    """Inverse of :func:`compact`, pruned entries as zeros (``rows``/``cols``: kept indices)."""
+    if cols is not None:
+        t = torch.zeros(t.shape[0], *shape[1:], dtype=t.dtype).index_copy_(1, cols, t)
+    if rows is not None:
+        t = torch.zeros(shape, dtype=t.dtype).index_copy_(0, rows, t)
+    return t
