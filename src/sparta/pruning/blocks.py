@@ -370,12 +370,13 @@ class BlockPruner:
         return torch.cat([lay.adapter._live_blocks().flatten().cpu() for lay in self.layers])
 
     def _checked_scores(self) -> Tensor:
-        """The criterion's scores, refused (naming the layers) if any is NaN/inf."""
+        """The criterion's scores; NaN/inf in them or in the pruned layers' weights (which
+        a criterion that reads only gradients or gates would not see) are refused."""
+        name = f"block criterion {self.criterion.name!r}"
+        check_weights(self.model, [lay.name for lay in self.layers], name)
         scores = self.criterion.scores()
         if finite(scores):
             return scores
-        name = f"block criterion {self.criterion.name!r}"
-        check_weights(self.model, [lay.name for lay in self.layers], name)  # the usual cause
         parts = [(lay, scores[lay.offset : lay.offset + lay.count]) for lay in self.layers]
         nonfinite(
             f"{name}: the block scores",

@@ -72,6 +72,15 @@ def finite(t: Tensor) -> bool:
     return not t.is_floating_point() or bool(torch.isfinite(t.detach()).all())
 
 
+def all_finite(ts: Iterable[Tensor]) -> bool:
+    """Whether every floating tensor of ``ts`` is finite, with one host sync per device."""
+    flags: dict = {}
+    for t in ts:
+        if t.is_floating_point():
+            flags.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
 def listing(items: list[str]) -> str:
     more = len(items) - _SHOWN
     return ", ".join(items[:_SHOWN]) + (f" and {more} more" if more > 0 else "")
@@ -92,13 +101,17 @@ def check_int(name: str, value, low: int) -> None:
 def check_weights(model: nn.Module, modules: Iterable[str], who: str) -> None:
     """Every parameter and floating buffer of ``modules`` (base weight, bias, adapter factors,
     norm statistics) is finite."""
-    bad = []
-    for name in sorted(set(modules)):
-        module = model.get_submodule(name)
-        tensors = [*module.named_parameters(), *module.named_buffers()]
-        for key, t in tensors:
-            if not finite(t):
-                bad.append(f"{name + '.' + key if name else key} ({bad_count(t)})")
+    named = [
+        (f"{name}.{key}" if name else key, t)
+        for name in sorted(set(modules))
+        for key, t in (
+            *model.get_submodule(name).named_parameters(),
+            *model.get_submodule(name).named_buffers(),
+        )
+    ]
+    if all_finite(t for _, t in named):  # the usual case: one check per device
+        return
+    bad = [f"{key} ({bad_count(t)})" for key, t in named if not finite(t)]
     if bad:
         nonfinite(f"{who}: the weights of the pruned layers", bad)
 
@@ -135,8 +148,8 @@ def check_loss(loss, criterion: str, batch: int) -> Tensor:
         )
     if not finite(loss):
         raise NonFiniteError(
-            f"criterion {criterion!r}: the loss of scoring batch {batch} is {float(loss)}. The "
-            f"batch was not counted and no mask was changed. {ADVICE}"
+            f"criterion {criterion!r}: the loss of scoring batch {batch} is "
+            f"{float(loss.detach())}. The batch was not counted and no mask was changed. {ADVICE}"
         )
     if not loss.requires_grad:
         raise ConfigError(
