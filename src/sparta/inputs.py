@@ -40,17 +40,18 @@ def input_spec(inputs) -> dict:
     )
 
 
-def make_inputs(spec: dict, seed: int = 0):
+def make_inputs(spec: dict, seed: int = 0, device: torch.device | str | None = None):
     """A batch following ``spec``: floats from a seeded normal, integers and bools as ones
-    (valid token ids, attention masks and segment ids for BERT-like models)."""
+    (valid token ids, attention masks and segment ids for BERT-like models), on ``device``
+    (the model's, see ``sparta.devices.module_device``; the same values on any device)."""
     gen = torch.Generator().manual_seed(seed)
 
     def build(s):
         if "tensor" in s:
             shape, dtype = s["tensor"]["shape"], getattr(torch, s["tensor"]["dtype"])
             if dtype.is_floating_point:
-                return torch.randn(shape, generator=gen).to(dtype)
-            return torch.ones(shape, dtype=dtype)
+                return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+            return torch.ones(shape, dtype=dtype, device=device)
         if "tuple" in s:
             return tuple(build(x) for x in s["tuple"])
         return {k: build(v) for k, v in s["dict"].items()}

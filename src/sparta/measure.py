@@ -37,7 +37,7 @@ def learned_parameters(model: nn.Module) -> int:
                 total += module.adapter.num_learned()
             bias = module.base.bias
             if bias is not None and bias.requires_grad:
-                total += int(module.mask_out.sum())
+                total += int(module.mask_out.count_nonzero())
             counted.update(id(p) for p in module.parameters())
         elif parametrize.is_parametrized(module):
             for plist in module.parametrizations.values():
@@ -153,7 +153,7 @@ def _attention_macs(
 
     e = mha.embed_dim
     masks = [resolve_mask(mha, "", s, create=False) for s in "qkvo"]
-    kq, kk, kv, ko = (float(e) if m is None else float(m.sum()) for m in masks)
+    kq, kk, kv, ko = (float(e) if m is None else float(m.count_nonzero()) for m in masks)
     projections = lq * kq * e + lk * kk * mha.kdim + lk * kv * mha.vdim + lq * ko * e
     if not products:
         return projections

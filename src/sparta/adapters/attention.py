@@ -63,7 +63,7 @@ class MaskedBias(nn.Module):
         return bias * self.mask()
 
     def num_kept(self) -> int:
-        return int(self.mask().sum())
+        return int(self.mask().count_nonzero())
 
 
 def _cat(parts: list[Tensor]) -> Tensor:

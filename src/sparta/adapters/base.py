@@ -58,7 +58,9 @@ def grouped_mask(mask_out: Tensor, mask_in: Tensor, groups: int = 1) -> Tensor:
 
 def kept_entries(mask_out: Tensor, mask_in: Tensor, groups: int = 1) -> int:
     """``grouped_mask(...).sum()`` without building the matrix (a VGG classifier's is 100M)."""
-    per_group = mask_out.view(groups, -1).sum(1) * mask_in.view(groups, -1).sum(1)
+    # count_nonzero: exact whatever the masks' dtype (a bf16 sum is not, above 256)
+    kept_in = mask_in.view(groups, -1).count_nonzero(1)
+    per_group = mask_out.view(groups, -1).count_nonzero(1) * kept_in
     return int(per_group.sum())
 
 
@@ -195,8 +197,8 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         return self.mask_out.bool()
 
     def extra_repr(self) -> str:
-        kept_out = int(self.mask_out.sum())
-        kept_in = int(self.mask_in.sum())
+        kept_out = int(self.mask_out.count_nonzero())
+        kept_in = int(self.mask_in.count_nonzero())
         text = f"out={kept_out}/{self.out_features}, in={kept_in}/{self.in_features}"
         return text + (f", groups={self.groups}" if self.groups > 1 else "")
 

@@ -18,36 +18,21 @@ Mixed precision: under ``torch.autocast`` a plain Linear/ConvNd runs in the auto
 and ``DeltaLayerFn`` do the same on any device: the fused weight is formed in the parameters'
 dtype, then input, weight and bias are cast once to the autocast dtype (what
 ``torch.amp.custom_fwd(cast_inputs=...)`` does for one fixed device type), and the backward
-returns every gradient in the dtype its input came in. ``autocast_dtype`` and ``autocast_off``
-are the one place that reads the autocast state.
+returns every gradient in the dtype its input came in (``sparta.devices`` reads the autocast
+state).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..devices import autocast_dtype, autocast_off
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype ``torch.autocast`` runs linear and convolution layers in on ``device``, or
-    ``None`` when autocast is off for that device type."""
-    kind = device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return None
-
-
-def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """A context in which ops on ``device`` run in the dtypes of their tensors: the adapter's
-    own arithmetic (``W + delta``, masks) stays in the parameters' precision under autocast,
-    so the fused, cached and training weights are the same numbers with or without it."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+__all__ = ["DeltaLayerFn", "Geometry", "autocast_dtype", "autocast_off"]
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -224,9 +224,10 @@ class SPLoPA(Adapter):
 
     def kept_entries(self) -> int:
         (p, q), (rows, cols) = self.block, self.mask_block.shape
-        kept_rows = self.mask_out.view(rows, p).sum(1)
-        kept_cols = self.mask_in.view(cols, q).sum(1)
-        return int(kept_rows @ self.mask_block @ kept_cols)
+        # Counted in float64: masks follow the model's dtype, and bf16 sums are inexact above 256.
+        kept_rows = self.mask_out.view(rows, p).count_nonzero(1).double()
+        kept_cols = self.mask_in.view(cols, q).count_nonzero(1).double()
+        return int(kept_rows @ self.mask_block.bool().double() @ kept_cols)
 
     def num_learned(self) -> int:
         # Position weights of the blocks that reach the output, plus the prototypes: counted by
@@ -239,7 +240,7 @@ class SPLoPA(Adapter):
 
     def extra_repr(self) -> str:
         (p, q), rows, cols = self.block, *self.mask_block.shape
-        kept = int(self.mask_block.sum())
+        kept = int(self.mask_block.count_nonzero())
         text = f"block={p}x{q}, prototypes={self.prototypes}, rank={self.prototype_rank}"
         text += ", shared" if self.shared else ""
         return f"{text}, blocks={kept}/{rows * cols}, " + super().extra_repr()

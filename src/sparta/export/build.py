@@ -14,6 +14,7 @@ import json
 import torch
 from torch import nn
 
+from ..devices import module_device
 from ..errors import ConfigError, SpartaError
 from ..inputs import input_spec, make_inputs
 from ..pruning.groups import Group, find_groups
@@ -89,7 +90,8 @@ class Builder:
                     "this task records no input shapes (it was exported without example_inputs "
                     "and never pruned with sparta.Pruner); pass example_inputs=<a batch>"
                 )
-            inputs, source = make_inputs(spec), "the input shapes the task records"
+            inputs = make_inputs(spec, device=module_device(self.base))
+            source = "the input shapes the task records"
         self._check_runs(inputs, source)
         return inputs
 

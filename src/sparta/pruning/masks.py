@@ -45,7 +45,8 @@ class ChannelMask(nn.Module):
     def kept(self, tensor_shape: torch.Size) -> int:
         """Entries of a tensor of this shape that survive the mask."""
         if len(tensor_shape) == 1 or self.mask_in is None:
-            return int(self.mask_out.sum()) * int(torch.Size(tensor_shape[1:]).numel())
+            kept = int(self.mask_out.count_nonzero())  # exact in any dtype (bf16 sums are not)
+            return kept * int(torch.Size(tensor_shape[1:]).numel())
         kept = kept_entries(self.mask_out, self.mask_in, self.groups)
         return kept * int(torch.Size(tensor_shape[2:]).numel())
 
@@ -64,7 +65,7 @@ class SharedMask(nn.Module):
         return tensor * self._owner[0].mask_out
 
     def kept(self, tensor_shape: torch.Size) -> int:
-        return int(self._owner[0].mask_out.sum())
+        return int(self._owner[0].mask_out.count_nonzero())
 
 
 def ensure_masks(module: nn.Module, create: bool = True) -> tuple[Tensor | None, Tensor | None]:
@@ -93,7 +94,7 @@ def ensure_masks(module: nn.Module, create: bool = True) -> tuple[Tensor | None,
         mask = ChannelMask(module.weight.shape[0])
     else:
         raise NotAdaptableError(f"cannot mask channels of {type(module).__name__}")
-    mask = mask.to(module.weight.device)
+    mask = mask.to(module.weight.device, module.weight.dtype)  # w * mask keeps w's dtype
     parametrize.register_parametrization(module, "weight", mask)
     if getattr(module, "bias", None) is not None:
         parametrize.register_parametrization(module, "bias", SharedMask(mask))
@@ -147,7 +148,7 @@ def _attention_mask(mha: nn.MultiheadAttention, site: str, create: bool):
     if mask is None and not create:
         return None
     if mask is None:
-        mask = ChannelMask(3 * e, e).to(mha.out_proj.weight.device)
+        mask = ChannelMask(3 * e, e).to(mha.out_proj.weight.device, mha.out_proj.weight.dtype)
         parametrize.register_parametrization(mha, "in_proj_weight", mask)
         if mha.in_proj_bias is not None:
             parametrize.register_parametrization(mha, "in_proj_bias", SharedMask(mask))

@@ -83,12 +83,13 @@ class _SiteProbe:
         for a, g in zip(self.seen, grads):
             width = a.shape[self.dim]
             count += a.numel() // width
+            acc = _accumulator(a.dtype)
             if g is None:  # this tensor did not reach the loss
-                q = a.new_zeros(width)
+                q = a.new_zeros(width, dtype=acc)
             else:
                 q = a.detach() * g if quantity == "taylor" else g
                 # sum over every other dim in place (a movedim + reshape copies transposed)
-                q = q.sum(dim=[d for d in range(q.dim()) if d != self.dim % q.dim()])
+                q = q.sum(dim=[d for d in range(q.dim()) if d != self.dim % q.dim()], dtype=acc)
             total = q if total is None else total + q
         return total, count
 
@@ -145,16 +146,22 @@ class _AttentionProbe:
             return None, 0
         with torch.no_grad():
             weight = self.mha.out_proj.weight
-        total, n = weight.new_zeros(weight.shape[1]), len(self.weights)
+        acc = _accumulator(weight.dtype)
+        total, n = weight.new_zeros(weight.shape[1], dtype=acc), len(self.weights)
         if quantity == "taylor":
             for w, g in zip(self.weights, grads[:n]):
                 if g is not None:  # a read the forward did not use has no gradient
-                    total += (w.detach() * g).sum(0)
+                    total += (w.detach() * g).sum(0, dtype=acc)
         else:
             for g in grads[n:]:
                 if g is not None:
-                    total += g.reshape(-1, g.shape[-1]).sum(0) @ weight
+                    total += g.reshape(-1, g.shape[-1]).sum(0, dtype=acc) @ weight.to(acc)
         return total, self.positions
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Scores add up in float32 at least: a bf16 model's (or autocast's) sums would round."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class _Undo:
