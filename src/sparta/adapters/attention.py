@@ -78,14 +78,19 @@ def adapt_attention(
     mha: nn.MultiheadAttention, make: Callable[[int, int], Adapter]
 ) -> list[AdaptedWeight]:
     """Parametrise ``mha`` in place; ``make(out, in)`` builds one adapter. Returns the weights."""
+    like = mha.out_proj.weight  # adapters (and masks) take the projections' device and dtype
+
+    def new(out: int, inp: int) -> Adapter:
+        return make(out, inp).to(like.device, like.dtype)
+
     e = mha.embed_dim
     added: list[tuple[nn.Module, str, AdaptedWeight]] = []
     if mha.in_proj_weight is not None:  # q, k, v stacked in one (3E, E) tensor
-        added.append((mha, "in_proj_weight", AdaptedWeight({n: make(e, e) for n in "qkv"})))
+        added.append((mha, "in_proj_weight", AdaptedWeight({n: new(e, e) for n in "qkv"})))
     else:
         for n, dim in zip("qkv", (e, mha.kdim, mha.vdim)):
-            added.append((mha, f"{n}_proj_weight", AdaptedWeight({n: make(e, dim)})))
-    added.append((mha.out_proj, "weight", AdaptedWeight({"out": make(e, e)})))
+            added.append((mha, f"{n}_proj_weight", AdaptedWeight({n: new(e, dim)})))
+    added.append((mha.out_proj, "weight", AdaptedWeight({"out": new(e, e)})))
     for module, attr, weight in added:
         getattr(module, attr).requires_grad_(False)
         parametrize.register_parametrization(module, attr, weight, unsafe=True)
