@@ -26,6 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..adapters.base import Adapter
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError, SpartaError
+from ..pruning.conv_groups import grouped
 from ..pruning.groups import Group
 from ..pruning.masks import NORMS, resolve_mask
 from ..utils import call
@@ -219,7 +220,34 @@ def _cuts(model: nn.Module, plans, removed: dict) -> dict[tuple[str, str], Tenso
         # Norms and depthwise convolutions have one channel axis for both sides.
         site = "out" if isinstance(module, NORMS) or _depthwise(module) else site
         hits.setdefault((name, site), []).append(idxs)
-    return {k: v[0] if len(v) == 1 else torch.cat(v).unique() for k, v in hits.items()}
+    cuts = {k: v[0] if len(v) == 1 else torch.cat(v).unique() for k, v in hits.items()}
+    for name in {n for n, _ in cuts}:
+        module = _layer(model.get_submodule(name))
+        if grouped(module):
+            cuts[(name, "out")] = _whole_groups(module, name, cuts)
+            cuts.pop((name, "in"), None)
+    return cuts
+
+
+def _whole_groups(conv: nn.Module, name: str, cuts) -> Tensor:
+    """The output channels to remove from grouped convolution ``conv``: whole groups, the same
+    ones on both sides (the groups were merged so, see ``pruning/conv_groups.py``)."""
+    sides = {}
+    for site, width in (("out", conv.out_channels), ("in", conv.in_channels)):
+        idxs = cuts.get((name, site), torch.empty(0, dtype=torch.long))
+        per_group = width // conv.groups
+        counts = torch.bincount(idxs // per_group, minlength=conv.groups)
+        sides[site] = counts.nonzero().flatten()
+        if bool((counts[sides[site]] != per_group).any()):
+            sides[site] = None
+    if sides["out"] is None or sides["in"] is None or not torch.equal(sides["out"], sides["in"]):
+        raise SpartaError(
+            f"compact model: grouped convolution {name!r} (groups={conv.groups}) would lose "
+            "partial or different groups on its input and output sides; its channel groups "
+            "disagree with the model (please report this model)"
+        )
+    per_out = conv.out_channels // conv.groups
+    return (sides["out"].view(-1, 1) * per_out + torch.arange(per_out)).flatten()
 
 
 def _removed_entries(plans) -> dict[tuple[str, str], Tensor]:
@@ -258,18 +286,25 @@ def _fused_block(layer: AdaptedLayer, name: str, cuts) -> nn.Module | None:
     """The plain layer of a cut adapted layer (groups 1 or depthwise; else ``None``), with
     ``(W + delta) * M`` computed on the kept rows and columns only: building a task never
     touches the pruned part of the base's weights."""
-    depthwise = _depthwise(layer.base)
-    if isinstance(layer.base, _ConvNd) and layer.base.groups != 1 and not depthwise:
+    if layer.form.standardise is not None:  # its weight depends on whole rows: fuse, then cut
         return None
+    depthwise = _depthwise(layer.base)
+    by_group = grouped(layer.base)
     out_keep = _kept(layer.adapter.out_features, cuts.get((name, "out")))
     in_cut = cuts.get((name, "in"))
     in_keep = out_keep if depthwise else _kept(layer.adapter.in_features, in_cut)
+    device = layer.base.weight.device  # index_select needs the index on the weight's device
+    out_keep, in_keep = out_keep.to(device), in_keep.to(device)
     with torch.no_grad():
         weight = layer.base.weight
         mask = layer.mask_out[out_keep].view(-1, 1)
         if depthwise:
             weight = weight.index_select(0, out_keep)
             delta = layer.adapter.delta_at(out_keep, None)
+        elif by_group:  # whole groups: the kept rows, every column of their group
+            weight = weight.index_select(0, out_keep)
+            delta = layer.adapter.delta_at(out_keep, None)
+            mask = layer.adapter.mask_matrix().index_select(0, out_keep)
         else:  # the kept block (two index_selects: twice as fast as one fancy index)
             weight = weight.index_select(0, out_keep).index_select(1, in_keep)
             delta = layer.adapter.delta_at(out_keep, in_keep)
@@ -289,8 +324,19 @@ def _fused_block(layer: AdaptedLayer, name: str, cuts) -> nn.Module | None:
     plain.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         plain.bias = nn.Parameter(bias, requires_grad=layer.base.bias.requires_grad)
-    _set_width(plain, len(out_keep), len(in_keep), depthwise)
+    if by_group:
+        _set_grouped_width(plain, len(out_keep))
+    else:
+        _set_width(plain, len(out_keep), len(in_keep), depthwise)
     return plain
+
+
+def _set_grouped_width(conv: nn.Module, out: int) -> None:
+    """A grouped convolution that kept ``out`` rows (whole groups): fewer groups, same width
+    per group."""
+    per_out, per_in = conv.out_channels // conv.groups, conv.in_channels // conv.groups
+    conv.groups = out // per_out
+    conv.out_channels, conv.in_channels = out, conv.groups * per_in
 
 
 def _fill(skeleton: nn.Module, model: nn.Module, cuts) -> set[str]:
@@ -339,10 +385,8 @@ def _plain_keep(module: nn.Module, name: str, cuts) -> tuple[Tensor, Tensor | No
         return None
     width_in = None
     if isinstance(module, _ConvNd) and not module.transposed:
-        if module.groups != 1 and not _depthwise(module):
-            return None
         width_out, width_in = module.out_channels, module.in_channels
-        width_in = None if _depthwise(module) else width_in
+        width_in = None if _depthwise(module) or grouped(module) else width_in
     elif isinstance(module, nn.Linear):
         width_out, width_in = module.out_features, module.in_features
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -360,15 +404,17 @@ def _select(value: Tensor, attr: str, keep) -> Tensor:
     if keep is None or value.dim() == 0:
         return value.clone()
     out_keep, in_keep = keep
-    value = value.index_select(0, out_keep)
+    value = value.index_select(0, out_keep.to(value.device))
     if in_keep is not None and attr == "weight":
-        value = value.index_select(1, in_keep)
+        value = value.index_select(1, in_keep.to(value.device))
     return value
 
 
 def _set_plain_width(module: nn.Module, out_keep: Tensor, in_keep: Tensor | None) -> None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = len(out_keep)
+    elif grouped(module):
+        _set_grouped_width(module, len(out_keep))
     else:
         depthwise = _depthwise(module)
         width_in = len(out_keep if depthwise else in_keep)
@@ -417,12 +463,22 @@ def _cut_function(module: nn.Module, site: str):
             return tp.prune_depthwise_conv_out_channels
         if module.groups == 1:
             return tp.prune_conv_out_channels if site == "out" else tp.prune_conv_in_channels
-        return None
+        return _cut_grouped  # whole groups, both sides at once (see _whole_groups)
     if isinstance(module, nn.Linear):
         return tp.prune_linear_out_channels if site == "out" else tp.prune_linear_in_channels
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
         return tp.prune_batchnorm_out_channels
     return None
+
+
+def _cut_grouped(conv: nn.Module, idxs: list[int]) -> None:
+    keep = _kept(conv.out_channels, torch.tensor(idxs, dtype=torch.long)).to(conv.weight.device)
+    weight = conv.weight
+    with torch.no_grad():
+        conv.weight = nn.Parameter(weight.index_select(0, keep), weight.requires_grad)
+        if conv.bias is not None:
+            conv.bias = nn.Parameter(conv.bias.index_select(0, keep), conv.bias.requires_grad)
+    _set_grouped_width(conv, len(keep))
 
 
 def _prune_channels(plain: nn.Module, plans, example_inputs) -> None:

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 
 from ..adapters.layer import AdaptedLayer
-from ..errors import ConfigError
+from ..errors import ConfigError, SkippedLayerWarning
 from ..utils import call, evaluating
 from .masks import can_mask
 
@@ -78,7 +77,10 @@ def find_groups(
 ) -> tuple[list[Group], list[str]]:
     """Groups of ``model`` (wrapped or plain) and notes on what could not be grouped.
 
-    ``ignored`` names modules whose outputs must not be pruned (typically the head).
+    ``ignored`` names modules whose outputs must not be pruned (typically the head). A failure
+    to trace the model raises :class:`ConfigError`, unless attention/FFN groups were found
+    structurally: then those are kept, and the failure is a note and a
+    :class:`~sparta.SkippedLayerWarning` (the convolution/MLP channels stay unpruned).
     """
     notes: list[str] = []
     groups = _transformer_groups(model)
@@ -86,8 +88,22 @@ def find_groups(
     claimed_modules = {m.module for g in groups for m in g.members}
     try:
         tp_groups = _traced_groups(model, example_inputs, ignored | claimed_modules, notes)
-    except Exception as exc:  # torch-pruning cannot trace every model; say so, keep the rest
-        notes.append(f"dependency graph unavailable ({type(exc).__name__}: {exc})")
+    except ConfigError:
+        raise
+    except (MemoryError, RecursionError) as exc:
+        raise ConfigError(
+            f"tracing the model's dependency graph ran out of {type(exc).__name__[:-5].lower()} "
+            "resources; sparta refuses to prune it (pass smaller example_inputs, or prune a "
+            "part of the model)"
+        ) from exc
+    except Exception as exc:  # torch-pruning cannot trace every model
+        why = f"dependency graph unavailable ({type(exc).__name__}: {exc})"
+        if not groups:
+            raise ConfigError(
+                f"cannot group the model's channels: {why}; sparta cannot prune this model"
+            ) from exc
+        notes.append(why + "; only attention heads and FFN neurons are pruned")
+        warnings.warn(notes[-1], SkippedLayerWarning, stacklevel=3)
         tp_groups = []
     for g in tp_groups:
         if any((m.module, m.site) in claimed for m in g.members):
@@ -107,36 +123,29 @@ def _plain_proxy(model: nn.Module) -> nn.Module:
 
 
 def _traced_groups(model, example_inputs, ignored: set[str], notes: list[str]) -> list[Group]:
-    import torch_pruning as tp
+    from .conv_groups import merge_conv_groups
+    from .tracing import all_closures, build_graph
 
     proxy = _plain_proxy(model)
     names = {m: n for n, m in proxy.named_modules()}
     real = dict(model.named_modules())
+    graph = build_graph(proxy, example_inputs)
     ignored_modules = [m for m, n in names.items() if n in ignored]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch-pruning warns about modules it does not know
-        graph = tp.DependencyGraph().build_dependency(proxy, example_inputs=example_inputs)
-        raw = list(
-            graph.get_all_groups(
-                ignored_layers=ignored_modules, root_module_types=(_ConvNd, nn.Linear)
-            )
-        )
     groups = []
-    for tp_group in raw:
-        group = _convert(graph, tp_group, names, real)
+    for root, items in all_closures(graph, ignored_modules, notes, names):
+        group = _convert(graph, root, items, names, real)
         if isinstance(group, str):
             notes.append(group)
         elif group is not None:
             groups.append(group)
-    return groups
+    return merge_conv_groups(groups, real, notes)
 
 
-def _convert(graph, tp_group, names: dict, real: dict) -> Group | str | None:
-    root = tp_group[0].dep.target.module
+def _convert(graph, root, items: dict, names: dict, real: dict) -> Group | str | None:
     root_name = names.get(root)
     members: list[Member] = []
-    for item in tp_group:
-        module, handler = item.dep.target.module, item.dep.handler
+    for (node, handler), pairs in items.items():
+        module = node.module
         if graph.is_out_channel_pruning_fn(handler):
             site = "out"
         elif graph.is_in_channel_pruning_fn(handler):
@@ -150,8 +159,9 @@ def _convert(graph, tp_group, names: dict, real: dict) -> Group | str | None:
         name = names[module]
         if not can_mask(real[name]) or isinstance(real[name], nn.MultiheadAttention):
             return f"{root_name}: coupled with {type(real[name]).__name__} {name!r}; not pruned"
-        idxs = torch.tensor([int(i) for i in item.idxs], dtype=torch.long)
-        units = torch.tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+        pairs = sorted(pairs)
+        idxs = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+        units = torch.tensor([u for _, u in pairs], dtype=torch.long)
         members.append(Member(name, site, idxs, units))
     if root_name is None or not members:
         return None

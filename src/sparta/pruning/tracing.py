@@ -1,0 +1,266 @@
+"""Channel groups from torch-pruning's dependency graph, bounded in time and memory, and only
+where the coupling is proven.
+
+torch-pruning traces the model's autograd graph and knows how a removed channel propagates
+through layers, norms, additions, concatenation, channel splits and flattening. Two of its
+habits are unsafe for an exact compact model, so the walk over the graph is done here:
+
+* every operation it does not know (a matmul, a transpose...) is treated as elementwise, and a
+  reshape, unbind or expand is mapped by guesswork: fused q/k/v projections, channel shuffles
+  and window partitions come out as wrong groups. A group whose channels pass through such an
+  operation is not pruned; the notes say which group and why (see :func:`_unproven`).
+* a guessed reshape mapping multiplies the index lists at each step (MaxViT's window
+  partitions grew them to tens of GB); every list is bounded by the widest layer, and the whole
+  walk by :data:`TIME_LIMIT` seconds and :data:`NODE_LIMIT` graph nodes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from ..errors import ConfigError
+
+#: Seconds the grouping may take before it is refused (the trace itself is one forward).
+TIME_LIMIT = 120.0
+#: Nodes of the autograd graph above which the model is refused.
+NODE_LIMIT = 200_000
+#: Autograd operations that mix channels although torch-pruning takes them as elementwise.
+_MIXING = ("bmm", "mmbackward", "matmul", "attention", "einsum", "baddbmm", "conv_tbc")
+
+
+class _Unproven(Exception):
+    """A group's coupling cannot be proven exact (the message says why)."""
+
+
+def build_graph(proxy: nn.Module, example_inputs):
+    """torch-pruning's graph of ``proxy`` (plain, every parameter requiring grad); its index
+    mappings are set node by node, and nodes whose mapping fails are marked unmappable."""
+    import torch_pruning as tp
+    from torch_pruning.dependency import index_mapping
+
+    graph = tp.DependencyGraph()
+    graph.sparta_unmappable = set()
+    with warnings.catch_warnings(), _guarded_mappings(graph, index_mapping):
+        warnings.simplefilter("ignore")  # torch-pruning warns about modules it does not know
+        with torch.enable_grad():
+            graph.build_dependency(proxy, example_inputs=example_inputs, verbose=False)
+    if len(graph.module2node) > NODE_LIMIT:
+        raise ConfigError(
+            f"the model's autograd graph has {len(graph.module2node):,} nodes, more than the "
+            f"{NODE_LIMIT:,} sparta groups in bounded time; prune a smaller model or pass "
+            "smaller example_inputs"
+        )
+    return graph
+
+
+@contextmanager
+def _guarded_mappings(graph, index_mapping):
+    """While building, set each node's mapping alone: one that raises (e.g. a channel shuffle's
+    reshape, ``ZeroDivisionError``) marks that node instead of failing the whole graph."""
+    original = index_mapping.update_index_mapping
+    updates = {
+        "CONCAT": index_mapping.update_concat_index_mapping,
+        "SPLIT": index_mapping.update_split_index_mapping,
+        "RESHAPE": index_mapping.update_reshape_index_mapping,
+        "UNBIND": index_mapping.update_unbind_index_mapping,
+        "EXPAND": index_mapping.update_expand_index_mapping,
+        "SLICE": index_mapping.update_slice_index_mapping,
+    }
+
+    def update(g):
+        for node in list(g.module2node.values()):
+            fn = updates.get(node.type.name)
+            if fn is None or node in g.sparta_unmappable:
+                continue
+            try:
+                fn(g, node)
+            except Exception:  # any failure: this node's channel mapping is unknown
+                g.sparta_unmappable.add(node)
+
+    index_mapping.update_index_mapping = update
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = original
+
+
+def all_closures(graph, ignored: list[nn.Module], notes: list[str], names: dict):
+    """``(root module, items)`` for every Conv/Linear root not reached before, where ``items``
+    maps ``(target node, handler)`` to ``{(index, root index)}``; unproven groups are skipped
+    with a note. Mirrors torch-pruning's ``get_all_groups`` with bounds and checks."""
+    import torch_pruning as tp
+
+    deadline = time.monotonic() + TIME_LIMIT
+    limit = 4 * _widest(graph)
+    visited: set[int] = set()
+    ignored_ids = {id(m) for m in ignored + list(graph.IGNORED_LAYERS_IN_TRACING)}
+    for module in list(graph.module2node):
+        if id(module) in ignored_ids or id(module) in visited:
+            continue
+        if not isinstance(module, _ConvNd | nn.Linear):
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        fn = pruner.prune_out_channels
+        if graph.module2node[module].type.name == "DEPTHWISE_CONV":
+            fn = tp.prune_depthwise_conv_out_channels
+        try:
+            items = _closure(graph, module, fn, limit, deadline)
+        except _Unproven as why:
+            notes.append(f"{names.get(module, module)}: {why}; its channels are not pruned")
+            visited.add(id(module))
+            continue
+        outputs = [n.module for n, h in items if graph.is_out_channel_pruning_fn(h)]
+        visited.update(id(m) for m in outputs)
+        if not any(id(m) in ignored_ids for m in outputs):
+            yield module, items
+
+
+def _closure(graph, root, fn, limit: int, deadline: float) -> dict:
+    """Every (node, handler) the removal of all of ``root``'s output channels reaches."""
+    from torch_pruning._helpers import _HybridIndex
+
+    node = graph.module2node[root]
+    n = graph.get_pruner_of_module(root).get_out_channels(root)
+    start = [_HybridIndex(idx=i, root_idx=i) for i in range(n)]
+    items: dict = {(node, fn): {(i, i) for i in range(n)}}
+    stack = [(node, fn, start)]
+    while stack:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"grouping the channels of this model did not finish in {TIME_LIMIT:.0f} s "
+                f"(autograd graph of {len(graph.module2node):,} nodes); sparta refuses "
+                "rather than hang: prune a smaller model or pass smaller example_inputs"
+            )
+        node, fn, idxs = stack.pop()
+        _check_node(graph, node)
+        for dep in node.dependencies:
+            if not dep.is_triggered_by(fn):
+                continue
+            new = idxs
+            for mapping in dep.index_mapping:
+                if mapping is not None:
+                    new = mapping(new)
+                    if len(new) > limit:
+                        raise _Unproven(
+                            f"the channel mapping through {_op_name(dep.target)} grew to "
+                            f"{len(new):,} entries (a reshape that mixes the channel dimension)"
+                        )
+            if not new:
+                continue
+            _check_width(graph, dep, new)
+            key = (dep.target, dep.handler)
+            pairs = {(int(i.idx), int(i.root_idx)) for i in new}
+            seen = items.setdefault(key, set())
+            if pairs <= seen:
+                continue
+            seen |= pairs
+            stack.append((dep.target, dep.handler, new))
+    return items
+
+
+def _check_width(graph, dep, idxs) -> None:
+    """Indices that reach a layer must exist in it: else the mapping was a guess."""
+    if not isinstance(dep.target.module, nn.Module) or dep.target.type.name == "ELEMENTWISE":
+        return
+    out = graph.is_out_channel_pruning_fn(dep.handler)
+    try:
+        width = (graph.get_out_channels if out else graph.get_in_channels)(dep.target)
+    except Exception:  # an operation without a width: nothing to check
+        return
+    top = max(int(i.idx) for i in idxs)
+    if width is not None and top >= width:
+        raise _Unproven(
+            f"the channel mapping reaches index {top} of {_op_name(dep.target)} "
+            f"({'outputs' if out else 'inputs'} {width})"
+        )
+
+
+def _check_node(graph, node) -> None:
+    """Raise :class:`_Unproven` for an operation whose channel mapping is a guess."""
+    kind = node.type.name
+    if node in graph.sparta_unmappable:
+        raise _Unproven(f"coupled through {_op_name(node)}, whose channel mapping failed")
+    if kind in ("UNBIND", "EXPAND"):
+        raise _Unproven(f"coupled through {_op_name(node)} (e.g. a fused q/k/v projection)")
+    if kind == "RESHAPE" and not _is_flatten(node):
+        raise _Unproven(f"coupled through {_op_name(node)}, which rearranges the channels")
+    if kind == "SPLIT" and not _channel_split(node):
+        raise _Unproven(f"coupled through {_op_name(node)} along a dimension sparta cannot map")
+    if kind == "ELEMENTWISE" and any(k in _op_name(node).lower() for k in _MIXING):
+        raise _Unproven(f"coupled through {_op_name(node)}, which mixes channels")
+
+
+def _is_flatten(node) -> bool:
+    """A reshape of ``(N, C, *rest)`` into ``(N, C * prod(rest))``: channel ``c`` becomes
+    entries ``c * prod(rest) ...``; torch-pruning maps exactly that (or nothing for ``rest``
+    of ones). Any other reshape rearranges channels in ways it only guesses."""
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    size = _saved_sizes(node.grad_fn)
+    if size is None or len(size) < 2:
+        return False
+    rest = math.prod(int(s) for s in size[2:])
+    strides = {
+        m._stride
+        for other in [node, *node.inputs, *node.outputs]
+        for dep in other.dependencies
+        if dep.target is node or dep.source is node
+        for m in dep.index_mapping
+        if isinstance(m, _FlattenIndexMapping)
+    }
+    if rest == 1:
+        return not strides
+    return strides == {rest} and _flattens_to_2d(node)
+
+
+def _saved_sizes(grad_fn):
+    for attr in ("_saved_self_sym_sizes", "_saved_self_sizes"):
+        size = getattr(grad_fn, attr, None)
+        if size is not None:
+            return [int(s) for s in size]
+    return None
+
+
+def _flattens_to_2d(node) -> bool:
+    """The reshape's consumers see a 2-D tensor (a flattened feature vector)."""
+    consumers = [n.module for n in node.outputs]
+    return bool(consumers) and all(isinstance(m, nn.Linear) for m in consumers)
+
+
+def _channel_split(node) -> bool:
+    size = _saved_sizes(node.grad_fn)
+    dim = getattr(node.grad_fn, "_saved_dim", None)
+    if size is None or dim is None:
+        return False
+    dim = dim % len(size) if -len(size) <= dim < len(size) else dim
+    if dim == 1:
+        return node.module.offsets is not None  # mapped by torch-pruning
+    return dim != len(size) - 1  # a split along positions: channels untouched
+
+
+def _op_name(node) -> str:
+    grad_fn = getattr(node, "grad_fn", None)
+    name = grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else None
+    return name or type(node.module).__name__
+
+
+def _widest(graph) -> int:
+    """The largest channel count any layer sees (flattened Linear inputs included)."""
+    widest = 1
+    for module in graph.module2node:
+        if isinstance(module, nn.Linear):
+            widest = max(widest, module.in_features, module.out_features)
+        elif isinstance(module, _ConvNd):
+            widest = max(widest, module.in_channels, module.out_channels)
+        elif isinstance(module, nn.Parameter | torch.Tensor):
+            widest = max(widest, *module.shape) if module.dim() else widest
+    return widest
