@@ -401,8 +401,12 @@ def bank_spec(
     if num_classes is None:
         num_classes = saved.get("num_classes")
     if num_classes is None and task is None and directory.is_dir():
-        path = next(iter(sorted(directory.glob("*.safetensors"))), None)
-        task = Task.load(path) if path is not None else None
+        for path in sorted(directory.glob("*.safetensors")):  # the first readable one
+            try:
+                task = Task.load(path)
+                break
+            except ConfigError:
+                continue  # an unusable file: TaskBank lists it with its error
     return base_spec(saved, model, weights, checkpoint, cifar_stem, num_classes, seed, task)
 
 
@@ -453,7 +457,12 @@ def tasks_list(
     with user_errors():
         bank, _ = open_bank(directory, model, weights, checkpoint, cifar_stem, num_classes, seed)
         infos = bank.list(measure=measure)
-    _print([i.to_dict() for i in infos], as_json, info_table(infos, f"tasks in {directory}"))
+    bad = [{"name": f, "error": e} for f, e in sorted(bank.errors.items())]
+    _print([i.to_dict() for i in infos] + bad, as_json, info_table(infos, f"tasks in {directory}"))
+    for row in [] if as_json else bad:
+        stderr.print(
+            f"[bold yellow]unusable task file {escape(row['name'])}:[/] {escape(row['error'])}"
+        )
 
 
 @tasks_app.command("add")

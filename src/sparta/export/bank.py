@@ -5,10 +5,19 @@ fingerprint, rebuilding, fusing, cutting) and kept in a least-recently-used cach
 size. The base is never changed and no model shares storage with it or with another task's
 model. With a ``directory`` the bank persists: every task is a ``<name>.safetensors`` file
 there (written atomically), and opening the bank again finds them.
+
+A task is verified once, when it is added: its compact model is built and its outputs are
+compared with the masked task model's on the task's recorded inputs (within 1e-4 of the
+largest output, relative; see :func:`~sparta.export.build_compact`). A task that fails is
+never registered and leaves no file. A file in the folder that cannot be read or does not fit
+the base does not stop the bank from opening: it is listed in :attr:`TaskBank.errors` with its
+error, and the other tasks are served. Tasks found in the folder are verified on first use.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -17,13 +26,14 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError, FileError, SpartaError, UnknownNameError
 from .accounting import Report, TaskAccount, account, density, task_bytes
-from .artifact import Task
+from .artifact import ArtifactError, Task
 from .build import Builder
 from .compact import CompactReport
 
 SUFFIX = ".safetensors"
+MAX_NAME = 200  # with the suffix, well within the 255 bytes most file systems allow
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -52,7 +62,9 @@ class TaskBank:
         directory: where task files live (created if missing); ``None`` keeps tasks in memory.
         cache_size: how many compact models to keep built at once (least recently used go).
         example_inputs: the batch to trace and count MACs with; default: each task's own.
-        verify: check every built model against the masked task model (slower switches).
+        verify: check every build against the masked task model, not only the first one
+            (each task is always verified once: when added, or on first use if it was found
+            in the folder); slower switches.
 
     Example::
 
@@ -73,16 +85,18 @@ class TaskBank:
             raise ConfigError(f"cache_size must be an integer >= 1, got {cache_size!r}")
         self.builder = Builder(base, example_inputs)
         self.cache_size, self.verify = cache_size, verify
-        self.directory = None if directory is None else Path(directory)
+        self.directory = None if directory is None else _folder(directory)
         self._tasks: dict[str, Task] = {}
         self._info: dict[str, TaskInfo] = {}
         self._accounts: dict[str, TaskAccount] = {}
         self._models: OrderedDict[str, nn.Module] = OrderedDict()
         self._reports: dict[str, CompactReport] = {}
+        self._verified: set[str] = set()
+        #: ``{file name: error}`` of the files in the folder that are not usable tasks.
+        self.errors: dict[str, str] = {}
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for path in sorted(self.directory.glob(f"*{SUFFIX}")):
-                self._register(path.name[: -len(SUFFIX)], Task.load(path))
+            for path in _task_files(self.directory):
+                self._open(path)
 
     @property
     def base(self) -> nn.Module:
@@ -90,25 +104,42 @@ class TaskBank:
 
     # -- the collection -------------------------------------------------------------------------
     def add(self, name: str, task: Task | str | Path, overwrite: bool = False) -> TaskInfo:
-        """Add ``task`` (a :class:`Task` or a task file) as ``name``; refuses a task trained
-        on another base, and an existing name unless ``overwrite``."""
+        """Add ``task`` (a :class:`Task` or a task file) as ``name``, after verifying it once
+        (see the module docstring); refuses a task trained on another base, a task whose
+        compact model does not reproduce it, and an existing name unless ``overwrite``.
+        On any refusal nothing changes: no task is registered and no file is written."""
         _check_name(name)
-        if name in self._tasks and not overwrite:
+        file = f"{name}{SUFFIX}"
+        if (name in self._tasks or file in self.errors) and not overwrite:
             raise ConfigError(f"task {name!r} is already in the bank (pass overwrite=True)")
         task = task if isinstance(task, Task) else Task.load(task)
         self.builder.check(task)
+        model, report = self._verified_build(name, task)
         if self.directory is not None:
-            task.save(self.directory / f"{name}{SUFFIX}")
+            task.save(self.directory / file)
         self._drop(name)
-        return self._register(name, task)
+        self.errors.pop(file, None)
+        info = self._register(name, task)
+        self._verified.add(name)
+        self._keep(name, model, report)
+        return info
 
     def remove(self, name: str) -> None:
-        """Forget task ``name`` (and delete its file from the bank's directory)."""
-        self._get(name)
-        self._drop(name)
-        del self._tasks[name], self._info[name]
+        """Forget task ``name`` (and delete its file from the bank's directory); also deletes
+        an unusable file listed in :attr:`errors` under that name."""
+        file = f"{name}{SUFFIX}"
+        if file in self.errors and name not in self._tasks:
+            del self.errors[file]
+        else:
+            self._get(name)
+            self._drop(name)
+            del self._tasks[name], self._info[name]
+            self._verified.discard(name)
         if self.directory is not None:
-            (self.directory / f"{name}{SUFFIX}").unlink(missing_ok=True)
+            try:
+                (self.directory / file).unlink(missing_ok=True)
+            except OSError as exc:
+                raise FileError(f"cannot delete {str(self.directory / file)!r}: {exc}") from None
 
     def task(self, name: str) -> Task:
         return self._get(name)
@@ -135,12 +166,38 @@ class TaskBank:
         if name in self._models:
             self._models.move_to_end(name)
             return self._models[name]
-        model, report = self.builder.build(task, verify=self.verify)
+        if name in self._verified and not self.verify:
+            model, report = self.builder.build(task, verify=False)
+        else:
+            try:
+                model, report = self._verified_build(name, task)
+            except ArtifactError as exc:  # found in the folder, never verified: now unusable
+                self._drop(name)
+                del self._tasks[name], self._info[name]
+                self.errors[f"{name}{SUFFIX}"] = str(exc)
+                raise
+            self._verified.add(name)
+        return self._keep(name, model, report)
+
+    def _verified_build(self, name: str, task: Task) -> tuple[nn.Module, CompactReport]:
+        """Build ``task`` and compare its compact model with its masked model; any failure is
+        one :class:`ArtifactError` naming the task."""
+        try:
+            return self.builder.build(task, verify=True)
+        except SpartaError as exc:
+            raise ArtifactError(f"task {name!r} failed verification on this base: {exc}") from exc
+        except Exception as exc:  # from deep inside torch: still the task's failure
+            raise ArtifactError(
+                f"task {name!r} cannot be built on this base ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def _keep(self, name: str, model: nn.Module, report: CompactReport) -> nn.Module:
         model.eval()
         info = self._info[name]
         info.params = sum(p.numel() for p in model.parameters())
         info.density = density(report)
         self._models[name], self._reports[name] = model, report
+        self._models.move_to_end(name)
         while len(self._models) > self.cache_size:
             self._models.popitem(last=False)
         return model
@@ -172,6 +229,18 @@ class TaskBank:
         return Report([self._accounts[n] for n in self.names])
 
     # -- internals ------------------------------------------------------------------------------
+    def _open(self, path: Path) -> None:
+        """Register the task in ``path`` (found in the folder), or list it in :attr:`errors`."""
+        name = path.name[: -len(SUFFIX)]
+        try:
+            _check_name(name)
+            task = Task.load(path)
+            self.builder.check(task)
+        except SpartaError as exc:
+            self.errors[path.name] = str(exc)
+            return
+        self._register(name, task)
+
     def _register(self, name: str, task: Task) -> TaskInfo:
         self._tasks[name] = task
         self._info[name] = TaskInfo(
@@ -189,13 +258,48 @@ class TaskBank:
 
     def _get(self, name: str) -> Task:
         if name not in self._tasks:
+            error = self.errors.get(f"{name}{SUFFIX}") if isinstance(name, str) else None
+            if error is not None:
+                raise ArtifactError(f"task {name!r} of this bank is unusable: {error}")
             raise UnknownNameError("task", name, self._tasks)
         return self._tasks[name]
 
 
 def _check_name(name) -> None:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_NAME:
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else repr(name[:57])
         raise ConfigError(
-            f"task name must be letters, digits, '_', '-' or '.', starting with a letter or "
-            f"digit, got {name!r}"
+            f"task name must be 1 to {MAX_NAME} letters, digits, '_', '-' or '.', starting "
+            f"with a letter or digit, got {shown}"
+            + (f"... ({len(name)} characters)" if isinstance(name, str) and len(name) > 60 else "")
         )
+
+
+def _folder(directory) -> Path:
+    """The bank's folder, created if missing; a path that is a file is refused."""
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(f"directory must be a path (str or Path), got {type(directory).__name__}")
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        err = FileError(
+            f"bank directory {str(path)!r} is a file, not a folder; give the folder that holds "
+            "(or is to hold) the task files"
+        )
+        err.errno = errno.ENOTDIR
+        raise err
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileError(
+            f"cannot create bank directory {str(path)!r}: {exc.strerror or exc}"
+        ) from None
+    return path
+
+
+def _task_files(directory: Path) -> list[Path]:
+    try:
+        return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
+    except OSError as exc:
+        raise FileError(
+            f"cannot list bank directory {str(directory)!r}: {exc.strerror or exc}"
+        ) from None
