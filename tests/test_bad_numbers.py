@@ -464,3 +464,32 @@ def test_progress_that_is_not_a_function(net):
     _, x, y = net
     with pytest.raises(ConfigError, match="progress must be a function"):
         _pruner(net, "taylor").score([(x, y)], F.cross_entropy, progress=3)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1.5, -0.1, "0.5", None])
+def test_a_schedule_returning_a_bad_level_is_refused(net, value):
+    def schedule(step, steps, final):
+        return value if step == 2 else 1.0 - (1.0 - final) * step / steps
+
+    with pytest.raises(
+        ConfigError, match=r"schedule .* must return a level in \[0, 1\] .* at step 2 of 3"
+    ):
+        _pruner(net, steps=3, schedule=schedule)
+    # a block schedule is read step by step: the bad level is refused at its step, masks as before
+    model = _block_model()
+    pruner = BlockPruner(model, "magnitude", total_steps=4, warmup_steps=1, schedule=schedule)
+    pruner.step(), pruner.step()  # warm-up, then schedule step 1 of 3
+    before = _masks(model)
+    with pytest.raises(ConfigError, match=r"at step 2 of 3"):
+        pruner.step()
+    _assert_same(before, model)
+    assert pruner.steps_done == 2
+
+
+def test_a_block_target_below_one_unit_per_layer_warns_with_the_level_reached():
+    model = _block_model()
+    blocks = sum(m.mask_block.numel() for m in model.modules() if hasattr(m, "mask_block"))
+    with pytest.warns(UserWarning, match=rf"which leaves {2 / blocks:.4f} of the blocks"):
+        pruner = BlockPruner(model, "magnitude", target=0.01, total_steps=1)
+    assert pruner.step().density == pytest.approx(2 / blocks)  # one block in each of 2 layers
+    assert BlockPruner(_block_model(), "magnitude", target=np.float32(0.5)).target == 0.5

@@ -36,6 +36,8 @@ inside ``nn.MultiheadAttention`` parametrisations are left alone).
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -244,7 +246,7 @@ class BlockPruner:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"BlockPruner expects a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target <= 1:
+        if isinstance(target, bool) or not isinstance(target, numbers.Real) or not 0 < target <= 1:
             raise ConfigError(f"target (fraction of blocks kept) must be in (0, 1], got {target!r}")
         if ranking not in ("global", "local"):
             raise ConfigError(f"ranking must be 'global' or 'local', got {ranking!r}")
@@ -271,6 +273,7 @@ class BlockPruner:
             self.units = _structured_units(self.layers, self.groups, kinds)
         self._scope = torch.zeros(sum(lay.count for lay in self.layers), dtype=torch.bool)
         self._scope[self.units.block_of] = True
+        self._warn_unreachable()
         self.criterion = cls(self.layers, **criterion_options)
         self.steps_done, self.history, self.final = 0, [], False
         self._live = self._live_blocks()
@@ -353,6 +356,24 @@ class BlockPruner:
         self.criterion.release()
 
     # -- internals --------------------------------------------------------------------------
+    def _warn_unreachable(self) -> None:
+        """Every layer (attention module, FFN) keeps a unit: say so when that is above the
+        target, with the fraction of blocks it leaves."""
+        u = self.units
+        size = torch.bincount(u.unit_of, minlength=len(u.group_of))  # a unit's blocks
+        smallest = torch.full((len(u.names),), int(size.max())).scatter_reduce(
+            0, torch.tensor(u.group_of), size, "amin"
+        )
+        lowest = float(smallest.sum()) / float(self._scope.sum())
+        if lowest > self.target + 1e-9:
+            warnings.warn(
+                f"target {self.target:g} (fraction of blocks kept) cannot be reached: every one "
+                f"of the {len(u.names)} pruned groups keeps at least one unit, which leaves "
+                f"{lowest:.4f} of the blocks; pruning will stop there",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _attach(self) -> None:
         index = {lay.adapter: lay for lay in self.layers}
         criterion = self.criterion

@@ -8,6 +8,7 @@ and reaches ``final`` exactly at the last step.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 from ..errors import ConfigError, UnknownNameError
@@ -62,10 +63,23 @@ def steps_for(amount: float, final: float) -> int:
     return max(1, round((1.0 - final) / amount))
 
 
+def _level(fn: Schedule, schedule, step: int, steps: int, final: float) -> float:
+    """``fn(step, steps, final)``, checked to be a number in [0, 1] (a NaN level would compare
+    false with every measured level and prune to the floors)."""
+    value = fn(step, steps, final)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= 1
+    if not ok:
+        raise ConfigError(
+            f"schedule {schedule!r} must return a level in [0, 1] (the fraction kept), got "
+            f"{value!r} at step {step} of {steps}"
+        )
+    return float(value)
+
+
 def levels(schedule: str | Schedule, steps: int, final: float) -> list[float]:
     """The level after each of ``steps`` steps; checked to be non-increasing and end at final."""
     fn = get_schedule(schedule)
-    out = [float(fn(k, steps, final)) for k in range(1, steps + 1)]
+    out = [_level(fn, schedule, k, steps, final) for k in range(1, steps + 1)]
     if any(b > a + 1e-12 for a, b in zip([1.0, *out], out)) or abs(out[-1] - final) > 1e-9:
         raise ConfigError(f"schedule {schedule!r} must decrease monotonically to {final}")
     return out
@@ -94,4 +108,4 @@ def level_at(
         return 1.0
     if step >= warmup + span:
         return float(final)
-    return float(get_schedule(schedule)(step - warmup, span, final))
+    return _level(get_schedule(schedule), schedule, step - warmup, span, final)
