@@ -51,6 +51,12 @@ class Pruner:
         round_to: keep a multiple of this many units per group (e.g. 8 for hardware).
         ranking: ``"global"`` (the paper) or ``"local"`` (the same fraction in every group).
         criterion_options: passed to the criterion (e.g. ``seed`` for ``random``).
+
+    Options under which nothing can be pruned (``min_channels`` or ``round_to`` at least every
+    group's width, more ``steps`` than prunable units) are refused; a target beyond what
+    ``min_channels``, ``round_to`` and the ignored layers allow gives a warning with the level
+    that will be reached. NaN/inf losses, gradients, weights or scores raise
+    :class:`~sparta.NonFiniteError` before any mask changes.
     """
 
     def __init__(
