@@ -493,3 +493,9 @@ def test_a_block_target_below_one_unit_per_layer_warns_with_the_level_reached():
         pruner = BlockPruner(model, "magnitude", target=0.01, total_steps=1)
     assert pruner.step().density == pytest.approx(2 / blocks)  # one block in each of 2 layers
     assert BlockPruner(_block_model(), "magnitude", target=np.float32(0.5)).target == 0.5
+
+
+@pytest.mark.parametrize("granularity", [5, None, ["heads", 3], [["heads"]], ()])
+def test_block_granularity_of_the_wrong_type(granularity):
+    with pytest.raises(ConfigError, match="granularity must be 'blocks', 'heads', 'neurons'"):
+        BlockPruner(_block_model(), granularity=granularity)

@@ -250,7 +250,9 @@ class BlockPruner:
             raise ConfigError(f"target (fraction of blocks kept) must be in (0, 1], got {target!r}")
         if ranking not in ("global", "local"):
             raise ConfigError(f"ranking must be 'global' or 'local', got {ranking!r}")
-        kinds = {granularity} if isinstance(granularity, str) else set(granularity)
+        items = [granularity] if isinstance(granularity, str) else granularity
+        items = list(items) if isinstance(items, tuple | list) else [None]
+        kinds = set(items) if all(isinstance(k, str) for k in items) else set()
         if not kinds or not kinds <= set(GRANULARITIES) or ("blocks" in kinds and len(kinds) > 1):
             raise ConfigError(
                 f"granularity must be 'blocks', 'heads', 'neurons' or ('heads', 'neurons'), "
