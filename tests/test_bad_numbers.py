@@ -328,6 +328,8 @@ def test_more_steps_than_prunable_units_are_refused_at_once(net):
     with pytest.raises(ConfigError, match=f"steps=1000000000 is more than the {units} units"):
         _pruner(net, steps=10**9)  # refused before a schedule of 1e9 levels is built
     assert len(_pruner(net, steps=units).levels) == units
+    with pytest.raises(ConfigError, match="steps=1000000000 is more than"):
+        _pruner(net, steps=10**9, target=1.0)  # nothing to prune, yet no 1e9-long schedule
 
 
 @pytest.mark.parametrize("ignored", [5, ["fc", 3], [None]])

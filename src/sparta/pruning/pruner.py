@@ -284,21 +284,21 @@ class Pruner:
     def _check_reachable(self, steps: int) -> None:
         """Refuse options under which nothing (or less than one unit per step) can be pruned;
         warn, with the reachable level, when the target lies beyond what they allow."""
-        if self.target.level >= 1:
-            return
         alive = self._alive()
         units = [
             (g.name, int(u))
             for g in self.groups
             for u in alive[g.name].nonzero().flatten()[self._floor(g) :]
         ]
-        if not units:
+        if not units and self.target.level < 1:
             raise ConfigError(self._nothing_to_prune())
-        if steps > len(units):
+        if steps > max(len(units), 1):
             raise ConfigError(
                 f"steps={steps} is more than the {len(units)} units that can be pruned in all: "
-                f"some steps would prune nothing; choose steps <= {len(units)}"
+                f"some steps would prune nothing; choose steps <= {max(len(units), 1)}"
             )
+        if self.target.level >= 1:
+            return
         lowest = self._level_after(units)
         if lowest > self.target.level + 1e-6:
             kind, sparsity = self.target.kind, self.target.kind == "sparsity"
