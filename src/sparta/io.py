@@ -73,7 +73,11 @@ def _target(path) -> Path:
     if not isinstance(path, str | os.PathLike):
         raise FileError(f"expected a file path (str or Path), got {type(path).__name__}")
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # e.g. a name too long to look up
+        raise _write_error(path, exc) from None
+    if is_dir:
         err = FileError(f"cannot write {str(path)!r}: it is a directory; give a file path")
         err.errno = errno.EISDIR
         raise err
