@@ -321,15 +321,36 @@ def test_a_reachable_target_does_not_warn(net, recwarn):
     assert not [w for w in recwarn if "cannot be reached" in str(w.message)]
 
 
-def test_more_steps_than_prunable_units_are_refused_at_once(net):
-    model, x, _ = net
-    pruner = _pruner(net)
-    units = sum(g.size - 1 for g in pruner.groups)
-    with pytest.raises(ConfigError, match=f"steps=1000000000 is more than the {units} units"):
-        _pruner(net, steps=10**9)  # refused before a schedule of 1e9 levels is built
-    assert len(_pruner(net, steps=units).levels) == units
-    with pytest.raises(ConfigError, match="steps=1000000000 is more than"):
-        _pruner(net, steps=10**9, target=1.0)  # nothing to prune, yet no 1e9-long schedule
+def test_more_steps_than_prunable_units_warn_and_cost_nothing_up_front(net):
+    units = sum(g.size - 1 for g in _pruner(net).groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning up to one unit per step
+        assert len(_pruner(net, steps=units).levels) == units
+    for target in (0.5, 1.0):  # a schedule of 1e9 levels is read step by step, never built
+        with pytest.warns(
+            UserWarning,
+            match=f"steps=1000000000 is more than the {units} units .* at least "
+            f"{10**9 - units} steps will prune nothing",
+        ):
+            pruner = _pruner(net, steps=10**9, target=target)
+        assert len(pruner.levels) == 10**9 and pruner.levels[-1] == target
+        assert pruner.step().level == pytest.approx(1 - (1 - target) / 10**9)
+
+
+def test_a_schedule_that_grows_is_refused_when_its_level_is_read():
+    from sparta.pruning.schedules import Levels
+
+    def bump(step, steps, final):  # down, then up at step 20,001
+        return 0.9 if step == 20_001 else 0.5
+
+    levels = Levels(bump, 10**6, 0.5)  # beyond 10,000 steps only the ends are read up front
+    assert levels[0] == 0.5
+    with pytest.raises(ConfigError, match="must decrease monotonically to 0.5"):
+        levels[20_000]
+    with pytest.raises(ConfigError, match="must decrease monotonically"):
+        Levels(bump, 30_000, 0.5)[20_000]
+    with pytest.raises(ConfigError, match="must decrease monotonically"):
+        Levels(lambda k, n, f: 0.9 if k == 20 else 0.5, 100, 0.5)  # read whole up to 10,000
 
 
 @pytest.mark.parametrize("ignored", [5, ["fc", 3], [None]])

@@ -22,7 +22,7 @@ from ..registry import require_modules
 from .checks import check_batches, check_int, check_nonempty, check_scores, check_weights
 from .groups import Group, check_inputs, find_groups
 from .masks import resolve_mask
-from .schedules import Schedule, get_schedule, levels
+from .schedules import Levels, Schedule
 from .target import Target
 
 
@@ -52,8 +52,8 @@ class Pruner:
         criterion_options: passed to the criterion (e.g. ``seed`` for ``random``).
 
     Options under which nothing can be pruned (``min_channels`` or ``round_to`` at least every
-    group's width, more ``steps`` than prunable units) are refused; a target beyond what
-    ``min_channels``, ``round_to`` and the ignored layers allow gives a warning with the level
+    group's width) are refused; a target beyond what ``min_channels``, ``round_to`` and the
+    ignored layers allow, or more ``steps`` than prunable units, give a warning with the level
     that will be reached. NaN/inf losses, gradients, weights or scores raise
     :class:`~sparta.NonFiniteError` before any mask changes.
     """
@@ -86,7 +86,7 @@ class Pruner:
             check_int("round_to", round_to, 1)
         if ranking not in ("global", "local"):
             raise ConfigError(f"ranking must be 'global' or 'local', got {ranking!r}")
-        get_schedule(schedule)
+        self.levels = Levels(schedule, steps, self.target.level)  # read step by step
         self.criterion_cls = get_criterion(criterion)
         self.criterion_cls(model, [], **criterion_options)  # refuses bad options before tracing
         self.criterion_name, self.criterion_options = criterion, criterion_options
@@ -108,7 +108,6 @@ class Pruner:
         model.sparta_inputs = spec
         self.initial = self._totals()
         self._check_reachable(steps)
-        self.levels = levels(schedule, steps, self.target.level)
         self.history: list[StepRecord] = []
         self.reset_scores()
 
@@ -293,9 +292,12 @@ class Pruner:
         if not units and self.target.level < 1:
             raise ConfigError(self._nothing_to_prune())
         if steps > max(len(units), 1):
-            raise ConfigError(
+            warnings.warn(
                 f"steps={steps} is more than the {len(units)} units that can be pruned in all: "
-                f"some steps would prune nothing; choose steps <= {max(len(units), 1)}"
+                f"at least {steps - len(units)} steps will prune nothing; choose steps <= "
+                f"{max(len(units), 1)}",
+                UserWarning,
+                stacklevel=3,
             )
         if self.target.level >= 1:
             return

@@ -9,7 +9,7 @@ and reaches ``final`` exactly at the last step.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError, UnknownNameError
 
@@ -76,13 +76,42 @@ def _level(fn: Schedule, schedule, step: int, steps: int, final: float) -> float
     return float(value)
 
 
+class Levels(Sequence):
+    """The level after each of ``steps`` steps, computed when read: a schedule of a billion
+    steps costs nothing up front. Checked to be in [0, 1], non-increasing and to end at
+    ``final`` (every level at once for up to 10,000 steps, else the first and last ones, and
+    each later one when it is read)."""
+
+    EAGER = 10_000
+
+    def __init__(self, schedule: str | Schedule, steps: int, final: float):
+        self.fn, self.schedule = get_schedule(schedule), schedule
+        self.steps, self.final = steps, final
+        for k in range(steps) if steps <= self.EAGER else (0, steps - 2, steps - 1):
+            self[k]
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.steps))]
+        i = i + self.steps if i < 0 else i
+        if not 0 <= i < self.steps:
+            raise IndexError(f"step {i} of {self.steps}")
+        k = i + 1
+        level = _level(self.fn, self.schedule, k, self.steps, self.final)
+        before = 1.0 if k == 1 else _level(self.fn, self.schedule, k - 1, self.steps, self.final)
+        if level > before + 1e-12 or (k == self.steps and abs(level - self.final) > 1e-9):
+            raise ConfigError(
+                f"schedule {self.schedule!r} must decrease monotonically to {self.final}"
+            )
+        return level
+
+
 def levels(schedule: str | Schedule, steps: int, final: float) -> list[float]:
     """The level after each of ``steps`` steps; checked to be non-increasing and end at final."""
-    fn = get_schedule(schedule)
-    out = [_level(fn, schedule, k, steps, final) for k in range(1, steps + 1)]
-    if any(b > a + 1e-12 for a, b in zip([1.0, *out], out)) or abs(out[-1] - final) > 1e-9:
-        raise ConfigError(f"schedule {schedule!r} must decrease monotonically to {final}")
-    return out
+    return list(Levels(schedule, steps, final))
 
 
 def level_at(
