@@ -218,3 +218,32 @@ def test_grad_scaler_fp16_training_steps(adapter):
     assert any(not torch.equal(p, s) for p, s in zip(trainable, start))
     for k, v in base.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("criterion", ["movement", "activation"])
+def test_block_pruning_under_autocast(criterion):
+    """SPLoPA block pruning trained under bf16 autocast reaches its target and the compact
+    model equals the masked one (the criteria read fp32 factors and add up in fp32)."""
+    from sparta.pruning import BlockPruner
+
+    torch.manual_seed(0)
+    base = tiny_bert(vocab_size=60, hidden_size=64, intermediate_size=128)
+    model = sparta.wrap(base, "splopa", block=16, prototypes=8)
+    pruner = BlockPruner(model, criterion, target=0.5, total_steps=4, warmup_steps=1)
+    ids = torch.randint(0, 60, (4, 9), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4) % 3
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        assert logits.dtype == torch.bfloat16
+        nn.functional.cross_entropy(logits.float(), labels).backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+    assert pruner.density() <= 0.5 + 1e-9
+    model.eval()
+    compact = sparta.build(base, sparta.export(model, example_inputs=ids))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, compact(input_ids=ids).logits
+    assert _rel(got, want) <= 1e-5
