@@ -32,7 +32,7 @@ TIME_LIMIT = 120.0
 #: Nodes of the autograd graph above which the model is refused.
 NODE_LIMIT = 200_000
 #: Autograd operations that mix channels although torch-pruning takes them as elementwise.
-_MIXING = ("bmm", "mmbackward", "matmul", "attention", "einsum", "baddbmm", "conv_tbc")
+_MIXING = ("bmm", "attention", "einsum", "conv_tbc")
 
 
 class _Unproven(Exception):
@@ -145,8 +145,13 @@ def _closure(graph, root, fn, limit: int, deadline: float) -> dict:
         for dep in node.dependencies:
             if not dep.is_triggered_by(fn):
                 continue
+            kinds = {_reshape_kind(n) for n in (node, dep.target) if n.type.name == "RESHAPE"}
+            if "rearranges" in kinds:
+                raise _Unproven(
+                    f"coupled through {_op_name(dep.target)}, which rearranges the channels"
+                )
             new = idxs
-            for mapping in dep.index_mapping:
+            for mapping in [] if "identity" in kinds else dep.index_mapping:
                 if mapping is not None:
                     new = mapping(new)
                     if len(new) > limit:
@@ -191,12 +196,62 @@ def _check_node(graph, node) -> None:
         raise _Unproven(f"coupled through {_op_name(node)}, whose channel mapping failed")
     if kind in ("UNBIND", "EXPAND"):
         raise _Unproven(f"coupled through {_op_name(node)} (e.g. a fused q/k/v projection)")
-    if kind == "RESHAPE" and not _is_flatten(node):
-        raise _Unproven(f"coupled through {_op_name(node)}, which rearranges the channels")
     if kind == "SPLIT" and not _channel_split(node):
         raise _Unproven(f"coupled through {_op_name(node)} along a dimension sparta cannot map")
     if kind == "ELEMENTWISE" and any(k in _op_name(node).lower() for k in _MIXING):
         raise _Unproven(f"coupled through {_op_name(node)}, which mixes channels")
+
+
+def _reshape_kind(node) -> str:
+    """``"identity"`` for a reshape that keeps the channel dimension whole (positions merged
+    or split: ``(N, C, H, W) -> (N, C, H*W)``, ``(N, H, W, C) -> (N*H*W, C)``), ``"flatten"``
+    for ``(N, C, H, W) -> (N, C*H*W)``, else ``"rearranges"`` (channels split or mixed, as in
+    a fused q/k/v projection or a channel shuffle). The layout (channels first or last) is
+    that of the layer producing the tensor."""
+    cached = getattr(node, "sparta_reshape", None)
+    if cached is None:
+        cached = node.sparta_reshape = _classify_reshape(node)
+    return cached
+
+
+def _classify_reshape(node) -> str:
+    size_in = _saved_sizes(node.grad_fn)
+    try:
+        size_out = [int(s) for s in node.grad_fn._input_metadata[0].shape]
+    except Exception:  # no shape recorded: cannot be proven
+        return "rearranges"
+    if size_in is None or len(size_in) < 2 or len(size_out) < 2:
+        return "rearranges"
+    if _is_flatten(node):
+        return "flatten"
+    layout = _layout(node)
+    if layout == "last" and size_in[-1] == size_out[-1]:
+        return "identity"
+    if layout == "first" and size_in[:2] == size_out[:2] and len(size_out) >= 3:
+        return "identity"
+    return "rearranges"
+
+
+def _layout(node, depth: int = 64) -> str | None:
+    """``"first"`` (channels on dim 1) or ``"last"`` for the tensor entering ``node``, from the
+    nearest producing layer upstream through single-input operations; ``None`` if unknown
+    (a permute or transpose on the way, several inputs, too far)."""
+    for _ in range(depth):
+        inputs = [n for n in node.inputs if n.type.name != "PARAMETER"]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+        module = node.module
+        if isinstance(module, nn.Linear | nn.LayerNorm | nn.MultiheadAttention | nn.Embedding):
+            return "last"
+        if isinstance(module, _ConvNd | nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
+            return "first"
+        name = _op_name(node).lower()
+        if "permute" in name or "transpose" in name or name.startswith("tbackward"):
+            return None
+        if node.type.name == "RESHAPE" and _reshape_kind(node) != "identity":
+            return None
+    return None
 
 
 def _is_flatten(node) -> bool:
@@ -217,9 +272,13 @@ def _is_flatten(node) -> bool:
         for m in dep.index_mapping
         if isinstance(m, _FlattenIndexMapping)
     }
-    if rest == 1:
-        return not strides
-    return strides == {rest} and _flattens_to_2d(node)
+    try:
+        size_out = [int(s) for s in node.grad_fn._input_metadata[0].shape]
+    except Exception:
+        return False
+    if size_out != [size[0], size[1] * rest]:
+        return False
+    return not strides if rest == 1 else strides == {rest}
 
 
 def _saved_sizes(grad_fn):
@@ -228,12 +287,6 @@ def _saved_sizes(grad_fn):
         if size is not None:
             return [int(s) for s in size]
     return None
-
-
-def _flattens_to_2d(node) -> bool:
-    """The reshape's consumers see a 2-D tensor (a flattened feature vector)."""
-    consumers = [n.module for n in node.outputs]
-    return bool(consumers) and all(isinstance(m, nn.Linear) for m in consumers)
 
 
 def _channel_split(node) -> bool:
