@@ -21,7 +21,7 @@ from ..adapters.layer import AdaptedLayer
 from ..adapters.splopa import SPLoPA
 from ..errors import ConfigError
 from ..registry import Registry
-from .checks import bad_count, finite, nonfinite
+from .checks import all_zero, bad_count, finite, nonfinite
 
 _BLOCK_CRITERIA: Registry[BlockCriterion] = Registry("block criterion")
 
@@ -125,7 +125,9 @@ class BlockCriterion(ABC):
         self.layers = layers
         self.total = sum(lay.count for lay in layers)
         self.device = layers[0].layer.base.weight.device
-        self.bad: list[str] = []  # non-finite values the hooks met (and dropped) since a step
+        # per layer: [non-finite entries, entries] the hooks met (and dropped) since the last
+        # step, kept as device tensors: a hook never waits for the device
+        self.bad: dict[str, list] = {}
         for key, default in self.options.items():
             setattr(self, key, options.get(key, default))
 
@@ -150,13 +152,22 @@ class BlockCriterion(ABC):
         """Called by every ``BlockPruner.step`` before :meth:`update`: raise
         :class:`~sparta.NonFiniteError` if the hooks met NaN/inf since the last step (they
         dropped those values, so a caller that skips such a batch may go on)."""
-        bad, self.bad = self.bad, []
-        if bad:
-            nonfinite(
-                f"block criterion {self.name!r}: {self.reads} since the last step",
-                bad,
-                "They were not added to the scores and no mask was changed.",
-            )
+        bad, self.bad = self.bad, {}
+        if all_zero(n for n, _ in bad.values()):  # one host sync per device
+            return
+        nonfinite(
+            f"block criterion {self.name!r}: {self.reads} since the last step",
+            [f"{k!r} ({int(n)} NaN or inf of {t})" for k, (n, t) in bad.items() if int(n)],
+            "They were not added to the scores and no mask was changed.",
+        )
+
+    def _screen(self, name: str, values: Tensor) -> Tensor:
+        """Whether every entry of ``values`` is finite, as a 0-d bool tensor (no host sync: a
+        hook never waits for the device); non-finite entries are counted for :meth:`check`."""
+        bad = (~torch.isfinite(values)).sum()
+        count = self.bad.setdefault(name, [0, 0])
+        count[0], count[1] = bad + count[0], count[1] + values.numel()
+        return bad == 0
 
     def parameters(self) -> list[nn.Parameter]:
         return []
@@ -206,7 +217,7 @@ class Activation(BlockCriterion):
         self.energy = [
             torch.zeros(lay.layer.base.weight.shape[1], device=self.device) for lay in layers
         ]
-        self.tokens = [0] * len(layers)
+        self.tokens = [torch.zeros((), device=self.device) for _ in layers]
         self._handles: list = []
 
     def attach(self) -> None:
@@ -225,11 +236,9 @@ class Activation(BlockCriterion):
                 x = args[0].detach()
                 x = x.reshape(-1, x.shape[-1])
                 energy = x.float().square().sum(0)  # float32: any device
-                if not finite(energy):
-                    self.bad.append(f"{self.layers[i].name!r} ({bad_count(x)})")
-                    return
-                self.energy[i] += energy
-                self.tokens[i] += x.shape[0]
+                ok = self._screen(self.layers[i].name, x)  # NaN/inf inputs are dropped
+                self.energy[i] += torch.where(ok, energy, 0.0)
+                self.tokens[i] += ok * x.shape[0]
 
         return record
 
@@ -238,7 +247,7 @@ class Activation(BlockCriterion):
         with torch.no_grad():
             for lay, energy, n in zip(self.layers, self.energy, self.tokens, strict=True):
                 weight = (lay.layer.base.weight + lay.adapter.delta()).double()
-                mean = energy.double() / max(n, 1)
+                mean = energy.double() / n.double().clamp(min=1)
                 parts.append(lay.per_block(weight.square() * mean).sqrt())
         return torch.cat(parts).cpu()
 
@@ -261,10 +270,9 @@ class Movement(BlockCriterion):
             def accumulate(grad: Tensor) -> None:
                 # dL/d(masked delta) is dL/dW' on the Linear path; W' = masked W + masked delta
                 weight = lay.masked_base() + value
-                moved = lay.per_block(weight * grad)
-                if not finite(moved):  # dropped: one bad batch must not poison every step
-                    self.bad.append(f"{lay.name!r} ({bad_count(weight * grad)})")
-                    return
+                product = weight * grad
+                ok = self._screen(lay.name, product)  # dropped if NaN/inf: not poisoning all
+                moved = torch.where(ok, lay.per_block(product), 0.0)
                 self.accumulated[lay.offset : lay.offset + lay.count] -= moved
 
             masked.register_hook(accumulate)

@@ -81,6 +81,15 @@ def all_finite(ts: Iterable[Tensor]) -> bool:
     return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
+def all_zero(ts: Iterable) -> bool:
+    """Whether every count in ``ts`` (tensors or ints) is 0, with one host sync per device."""
+    flags: dict = {}
+    for t in ts:
+        t = torch.as_tensor(t)
+        flags.setdefault(t.device, []).append(t.reshape(()))
+    return not any(bool(torch.stack(f).any()) for f in flags.values())
+
+
 def listing(items: list[str]) -> str:
     more = len(items) - _SHOWN
     return ", ".join(items[:_SHOWN]) + (f" and {more} more" if more > 0 else "")
