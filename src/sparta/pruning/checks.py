@@ -26,6 +26,7 @@ ADVICE = (
 _SHOWN = 6  # names listed in a message before "and N more"
 # What a user's model or loss raises on malformed input (SpartaError passes through as it is).
 _INPUT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", MemoryError)
 
 
 def describe(inputs) -> str:
@@ -185,7 +186,7 @@ def guarded(fn: Callable, what: str):
     saying ``what`` failed (the original is chained)."""
     try:
         return fn()
-    except SpartaError:
+    except (SpartaError, _OUT_OF_MEMORY):  # already clear, or not about the input: as is
         raise
     except _INPUT_ERRORS as exc:
         raise ConfigError(f"{what}: {type(exc).__name__}: {exc}") from exc
