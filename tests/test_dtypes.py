@@ -159,3 +159,19 @@ def test_inputs_from_a_spec_follow_the_device_and_dtype():
     meta = make_inputs(spec, seed=3, device="meta")  # any device: values made on the CPU, moved
     assert {t.device.type for t in meta.values()} == {"meta"}
     assert torch.equal(make_inputs(spec, seed=3)["x"], cpu["x"])
+
+
+def test_build_verification_allows_the_dtypes_rounding_only():
+    """``build`` verifies compact == masked to 1e-4 in fp32 and to 4 eps in bf16/fp16, where
+    every layer rounds its output; a NaN output is never accepted."""
+    from sparta.errors import SpartaError
+    from sparta.export.compact import _compare
+
+    want = torch.linspace(-1, 1, 64)
+    for dtype, flip in [(torch.float32, 5e-5), (torch.bfloat16, 2**-7), (torch.float16, 2**-10)]:
+        low = want.to(dtype)
+        _compare(low, low + flip * low.abs().max())  # one last-bit flip of the largest output
+        with pytest.raises(SpartaError, match="differs"):
+            _compare(low, low + 8 * torch.finfo(dtype).eps * low.abs().max() + 2e-4)
+        with pytest.raises(SpartaError, match="differs"):
+            _compare(low, low * float("nan"))
