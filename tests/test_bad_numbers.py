@@ -522,3 +522,9 @@ def test_a_block_target_below_one_unit_per_layer_warns_with_the_level_reached():
 def test_block_granularity_of_the_wrong_type(granularity):
     with pytest.raises(ConfigError, match="granularity must be 'blocks', 'heads', 'neurons'"):
         BlockPruner(_block_model(), granularity=granularity)
+
+
+def test_mac_counter_refuses_a_batch_of_zero(net):
+    with pytest.raises(ConfigError, match=r"example_inputs of shape \(0, 3, 8, 8\) hold"):
+        sparta.MacCounter(net[0], torch.randn(0, 3, 8, 8))
+    assert sparta.MacCounter(net[0], net[1]).count(net[0]) > 0

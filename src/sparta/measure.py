@@ -93,6 +93,9 @@ class MacCounter:
     """
 
     def __init__(self, model: nn.Module, example_inputs):
+        from .pruning.checks import check_nonempty  # lazy: pruning imports this module
+
+        check_nonempty(example_inputs, "example_inputs")  # MACs per sample of no sample
         self.positions: dict[str, float] = {}
         self.attention: dict[str, tuple[float, float]] = {}
         batch = batch_size(example_inputs)
