@@ -21,6 +21,7 @@ run last with the ``--large-memory`` limit; ``--skip-large`` leaves them out.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -274,6 +275,8 @@ def run_model(name: str, source: str, criteria=CRITERIA, batch: int = 2) -> Row:
             density.append(out["density"])
             notes += [n for n in out["notes"] if n not in notes]
             same = same and out["base_unchanged"]
+            del out  # the compact model: free it before the next criterion
+            gc.collect()
         row.max_rel_diff, row.init_rel_diff = max(diffs), max(init)
         row.params_ratio, row.macs_ratio, row.density = max(params), max(macs), max(density)
         row.notes = notes
@@ -386,28 +389,43 @@ def select(args) -> list[tuple[str, str]]:
 
 
 def sweep(args) -> list[Row]:
+    """Every selected model in its own subprocess, ``args.jobs`` at a time; large models last
+    (one at a time, with ``args.large_memory``)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     models = select(args)
     sizes = {m: _param_count(*m) for m in models}
-    large = {m for m in models if sizes[m] > args.large * 1e6}
-    order = [m for m in models if m not in large] + [m for m in models if m in large]
-    rows = []
-    print(f"# {machine()}; {len(order)} models, {args.threads} thread(s) each", flush=True)
-    for i, (name, source) in enumerate(order, 1):
-        if (name, source) in large and args.skip_large:
+    large = [m for m in models if sizes[m] > args.large * 1e6]
+    small = [m for m in models if m not in large]
+    rows: dict[tuple[str, str], Row] = {}
+    print(f"# {machine()}; {len(models)} models, {args.jobs} at a time, 1 thread each", flush=True)
+
+    def done(m, row):
+        rows[m] = row
+        print(f"[{len(rows)}/{len(models)}] {_line(row)}", flush=True)
+        if args.json:  # written as it goes: a long sweep can be watched
+            write_json([rows[k] for k in models if k in rows], args.json)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {
+            pool.submit(run_isolated, n, s, args.timeout, args.memory, args.threads): (n, s)
+            for n, s in small
+        }
+        for future in as_completed(futures):
+            done(futures[future], future.result())
+    for name, source in large:
+        if args.skip_large:
             row = Row(name, source, input_size(name, source), status="skipped")
             row.error = f"--skip-large: {sizes[(name, source)] / 1e6:.0f} M parameters"
         else:
-            memory = args.large_memory if (name, source) in large else args.memory
-            row = run_isolated(name, source, args.timeout, memory, args.threads)
-        rows.append(row)
-        print(f"[{i}/{len(order)}] {_line(row)}", flush=True)
-        if args.json:  # written as it goes: a long sweep can be watched and resumed
-            write_json(rows, args.json)
-    return rows
+            row = run_isolated(name, source, args.timeout, args.large_memory, args.threads)
+        done((name, source), row)
+    return [rows[m] for m in models]
 
 
 def _line(row: Row) -> str:
-    head = f"{row.source}:{row.model} {row.size}px {row.status} {row.seconds:.0f}s"
+    peak = f" {row.peak_gb:.1f}GB" if row.peak_gb else ""
+    head = f"{row.source}:{row.model} {row.size}px {row.status} {row.seconds:.0f}s{peak}"
     if row.status == "pass":
         return (
             f"{head} diff {row.max_rel_diff:.1e} params {row.params_ratio:.2f} "
@@ -464,7 +482,8 @@ def main(argv=None) -> int:
     parser.add_argument("--large", type=float, default=200, help="M params that count as large")
     parser.add_argument("--large-memory", type=float, default=16, help="GB for large models")
     parser.add_argument("--skip-large", action="store_true", help="leave large models out")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
+    parser.add_argument("--jobs", type=int, default=1, help="models run at the same time")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -52,6 +52,8 @@ class CompactReport:
     params_before: int  # the fused, dense model (same architecture as the base)
     params_after: int
     groups: list[GroupOutcome] = field(default_factory=list)
+    #: Layers whose channels were never pruned, with the reason (from the grouping).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def dense(self) -> list[GroupOutcome]:
@@ -64,6 +66,7 @@ class CompactReport:
     def __str__(self) -> str:
         lines = [f"parameters {self.params_before:,} -> {self.params_after:,}"]
         lines += [f"kept dense {g.name} ({g.kind}): {g.dense_reason}" for g in self.dense]
+        lines += [f"not pruned: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -111,7 +114,7 @@ def build_compact(
             widths=_widths(work, groups),
             reasons={id(g): _dense_reason(work, g) for g in groups},
         )
-    report = CompactReport(known["count"], 0)
+    report = CompactReport(known["count"], 0, notes=list(getattr(groups, "notes", [])))
     flags, widths = known["flags"], known["widths"]
     channel_plans, sliced_plans = [], []
     for g, dead in zip(groups, dead_units):
@@ -596,10 +599,13 @@ def _output(model: nn.Module, example_inputs) -> Tensor:
 def _compare(want: Tensor, got: Tensor) -> None:
     scale = want.abs().max().item() + 1e-12
     err = (got - want).abs().max().item() / scale if got.shape == want.shape else float("inf")
-    if err > 1e-4:
+    # bf16/fp16 models round every layer's output (bf16 keeps 8 bits), so an equally exact but
+    # different summation order in the narrower layers may flip last bits: 4 eps of the dtype
+    allowed = max(1e-4, 4 * torch.finfo(want.dtype).eps) if want.is_floating_point() else 1e-4
+    if not err <= allowed:
         raise SpartaError(
             f"compact model differs from the pruned model: output {tuple(got.shape)} vs "
-            f"{tuple(want.shape)}, max relative difference {err:.3g} (allowed 1e-4)"
+            f"{tuple(want.shape)}, max relative difference {err:.3g} (allowed {allowed:.3g})"
         )
 
 

@@ -50,6 +50,12 @@ class Group:
         return [m for m in self.members if m.site in ("out", "q", "k", "v")]
 
 
+class GroupList(list):
+    """The groups of a model, with ``notes``: what could not be grouped, and why."""
+
+    notes: list[str]
+
+
 def check_inputs(model: nn.Module, example_inputs) -> None:
     """Run the model once; a failure becomes a clear error about the example inputs."""
     try:
@@ -109,6 +115,8 @@ def find_groups(
         if any((m.module, m.site) in claimed for m in g.members):
             continue
         groups.append(g)
+    groups = GroupList(groups)
+    groups.notes = notes
     return groups, notes
 
 

@@ -1,0 +1,189 @@
+"""The full loop on whole model zoos (issue #11): wrap -> Pruner -> export -> save -> load ->
+build, exact (masked == compact within 1e-4 relative), the base bit-identical, something
+physically removed, and the wrapped model equal to the base at init (within the adapter's
+init scale).
+
+The default suite runs one small member of each mechanism (grouped convolutions, channel
+shuffle, a convolutional head, fused q/k/v attention, Hugging Face BERT and ViT from configs)
+on small inputs; the smallest member of every torchvision family and the timm families run
+under ``-m slow``. ``benchmarks/zoo.py`` (the same loop) sweeps every model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import zoo  # noqa: E402
+
+#: Smallest member of every torchvision classification family.
+TORCHVISION_FAMILIES = (
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet0_5",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "resnet18",
+    "resnext50_32x4d",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_0",
+    "swin_t",
+    "swin_v2_t",
+    "vgg11",
+    "vit_b_32",
+    "wide_resnet50_2",
+)
+TIMM_MODELS = (
+    "resnet18",
+    "efficientnet_b0",
+    "tf_efficientnet_b0",
+    "convnext_atto",
+    "regnetx_002",
+    "regnety_002",
+    "deit_tiny_patch16_224",
+    "mobilevitv2_050",
+    "mobilevit_xxs",
+    "swin_tiny_patch4_window7_224",
+    "ghostnet_100",
+    "rexnet_100",
+    "resnetv2_50x1_bit",
+    "nf_resnet26",
+)
+
+
+def _check(base, x, criterion, tmp_path, max_density=0.75):
+    before = zoo._state(base)
+    out = zoo.full_loop(base, x, criterion, workdir=tmp_path)
+    assert out["max_rel_diff"] <= 1e-4, out["max_rel_diff"]
+    assert out["base_unchanged"]
+    assert zoo.base_unchanged(base, before)
+    assert out["init_rel_diff"] <= 1e-2, out["init_rel_diff"]  # SPLoRA's init is ~1e-4
+    assert out["density"] <= max_density  # pruning happened ...
+    assert out["params_ratio"] < 1.0  # ... and the compact model is physically smaller
+    assert out["macs_ratio"] < 1.0
+    compact = out["compact"]
+    assert not ({p.data_ptr() for p in compact.parameters()} & _ptrs(base))
+    return out
+
+
+def _ptrs(model):
+    return {t.data_ptr() for t in model.state_dict().values()}
+
+
+def _tv(name, size=32):
+    torch.manual_seed(0)
+    return zoo.make_model(name, "torchvision"), torch.randn(2, 3, size, size)
+
+
+# -- default suite: one model per mechanism -----------------------------------------------------
+@pytest.mark.parametrize(
+    "name, criterion, size",
+    [
+        ("mobilenet_v3_small", "taylor", 32),  # depthwise convolutions, squeeze-excitation
+        ("shufflenet_v2_x0_5", "l1", 32),  # channel shuffle: those groups stay unpruned
+    ],
+)
+def test_torchvision_models_round_trip_exactly(name, criterion, size, tmp_path):
+    base, x = _tv(name, size)
+    out = _check(base, x, criterion, tmp_path)
+    if name == "shufflenet_v2_x0_5":
+        assert any("rearranges the channels" in n for n in out["notes"])
+
+
+def test_grouped_convolutions_lose_whole_groups(tmp_path):
+    base, x = _tv("regnet_x_400mf")
+    out = _check(base, x, "taylor", tmp_path)
+    changed = 0
+    for name, conv in base.named_modules():
+        if isinstance(conv, torch.nn.Conv2d) and conv.groups > 1:
+            small = out["compact"].get_submodule(name)
+            per_in, per_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+            assert small.in_channels == small.groups * per_in
+            assert small.out_channels == small.groups * per_out
+            changed += small.groups < conv.groups
+    assert changed > 0
+
+
+def _tiny_vit_timm():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=10,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+    )
+    return model.eval(), torch.randn(2, 3, 32, 32)
+
+
+def test_timm_fused_qkv_attention_stays_exact(tmp_path):
+    base, x = _tiny_vit_timm()
+    out = _check(base, x, "l1", tmp_path, max_density=0.9)
+    # the fused q/k/v projection is never pruned channel by channel; the MLP neurons are
+    assert any("qkv" in n or "Unbind" in n for n in out["notes"]), out["notes"]
+    compact = out["compact"]
+    for i, block in enumerate(base.blocks):
+        assert compact.blocks[i].attn.qkv.out_features == block.attn.qkv.out_features
+    assert sum(b.mlp.fc1.out_features for b in compact.blocks) < sum(
+        b.mlp.fc1.out_features for b in base.blocks
+    )
+
+
+def test_hugging_face_bert_from_config(tmp_path):
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_bert
+
+    torch.manual_seed(0)
+    base = tiny_bert()
+    x = {"input_ids": torch.randint(0, 50, (2, 8)), "attention_mask": torch.ones(2, 8).long()}
+    _check(base, x, "taylor", tmp_path)
+
+
+def test_hugging_face_vit_from_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_labels=5,
+    )
+    base = transformers.ViTForImageClassification(cfg).eval()
+    _check(base, {"pixel_values": torch.randn(2, 3, 32, 32)}, "l1", tmp_path)
+
+
+# -- slow: every torchvision family and the timm list ---------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_FAMILIES)
+@pytest.mark.parametrize("criterion", ["l1", "taylor"])
+def test_every_torchvision_family(name, criterion, tmp_path):
+    size = zoo.input_size(name, "torchvision")
+    base, x = _tv(name, size)
+    _check(base, x, criterion, tmp_path, max_density=0.9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_families(name, tmp_path):
+    pytest.importorskip("timm")
+    size = zoo.input_size(name, "timm")
+    torch.manual_seed(0)
+    base, x = zoo.make_model(name, "timm").eval(), torch.randn(2, 3, size, size)
+    _check(base, x, "taylor", tmp_path, max_density=0.9)
