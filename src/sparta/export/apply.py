@@ -53,6 +53,7 @@ def task_model(
     m = task.manifest
     for name in m["adapted"] + m["head"]:
         _module(base, name, "lists")
+    _refuse_adapted(base, task, [n for n in m["adapted"] if not _adaptable(base, n, m["head"])])
     copied = _frozen_sharing_copy(base, m["adapted"], m["head"]) if share_frozen else None
     try:
         with warnings.catch_warnings():
@@ -90,31 +91,46 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+def _adaptable(base: nn.Module, name: str, head: list[str]) -> bool:
+    """Whether an adapter could adapt layer ``name`` at all (checked again, exactly, by
+    wrapping): a Linear, convolution or attention layer outside the head."""
+    if any(name == h or name.startswith(h + ".") for h in head):
+        return False
+    module = base.get_submodule(name)
+    if isinstance(module, _ConvNd):
+        return not module.transposed
+    return isinstance(module, nn.Linear | nn.MultiheadAttention)
+
+
 def _check_adapted(base: nn.Module, model: nn.Module, task: Task) -> None:
     """The layers the adapter adapted in the rebuilt model are exactly the listed ones."""
     report = model.sparta_report
     listed, got = set(task.manifest["adapted"]), set(report.adapted)
-    if listed == got:
-        return
     reasons = {s.name: s.reason for s in report.skipped}
-    wrong = sorted(listed - got)
-    if wrong:
-        named = "; ".join(
-            f"{n} ({type(base.get_submodule(n)).__name__}"
-            + (f": {reasons[n]}" if n in reasons else "")
-            + (", the head" if n in task.manifest["head"] else "")
-            + ")"
-            for n in wrong[:3]
-        )
+    _refuse_adapted(base, task, sorted(listed - got), reasons)
+    if listed != got:
         raise ArtifactError(
-            f"the task lists {named} as adapted, but adapter {task.adapter!r} with options "
-            f"{task.options} does not adapt it in this base (only Linear, convolution and "
-            "attention layers outside the head are adapted); the file was edited or made for "
-            "another model"
+            f"the task's adapted layers do not select the same layers in this base "
+            f"(also adapted: {sorted(got - listed)[:3]})"
         )
+
+
+def _refuse_adapted(base: nn.Module, task: Task, wrong: list[str], reasons=None) -> None:
+    if not wrong:
+        return
+    reasons, head = reasons or {}, task.manifest["head"]
+    named = "; ".join(
+        f"{n} ({type(base.get_submodule(n)).__name__}"
+        + (f": {reasons[n]}" if n in reasons else "")
+        + (", the head" if n in head else "")
+        + ")"
+        for n in wrong[:3]
+    )
     raise ArtifactError(
-        f"the task's adapted layers do not select the same layers in this base "
-        f"(also adapted: {sorted(got - listed)[:3]})"
+        f"the task lists {named} as adapted, but adapter {task.adapter!r} with options "
+        f"{task.options} does not adapt it in this base (only Linear, convolution and "
+        "attention layers outside the head are adapted); the file was edited or made for "
+        "another model"
     )
 
 

@@ -131,16 +131,18 @@ class Builder:
 
     def task_model(self, task: Task) -> nn.Module:
         """The masked task model on the base, for building only (never train it): one per
-        task layout (adapter, options, adapted and masked layers, stored tensors), reused
-        by loading each task's tensors into it."""
+        task layout (adapter, options, adapted, head and masked layers, stored tensors),
+        reused by loading each task's tensors into it (a refused task writes nothing into
+        it). The stored tensors are part of the layout: a task that does not store some
+        trainable tensor must find the base's value there, not another task's."""
         m = task.manifest
         key = json.dumps(
-            [m["adapter"], m["adapted"], m["head"], m["masked"], sorted(m["tensors"])],
+            [m["adapter"], *(sorted(m[k]) for k in ("adapted", "head", "masked", "tensors"))],
             sort_keys=True,
         )
-        model, cache = self._templates.pop(key, (None, {}))
         if self._protected is None:
             self._protected = storages(self.base)
+        model, cache = self._templates.pop(key, (None, {}))
         if model is None:
             model = task_model(self.base, task, share_frozen=True, protected=self._protected)
             model.eval()

@@ -293,7 +293,7 @@ def check_manifest(m, path: str) -> None:
     """Raise :class:`ArtifactError` unless ``m`` follows the manifest schema and its bounds."""
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ArtifactError(f"{path!r} is not a sparta task (manifest format is not {FORMAT!r})")
-    if not _int(m.get("version")) or m["version"] > VERSION:
+    if not _int(m.get("version")) or not 1 <= m["version"] <= VERSION:
         raise ArtifactError(
             f"task file {path!r} has format version {_short(m.get('version'))}, but this "
             f"sparta reads version {VERSION} and older; upgrade sparta to load it"
