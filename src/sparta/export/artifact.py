@@ -56,7 +56,6 @@ from .taskfile import (
     STATS,
     VERSION,
     ArtifactError,
-    check_manifest,
     check_tensors,
     decode,
     digest,
