@@ -114,7 +114,7 @@ def resolve_mask(model: nn.Module, module_name: str, site: str, create: bool = T
 
     Plain layers get a mask attached on first use; ``create=False`` returns ``None`` instead.
     """
-    module = model.get_submodule(module_name)
+    module = _submodule(model, module_name)
     if site in ("out", "in"):
         out, inp = ensure_masks(module, create)
         if site == "in" and inp is None and out is not None:
@@ -123,6 +123,20 @@ def resolve_mask(model: nn.Module, module_name: str, site: str, create: bool = T
     if not isinstance(module, nn.MultiheadAttention):
         raise NotAdaptableError(f"site {site!r} needs a MultiheadAttention, got {module_name!r}")
     return _attention_mask(module, site, create)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` through the module dicts directly: the pruner resolves
+    tens of thousands of masks per step, and ``get_submodule`` checks each level slowly."""
+    module = model
+    try:
+        for atom in name.split(".") if name else ():
+            module = module._modules[atom]
+    except (KeyError, AttributeError, TypeError):
+        return model.get_submodule(name)  # its error names what is missing
+    if module is None:
+        return model.get_submodule(name)
+    return module
 
 
 def _attention_mask(mha: nn.MultiheadAttention, site: str, create: bool):

@@ -1,0 +1,87 @@
+"""Write README.md's "Supported models" section from the JSON ``benchmarks/zoo.py`` wrote.
+
+Run: ``.venv/bin/python benchmarks/readme_zoo.py zoo.json`` (or ``benchmarks/zoo.py --readme
+zoo.json``). The section sits between ``<!-- zoo:start -->`` and ``<!-- zoo:end -->``; without
+the markers it is added before "## Benchmarks". Nothing is measured here: the table is the
+sweep's own output (a summary line, then one row per model).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+START, END = "<!-- zoo:start -->", "<!-- zoo:end -->"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def section(data: dict) -> str:
+    rows = data["rows"]
+    lines = [
+        START,
+        "## Supported models",
+        "",
+        "The full loop (`wrap` SPLoRA r=4 -> `Pruner` l1 and taylor, half the filters in 2 "
+        "steps -> `export` -> `save` -> `Task.load` -> `build`) on every model below, random "
+        "weights, batch 2, measured by `benchmarks/zoo.py` "
+        f"({data['machine']}). *pass*: the compact model equals the masked one within 1e-4 "
+        "relative (worst of both criteria shown), the base is bit-identical afterwards; params "
+        "and MACs are compact / base (the larger of the two criteria). Layers whose coupling "
+        "sparta cannot prove exact (fused q/k/v projections, channel shuffles, window "
+        "partitions) stay unpruned and are listed in `compact.sparta_compact.notes`.",
+        "",
+        "**" + _summary(rows) + "**",
+        "",
+        "| model | source | input | result | max rel diff | params | MACs | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["status"] == "pass":
+            cells = [
+                "pass" + (f" ({len(r['notes'])} notes)" if r["notes"] else ""),
+                f"{r['max_rel_diff']:.1e}",
+                f"{r['params_ratio']:.2f}",
+                f"{r['macs_ratio']:.2f}",
+            ]
+        else:
+            why = (r.get("error") or "").replace("|", "/").replace("\n", " ")
+            cells = [f"{r['status']}: {why[:140]}", "", "", ""]
+        lines.append(
+            f"| {r['model']} | {r['source']} | {r['size']} px | "
+            + " | ".join(cells)
+            + f" | {r['seconds']:.0f} |"
+        )
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def _summary(rows: list[dict]) -> str:
+    parts = []
+    for source in dict.fromkeys(r["source"] for r in rows):
+        mine = [r for r in rows if r["source"] == source]
+        passed = sum(r["status"] == "pass" for r in mine)
+        skipped = sum(r["status"] == "skipped" for r in mine)
+        text = f"{source}: {passed} of {len(mine)} pass exactly"
+        parts.append(text + (f" ({skipped} skipped as large)" if skipped else ""))
+    return "; ".join(parts)
+
+
+def write_readme(json_path: str, readme: Path = README) -> None:
+    data = json.loads(Path(json_path).read_text())
+    text = readme.read_text()
+    new = section(data)
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + new + rest.split(END, 1)[1]
+    else:
+        marker = "## Benchmarks"
+        head, sep, tail = text.partition(marker)
+        text = head + new + "\n\n" + sep + tail if sep else text.rstrip() + "\n\n" + new + "\n"
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: readme_zoo.py ZOO.json")
+    write_readme(sys.argv[1])
