@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 
 import sparta
 from sparta.errors import FileError, SpartaError
-from sparta.export import ArtifactError, Task, TaskBank, build, export
+from sparta.export import ArtifactError, Builder, Task, TaskBank, apply_task, build, export
 from sparta.io import TEMP_SUFFIX, atomic_write
 from test_artifact import _write_raw
-from test_build import make_task, rel_diff
+from test_build import make_task, rel_diff, run
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -133,6 +133,24 @@ def test_verify_happens_once_at_add(residual, tmp_path, monkeypatch):
     every.add("b", tasks["b"])
     every.model("a")
     assert calls[7:] == [True, True, True]
+
+
+def test_a_task_storing_fewer_tensors_never_sees_another_tasks_values(residual):
+    """A Builder reuses one masked model per task layout: a task that does not store a
+    trainable tensor (e.g. trained without norms) must find the base's value, not the
+    previous task's."""
+    base, tasks, x = residual
+    full = tasks["a"]
+    key = "bn.parametrizations.bias.original"
+    manifest = json.loads(json.dumps(full.manifest))
+    del manifest["tensors"][key]
+    fewer = Task({k: v for k, v in full.tensors.items() if k != key}, manifest)
+    builder = Builder(base)
+    with torch.no_grad():
+        for task in (full, fewer, full, fewer):
+            got = run(builder.build(task)[0], x)
+            assert rel_diff(got, run(apply_task(base, task).eval(), x)) < 1e-5
+        assert rel_diff(run(builder.build(fewer)[0], x), run(builder.build(full)[0], x)) > 1e-4
 
 
 # -- a bank with bad files ---------------------------------------------------------------------
@@ -410,8 +428,8 @@ def test_same_task_gives_the_same_bytes_in_two_processes(tmp_path):
         out = tmp_path / f"task{seed}.safetensors"
         env = {**os.environ, "PYTHONPATH": SRC, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
         runs.append((out, subprocess.Popen([sys.executable, "-c", _EXPORTER, str(out)], env=env)))
-    for _, run in runs:
-        assert run.wait(120) == 0
+    for _, process in runs:
+        assert process.wait(120) == 0
     first, second = (out.read_bytes() for out, _ in runs)
     assert first == second
     assert Task.from_bytes(first).manifest["adapter"]["name"] == "splora"
