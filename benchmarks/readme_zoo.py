@@ -1,7 +1,7 @@
 """Write README.md's "Supported models" section from the JSON ``benchmarks/zoo.py`` wrote.
 
-Run: ``.venv/bin/python benchmarks/readme_zoo.py zoo.json`` (or ``benchmarks/zoo.py --readme
-zoo.json``). The section sits between ``<!-- zoo:start -->`` and ``<!-- zoo:end -->``; without
+Run: ``.venv/bin/python benchmarks/readme_zoo.py zoo.json [large.json ...]`` (or
+``benchmarks/zoo.py --readme zoo.json``). The section sits between ``<!-- zoo:start -->`` and ``<!-- zoo:end -->``; without
 the markers it is added before "## Benchmarks". Nothing is measured here: the table is the
 sweep's own output (a summary line, then one row per model).
 """
@@ -67,8 +67,22 @@ def _summary(rows: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def write_readme(json_path: str, readme: Path = README) -> None:
-    data = json.loads(Path(json_path).read_text())
+def merge(paths: list[str]) -> dict:
+    """The rows of several sweeps (e.g. the large models rerun alone with more memory): a
+    later file's row replaces an earlier one of the same model, in the first file's order."""
+    rows: dict[tuple[str, str], dict] = {}
+    machines = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        machines.append(data["machine"])
+        for r in data["rows"]:
+            rows[(r["source"], r["model"])] = r
+    return {"machine": "; ".join(dict.fromkeys(machines)), "rows": list(rows.values())}
+
+
+def write_readme(json_paths: str | list[str], readme: Path = README) -> None:
+    paths = [json_paths] if isinstance(json_paths, str) else list(json_paths)
+    data = merge(paths)
     text = readme.read_text()
     new = section(data)
     if START in text and END in text:
@@ -82,6 +96,6 @@ def write_readme(json_path: str, readme: Path = README) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: readme_zoo.py ZOO.json")
-    write_readme(sys.argv[1])
+    if len(sys.argv) < 2:
+        sys.exit("usage: readme_zoo.py ZOO.json [MORE.json ...]  (later rows replace earlier)")
+    write_readme(sys.argv[1:])

@@ -313,10 +313,13 @@ def _address_limit(gb: float):
     return apply
 
 
-def run_isolated(name: str, source: str, timeout: float, memory_gb: float, threads: int) -> Row:
+def run_isolated(
+    name: str, source: str, timeout: float, memory_gb: float, threads: int, criteria=CRITERIA
+) -> Row:
     """:func:`run_model` in a subprocess, killed past ``timeout`` seconds or ``memory_gb`` of
     resident memory (polled; the address space is also capped, at 3x that)."""
     cmd = [sys.executable, __file__, "--one", f"{source}:{name}", "--threads", str(threads)]
+    cmd += ["--criteria", ",".join(criteria)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start, peak, why = time.perf_counter(), 0.0, None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -406,9 +409,10 @@ def sweep(args) -> list[Row]:
         if args.json:  # written as it goes: a long sweep can be watched
             write_json([rows[k] for k in models if k in rows], args.json)
 
+    crit = args.criteria.split(",")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
-            pool.submit(run_isolated, n, s, args.timeout, args.memory, args.threads): (n, s)
+            pool.submit(run_isolated, n, s, args.timeout, args.memory, args.threads, crit): (n, s)
             for n, s in small
         }
         for future in as_completed(futures):
@@ -418,7 +422,7 @@ def sweep(args) -> list[Row]:
             row = Row(name, source, input_size(name, source), status="skipped")
             row.error = f"--skip-large: {sizes[(name, source)] / 1e6:.0f} M parameters"
         else:
-            row = run_isolated(name, source, args.timeout, args.large_memory, args.threads)
+            row = run_isolated(name, source, args.timeout, args.large_memory, args.threads, crit)
         done((name, source), row)
     return [rows[m] for m in models]
 
@@ -484,12 +488,14 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-large", action="store_true", help="leave large models out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
     parser.add_argument("--jobs", type=int, default=1, help="models run at the same time")
+    parser.add_argument("--criteria", default=",".join(CRITERIA), help="comma-separated")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
         source, _, name = args.one.partition(":")
-        print("ZOO-ROW " + json.dumps(asdict(run_model(name, source))), flush=True)
+        row = run_model(name, source, args.criteria.split(","))
+        print("ZOO-ROW " + json.dumps(asdict(row)), flush=True)
         return 0
     if args.readme:
         from readme_zoo import write_readme
