@@ -187,3 +187,65 @@ def test_timm_families(name, tmp_path):
     torch.manual_seed(0)
     base, x = zoo.make_model(name, "timm").eval(), torch.randn(2, 3, size, size)
     _check(base, x, "taylor", tmp_path, max_density=0.9)
+
+
+# -- the grouping's own guarantees ---------------------------------------------------------------
+class _Shuffle(torch.nn.Module):
+    """conv -> channel shuffle -> conv: the shuffle's reshape mixes the channel order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(self.b(x).mean((2, 3)))
+
+
+def test_a_reshape_that_mixes_channels_is_never_pruned():
+    import sparta
+    from sparta.pruning.groups import find_groups
+
+    model, x = _Shuffle().eval(), torch.randn(2, 3, 8, 8)
+    groups, notes = find_groups(model, x, {"fc"})
+    assert "a" not in {m.module for g in groups for m in g.members}
+    assert any(n.startswith("a: coupled through") and "rearranges" in n for n in notes), notes
+    assert {m.module for g in groups for m in g.members} == {"b", "fc"}  # b's channels prune
+    assert isinstance(groups, list) and groups.notes == notes
+    assert sparta.Pruner(model, x, target=0.5).notes == notes
+
+
+def test_a_tracing_failure_is_an_error_not_a_silent_model(monkeypatch):
+    import sparta
+    from sparta.pruning import tracing
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    base, x = _tv("resnet18")
+    monkeypatch.setattr(tracing, "build_graph", broken)
+    with pytest.raises(sparta.ConfigError, match="cannot group the model's channels.*cannot trace"):
+        sparta.Pruner(base, x)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(tracing, "build_graph", out_of_memory)
+    with pytest.raises(sparta.ConfigError, match="ran out of memory"):
+        sparta.Pruner(base, x)
+
+
+def test_grouping_that_takes_too_long_is_refused(monkeypatch):
+    import sparta
+    from sparta.pruning import tracing
+
+    monkeypatch.setattr(tracing, "TIME_LIMIT", 0.0)
+    base, x = _tv("resnet18")
+    with pytest.raises(
+        sparta.ConfigError, match=r"did not finish in 0 s.*refuses rather than hang"
+    ):
+        sparta.Pruner(base, x)
