@@ -247,3 +247,22 @@ def test_block_pruning_under_autocast(criterion):
     with torch.no_grad():
         want, got = model(input_ids=ids).logits, compact(input_ids=ids).logits
     assert _rel(got, want) <= 1e-5
+
+
+ZOO = ["mobilenet_v3_small", "regnet_x_400mf", "shufflenet_v2_x0_5", "convnext_tiny", "swin_t"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_torchvision_models_train_under_bf16_autocast(name, monkeypatch):
+    """Depthwise/grouped convs, squeeze-excitation, channel shuffle, LayerNorm2d, and Swin's
+    attention reading ``qkv.weight`` of an adapted layer: same contract as the tiny models."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    base = torchvision.models.get_model(name, weights=None, num_classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparta.wrap(base, "splora", rank=4)
+    _perturb(model, mask=False)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    _check_gradients(model, x, torch.bfloat16, monkeypatch)
