@@ -194,8 +194,10 @@ def _check_node(graph, node) -> None:
     kind = node.type.name
     if node in graph.sparta_unmappable:
         raise _Unproven(f"coupled through {_op_name(node)}, whose channel mapping failed")
-    if kind in ("UNBIND", "EXPAND"):
-        raise _Unproven(f"coupled through {_op_name(node)} (e.g. a fused q/k/v projection)")
+    if kind == "UNBIND":
+        raise _Unproven(f"coupled through {_op_name(node)}, which splits q, k, v or heads apart")
+    if kind == "EXPAND":
+        raise _Unproven(f"coupled through {_op_name(node)}, a broadcast sparta cannot map")
     if kind == "SPLIT" and not _channel_split(node):
         raise _Unproven(f"coupled through {_op_name(node)} along a dimension sparta cannot map")
     if kind == "ELEMENTWISE" and any(k in _op_name(node).lower() for k in _MIXING):
