@@ -4,9 +4,8 @@ manifest (see :mod:`sparta.export.artifact`), read without ever unpickling.
 A task file may come from anyone, so nothing in it is trusted before it is checked: only a
 regular file is opened (never a pipe or a device, which could block or never end), its size
 and the safetensors header are checked before the body is read, the manifest must follow the
-schema (names, shapes, dtypes, adapter options, input shapes within bounds) and every tensor
-must match its manifest entry and checksum. Writing is deterministic: the same task gives the
-same bytes in every process.
+schema and every tensor must match its manifest entry (:mod:`.manifest`). Writing is
+deterministic: the same task gives the same bytes in every process.
 """
 
 from __future__ import annotations
@@ -22,38 +21,32 @@ import torch
 from safetensors.torch import load as st_load
 from torch import Tensor
 
-from ..adapters.base import get_adapter
-from ..errors import ConfigError, SpartaError
-from ..inputs import spec_problem
+from .manifest import (  # noqa: F401  (re-exported: the names of the task file format)
+    _DTYPES,
+    CHECKSUM_KEY,
+    FORMAT,
+    KINDS,
+    MANIFEST_KEY,
+    STATS,
+    VERSION,
+    ArtifactError,
+    _ints,
+    _short,
+    check_manifest,
+    check_tensors,
+    compact,
+    digest,
+    expand,
+    full_tensors,
+)
 
-FORMAT = "sparta.task"
-VERSION = 2
-MANIFEST_KEY = "sparta.manifest"
-CHECKSUM_KEY = "sparta.manifest.sha256"
-STATS = ("running_mean", "running_var", "num_batches_tracked")
-KINDS = ("param", "mask", "stat")
 MAX_FILE_BYTES = 2**30  # a task holds adapters, norms and a head: megabytes, not gigabytes
 MAX_HEADER_BYTES = 2**24
-MAX_TENSOR_ELEMENTS = 2**32  # the full (unpruned) shape of any one task tensor
-MAX_RANK = 8
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool,
-)}  # fmt: skip
 _CODES = {  # safetensors dtype codes
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
     "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }  # fmt: skip
 _SIZES = {code: _DTYPES[name].itemsize for name, code in _CODES.items()}
-
-
-class ArtifactError(ConfigError):
-    """A task artifact is unreadable, inconsistent, or does not fit the given base."""
-
-
-def digest(t: Tensor) -> str:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -273,213 +266,3 @@ def _unpack_masks(tensors: dict[str, Tensor], manifest: dict, path: str) -> dict
         bits = np.unpackbits(t.numpy(), count=n).astype(bool).reshape(e["shape"])
         out[key] = torch.from_numpy(bits)
     return out
-
-
-# -- the manifest schema ---------------------------------------------------------------------------
-_SCHEMA = {
-    "format": str,
-    "version": int,
-    "adapter": dict,
-    "adapted": list,
-    "head": list,
-    "masked": list,
-    "tensors": dict,
-    "base": dict,
-    "counts": dict,
-}
-
-
-def check_manifest(m, path: str) -> None:
-    """Raise :class:`ArtifactError` unless ``m`` follows the manifest schema and its bounds."""
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ArtifactError(f"{path!r} is not a sparta task (manifest format is not {FORMAT!r})")
-    if not _int(m.get("version")) or not 1 <= m["version"] <= VERSION:
-        raise ArtifactError(
-            f"task file {path!r} has format version {_short(m.get('version'))}, but this "
-            f"sparta reads version {VERSION} and older; upgrade sparta to load it"
-        )
-    for key, typ in _SCHEMA.items():
-        if not isinstance(m.get(key), typ):
-            raise ArtifactError(
-                f"task file {path!r}: manifest field {key!r} is missing or not a {typ.__name__}"
-            )
-    problem = _schema_problem(m)
-    if problem:
-        raise ArtifactError(f"task file {path!r}: manifest does not follow the schema ({problem})")
-    if "inputs" in m and (problem := spec_problem(m["inputs"])) is not None:
-        raise ArtifactError(
-            f"task file {path!r}: manifest field 'inputs' is not a usable input spec ({problem})"
-        )
-    _check_adapter(m["adapter"], path)
-
-
-def _schema_problem(m: dict) -> str | None:
-    names = m["adapted"] + m["head"]
-    checks = [
-        (isinstance(m["adapter"].get("name"), str), "adapter.name is not a string"),
-        (isinstance(m["adapter"].get("options"), dict), "adapter.options is not a dict"),
-        (all(isinstance(n, str) for n in names), "adapted/head hold a non-string"),
-        (len(set(names)) == len(names), "a layer is listed twice in adapted/head"),
-        (
-            all(
-                isinstance(x, list) and len(x) == 2 and all(isinstance(s, str) for s in x)
-                for x in m["masked"]
-            ),
-            "masked is not a list of [module, tensor] names",
-        ),
-        (isinstance(m["base"].get("sha256"), str), "base.sha256 is not a string"),
-        (
-            isinstance(m["base"].get("tensors"), dict)
-            and all(isinstance(v, str) for v in m["base"]["tensors"].values()),
-            "base.tensors is not a dict of digests",
-        ),
-        (
-            _int(m["counts"].get("learned_parameters")),
-            "counts.learned_parameters is missing or not an integer >= 0",
-        ),
-        (_int(m["counts"].get("tensor_bytes", 0)), "counts.tensor_bytes is not an integer >= 0"),
-    ]
-    problem = next((why for ok, why in checks if not ok), None)
-    if problem is None:
-        bad = next((k for k, e in m["tensors"].items() if not _entry_ok(e)), None)
-        problem = None if bad is None else f"tensor entry {_short(bad)} is malformed"
-    return problem
-
-
-def _check_adapter(adapter: dict, path: str) -> None:
-    """The adapter is a registered one and its options pass its own checks."""
-    try:
-        get_adapter(adapter["name"]).resolve_options(dict(adapter["options"]))
-    except (SpartaError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"task file {path!r}: its adapter does not load ({exc})") from None
-
-
-def _entry_ok(e) -> bool:
-    return (
-        isinstance(e, dict)
-        and e.get("kind") in KINDS
-        and _shape_ok(e.get("shape"))
-        and isinstance(e.get("dtype"), str)
-        and e["dtype"] in _DTYPES
-        and isinstance(e.get("as", "bool"), str)
-        and e.get("as", "bool") in _DTYPES
-        and isinstance(e.get("sha256"), str)
-        and ("stored" not in e or (_shape_ok(e["stored"]) and len(e["stored"]) == len(e["shape"])))
-        and isinstance(e.get("packed", False), bool)
-        and (not e.get("packed") or (e["kind"] == "mask" and e["dtype"] == "bool"))
-        and (e["kind"] != "mask" or (e["dtype"] == "bool" and "stored" not in e))
-        and all(isinstance(e.get(k), str | None) for k in ("rows", "cols"))
-    )
-
-
-def _shape_ok(value) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) <= MAX_RANK
-        and all(_int(s) for s in value)
-        and math.prod(value) <= MAX_TENSOR_ELEMENTS
-    )
-
-
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _ints(value) -> bool:
-    return isinstance(value, list) and all(_int(s) for s in value)
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-# -- the tensors -----------------------------------------------------------------------------------
-def check_tensors(tensors: dict, manifest: dict, path) -> None:
-    """Validate ``tensors`` against the manifest: keys, shapes, dtypes, checksums, finite
-    values, and every compact entry against its masks (without expanding anything)."""
-    table = manifest["tensors"]
-    if set(tensors) != set(table):
-        extra, missing = sorted(set(tensors) - set(table)), sorted(set(table) - set(tensors))
-        raise ArtifactError(
-            f"task {str(path)!r}: tensors do not match the manifest "
-            f"(not listed: {extra[:3]}, absent: {missing[:3]})"
-        )
-    for key, t in tensors.items():
-        e = table[key]
-        shape = e.get("stored", e["shape"])
-        if list(t.shape) != shape or t.dtype != _DTYPES[e["dtype"]]:
-            raise ArtifactError(
-                f"task {str(path)!r}: tensor {key!r} is {list(t.shape)} {t.dtype}, the manifest "
-                f"says {shape} {e['dtype']}"
-            )
-        if digest(t) != e["sha256"]:
-            raise ArtifactError(f"task {str(path)!r} is corrupted: tensor {key!r} checksum differs")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ArtifactError(
-                f"task {str(path)!r}: tensor {key!r} holds NaN or infinite values; a task's "
-                "tensors must be finite (re-export it from a healthy model)"
-            )
-    kept_indices(tensors, table, path)
-
-
-def kept_indices(tensors: dict, table: dict, path) -> dict[str, Tensor]:
-    """``{mask key: indices of its kept entries}`` for the masks compact entries refer to;
-    checks that every compact entry fits them."""
-    kept: dict[str, Tensor] = {}
-    for key, e in table.items():
-        if "stored" not in e:
-            continue
-        expected = list(e["shape"])
-        for axis, side in enumerate(("rows", "cols")):
-            name = e.get(side)
-            if name is None:
-                continue
-            mask = tensors.get(name)
-            if (
-                table.get(name, {}).get("kind") != "mask"
-                or mask is None
-                or mask.dtype != torch.bool
-            ):
-                raise ArtifactError(f"task {str(path)!r}: {key!r} refers to no mask {name!r}")
-            if len(expected) <= axis or list(mask.shape) != [expected[axis]]:
-                raise ArtifactError(
-                    f"task {str(path)!r}: mask {name!r} does not fit {key!r} {e['shape']}"
-                )
-            if name not in kept:
-                kept[name] = mask.nonzero().flatten()
-            expected[axis] = len(kept[name])
-        if e["stored"] != expected:
-            raise ArtifactError(
-                f"task {str(path)!r}: {key!r} stores {e['stored']} entries, its masks keep "
-                f"{expected}"
-            )
-    return kept
-
-
-def full_tensors(tensors: dict, table: dict, path) -> dict[str, Tensor]:
-    """The task's tensors at full size, entries of pruned channels as zeros."""
-    kept = kept_indices(tensors, table, path)
-    out = {}
-    for key, t in tensors.items():
-        e = table[key]
-        if "stored" in e:
-            rows, cols = (kept.get(e.get(side)) for side in ("rows", "cols"))
-            t = expand(t, e["shape"], rows, cols)
-        out[key] = t
-    return out
-
-
-def compact(t: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
-    if rows is not None:
-        t = t[rows]
-    return t if cols is None else t[:, cols]
-
-
-def expand(t: Tensor, shape: list[int], rows: Tensor | None, cols: Tensor | None) -> Tensor:
-    """Inverse of :func:`compact`, pruned entries as zeros (``rows``/``cols``: kept indices)."""
-    if cols is not None:
-        t = torch.zeros(t.shape[0], *shape[1:], dtype=t.dtype).index_copy_(1, cols, t)
-    if rows is not None:
-        t = torch.zeros(shape, dtype=t.dtype).index_copy_(0, rows, t)
-    return t
