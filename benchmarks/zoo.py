@@ -166,12 +166,18 @@ def full_loop(
     target: float = 0.5,
     steps: int = 2,
     rank: int = 4,
+    ranking: str = "local",
     classes: int | None = None,
     workdir: str | Path | None = None,
 ) -> dict:
     """wrap -> Pruner -> export -> save -> load -> build on ``base`` (eval mode, never changed).
 
-    Returns ``max_rel_diff`` (masked vs compact), ``init_rel_diff`` (wrapped at init vs base),
+    ``ranking="local"`` prunes every group to the same fraction, so that every group's removal
+    is exercised and no output collapses to zeros (global ranking with l1 on random weights
+    can empty a residual stream down to one channel, and a comparison of zeros shows nothing).
+
+    Returns ``max_rel_diff`` (masked vs compact), ``output_scale`` (largest masked output over
+    the base's), ``init_rel_diff`` (wrapped at init vs base),
     ``base_unchanged``, ``params_ratio``, ``macs_ratio`` (compact / base), ``density``
     (filters kept), ``notes`` (grouping notes, dense groups) and the ``compact`` model.
     """
@@ -182,7 +188,9 @@ def full_loop(
         warnings.simplefilter("ignore")  # skipped layers are listed in the report
         model = sparta.wrap(base, "splora", rank=rank)
     init_diff = rel_diff(reference, _run(model.eval(), inputs))
-    pruner = sparta.Pruner(model, inputs, criterion=criterion, target=target, steps=steps)
+    pruner = sparta.Pruner(
+        model, inputs, criterion=criterion, target=target, steps=steps, ranking=ranking
+    )
     classes = classes or reference.shape[-1]
     targets = torch.arange(reference.shape[0]) % classes
     while not pruner.done:
@@ -204,6 +212,7 @@ def full_loop(
     notes = list(pruner.notes) + [f"kept dense {g.name}: {g.dense_reason}" for g in report.dense]
     return {
         "max_rel_diff": rel_diff(masked, got),
+        "output_scale": float(masked.abs().max() / (reference.abs().max() + 1e-30)),
         "init_rel_diff": init_diff,
         "base_unchanged": base_unchanged(base, before),
         "params_ratio": _params(compact) / _params(base),
@@ -266,6 +275,7 @@ def run_model(name: str, source: str, criteria=CRITERIA, batch: int = 2) -> Row:
         torch.manual_seed(1)
         x = torch.randn(batch, 3, size, size)
         diffs, init, params, macs, density, notes, same = [], [], [], [], [], [], True
+        scale = float("inf")
         for criterion in criteria:
             out = full_loop(base, x, criterion)
             diffs.append(out["max_rel_diff"])
@@ -275,6 +285,7 @@ def run_model(name: str, source: str, criteria=CRITERIA, batch: int = 2) -> Row:
             density.append(out["density"])
             notes += [n for n in out["notes"] if n not in notes]
             same = same and out["base_unchanged"]
+            scale = min(scale, out["output_scale"])
             del out  # the compact model: free it before the next criterion
             gc.collect()
         row.max_rel_diff, row.init_rel_diff = max(diffs), max(init)
@@ -282,6 +293,8 @@ def run_model(name: str, source: str, criteria=CRITERIA, batch: int = 2) -> Row:
         row.notes = notes
         if not same:
             row.error = "the base changed"
+        elif not scale > 1e-4:  # the comparison below would compare zeros
+            row.error = f"the pruned model's outputs collapsed ({scale:.1e} of the base's)"
         elif not row.max_rel_diff <= 1e-4:
             row.error = f"compact differs from masked by {row.max_rel_diff:.3g} relative"
         else:
