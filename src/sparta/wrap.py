@@ -16,8 +16,9 @@ from torch.nn.utils import parametrize
 
 from .adapters.attention import AdaptedWeight, adapt_attention
 from .adapters.base import get_adapter
-from .adapters.layer import AdaptedLayer, centre_reason, layer_geometry
+from .adapters.layer import AdaptedLayer, adapt_reason, layer_geometry
 from .errors import ConfigError, SkippedLayerWarning
+from .heads import static_head
 from .registry import require_modules
 from .utils import NORMS
 
@@ -87,15 +88,14 @@ def _names_list(value, what: str) -> list:
     raise TypeError(f"{what} must be a name or a list of names, got {type(value).__name__}")
 
 
-def _resolve_head(model: nn.Module, head, candidates: dict[str, nn.Module]) -> list[str]:
+def _resolve_head(model: nn.Module, head) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     if head is None:
         return []
     if head == "auto":
-        # The classifier is, in every torchvision and Hugging Face classification model, the
-        # last Linear registered; pass head=... to choose otherwise.
-        linears = [n for n, m in candidates.items() if isinstance(m, nn.Linear)]
-        return linears[-1:]
+        # The last registered Linear or conv (see sparta.heads; the Pruner checks it against
+        # the layers that really produce the outputs); pass head=... to choose otherwise.
+        return static_head(model)
     heads = _names_list(head, "head")
     require_modules(heads, names, "head")
     return heads
@@ -127,8 +127,10 @@ def wrap(
 
     Targets are ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` modules the
     adapter supports, narrowed by ``include``/``exclude`` glob patterns on module names. The head
-    (by default the last ``nn.Linear``) stays plain and trainable, as do norm affine parameters
-    and the biases of adapted layers. ``options`` go to the adapter (SPLoRA: ``rank``,
+    (by default the last registered ``nn.Linear`` or conv, see :mod:`sparta.heads`; any module
+    names with ``head=``) stays plain and trainable, as do norm affine parameters and the biases
+    of adapted layers. Torch-layer subclasses are adapted only where sparta reproduces their
+    forward exactly (:mod:`sparta.adapters.forms`), else skipped with the reason. ``options`` go to the adapter (SPLoRA: ``rank``,
     ``init_scale``). Layers that cannot be adapted are skipped with a warning and listed, with the
     reason, in ``returned_model.sparta_report`` (a :class:`WrapReport`).
 
@@ -154,7 +156,7 @@ def wrap(
     # Plan on the caller's model first, so that a refusal leaves it exactly as it was.
     candidates = _candidates(model)
     report = WrapReport(adapter=cls.name, options=dict(options))
-    report.head = _resolve_head(model, head, candidates)
+    report.head = _resolve_head(model, head)
     targets = []
     for name, module in candidates.items():
         if _inside(name, report.head):
@@ -245,7 +247,7 @@ def _unsupported(module: nn.Module, cls, options: dict) -> str | None:
         e = module.embed_dim
         shapes = [(e, e), (e, module.kdim), (e, module.vdim)]
         return next((r for o, i in shapes if (r := cls.unsupported_reason(o, i, 1, options))), None)
-    reason = centre_reason(module)
+    reason = adapt_reason(module)
     return reason or cls.unsupported_reason(*layer_geometry(module)[1:], options)
 
 
@@ -288,12 +290,4 @@ def bake_parametrizations(module: nn.Module) -> None:
 
 
 def _fused_copy(layer: AdaptedLayer) -> nn.Module:
-    with torch.no_grad():
-        weight, bias = layer.fused_weight()
-    plain = copy.copy(layer.base)  # same class and hyper-parameters; tensors replaced below
-    for slot in ("_parameters", "_buffers", "_modules"):
-        setattr(plain, slot, dict(getattr(plain, slot)))
-    plain.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        plain.bias = nn.Parameter(bias, requires_grad=layer.base.bias.requires_grad)
-    return plain
+    return layer.fused_layer()

@@ -8,10 +8,20 @@ Both paths run the base layer once with ``(W + delta) * M`` and ``b * mask_out``
   so a training step costs less than full fine-tuning;
 * fused path (otherwise, e.g. under ``torch.no_grad()``): the fused weight is cached until a
   weight, adapter or mask changes, so inference runs at plain-layer speed.
+
+Torch-layer subclasses are adapted only where sparta reproduces their forward exactly (see
+``forms``: timm's dynamic "same" padding and weight standardisation); a standardised weight
+takes the plain autograd path, since its delta's gradient passes through the standardisation.
+
+Code that reads ``layer.weight`` / ``layer.bias`` instead of calling the layer (torchvision's
+Swin attention does ``F.linear(x, self.qkv.weight, ...)``) gets the effective tensors: what the
+layer applies, the same numbers ``sparta.fuse`` stores, differentiable to the adapter and the
+bias when gradients are on. The frozen tensor is ``layer.base.weight``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,7 +31,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..errors import ConfigError, NotAdaptableError
 from .base import Adapter, get_adapter
-from .delta_fn import DeltaLayerFn, Geometry
+from .delta_fn import DeltaLayerFn, Geometry, autocast_off
+from .forms import form_of, form_reason
 
 
 class TensorMemo:
@@ -81,12 +92,78 @@ def centre_reason(layer: nn.Module) -> str | None:
     return None
 
 
+def adapt_reason(layer: nn.Module) -> str | None:
+    """Why ``layer`` (a Linear or non-transposed ConvNd) cannot be adapted, else ``None``:
+    no centre tap, or a forward sparta does not reproduce exactly (checked on a probe input
+    for registered subclasses, see ``forms``)."""
+    return form_reason(layer) or centre_reason(layer) or _probe_reason(layer)
+
+
+_PROBED: dict[tuple, str | None] = {}
+
+
+def _probe_reason(layer: nn.Module) -> str | None:
+    """Run ``layer``'s own forward and sparta's recipe for it on probe inputs (two sizes, one
+    odd); a difference above rounding means the recipe is wrong for this layer. The answer
+    depends on the class and hyper-parameters only, so it is kept per configuration."""
+    form = form_of(layer)
+    weight = layer.weight
+    if form.is_plain and type(layer).__module__.startswith("torch.nn."):
+        return None
+    if weight.device.type == "meta" or not weight.is_floating_point():
+        return None
+    key = (type(layer), tuple(weight.shape), weight.dtype, _config(layer))
+    if key not in _PROBED:
+        _PROBED[key] = _probe(layer, form)
+    return _PROBED[key]
+
+
+def _config(layer: nn.Module) -> tuple:
+    names = ("stride", "padding", "dilation", "groups", "padding_mode", "same_pad", "eps")
+    return tuple(str(getattr(layer, n, None)) for n in names)
+
+
+def _probe(layer: nn.Module, form) -> str | None:
+    geometry = _geometry(layer)
+    gen = torch.Generator().manual_seed(0)
+    w = layer.weight
+    if geometry.spatial_dims == 0:
+        sizes = [(2, layer.in_features)]
+    else:
+        span = [(k - 1) * d + 2 * s + 2 for k, s, d in zip(*_kernel_args(layer))]
+        sizes = [(1, layer.in_channels, *span), (1, layer.in_channels, *(n + 1 for n in span))]
+    tol = 1e-4 if torch.finfo(w.dtype).bits >= 32 else 2e-2
+    with torch.no_grad(), autocast_off(w.device):
+        for size in sizes:
+            x = torch.randn(size, generator=gen).to(device=w.device, dtype=w.dtype)
+            want = layer(x)
+            weight = w if form.standardise is None else form.standardise(layer, w)
+            got = geometry.layer(x if form.pad is None else form.pad(layer, x), weight, layer.bias)
+            if got.shape != want.shape:
+                return (
+                    f"sparta's recipe for {form.name} gives {tuple(got.shape)}, its forward "
+                    f"{tuple(want.shape)} (probe input {tuple(size)})"
+                )
+            err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+            if not err <= tol:
+                return (
+                    f"sparta's recipe for {form.name} differs from its forward by {err:.2g} "
+                    f"relative (probe input {tuple(size)}), so it is left frozen"
+                )
+    return None
+
+
+def _kernel_args(layer: nn.Module) -> tuple:
+    return layer.kernel_size, layer.stride, layer.dilation
+
+
 class AdaptedLayer(nn.Module):
     """A frozen Linear/ConvNd (``self.base``) with a task adapter (``self.adapter``).
 
     ``base.weight`` is frozen and never modified; ``base.bias`` is the task's bias (trainable
     unless frozen by the caller). Masks live on the adapter: ``mask_out`` zeroes output
-    channels in weight, delta and bias; ``mask_in`` zeroes input channels.
+    channels in weight, delta and bias; ``mask_in`` zeroes input channels. ``weight`` and
+    ``bias`` read as the effective tensors (module docstring).
     """
 
     def __init__(
@@ -97,7 +174,7 @@ class AdaptedLayer(nn.Module):
             raise TypeError(f"expected an nn.Module to adapt, got {type(base).__name__}")
         label = f"layer {name!r}" if name else f"this {type(base).__name__}"
         kind, out_f, in_f, groups = layer_geometry(base)
-        reason = centre_reason(base)
+        reason = adapt_reason(base)
         if reason:
             raise NotAdaptableError(f"cannot adapt {label}: {reason}")
         if isinstance(adapter, str):
@@ -124,6 +201,7 @@ class AdaptedLayer(nn.Module):
         self.adapter = adapter.to(device=base.weight.device, dtype=base.weight.dtype)
         base.weight.requires_grad_(False)
         self.geometry = _geometry(base)
+        self.form = form_of(base)
         self._masked_weight = TensorMemo()
         self._fused = TensorMemo()
 
@@ -140,12 +218,58 @@ class AdaptedLayer(nn.Module):
         return matrix.reshape(*matrix.shape, *([1] * self.geometry.spatial_dims))
 
     def fused_weight(self) -> tuple[Tensor, Tensor | None]:
-        """``((W + delta) * M, b * mask_out)``; differentiable when called with grad enabled."""
-        weight = (
-            self.geometry.with_delta(self.base.weight, self.adapter.delta()) * self._weight_mask()
-        )
+        """``((W + delta) * M, b * mask_out)``; differentiable when called with grad enabled.
+        Formed in the parameters' dtype even under autocast (the layer call casts it).
+        A standardising layer's weight is ``S((W + delta) * M) * M`` (``forms`` says why)."""
+        with autocast_off(self.base.weight.device):
+            delta = self.adapter.delta()
+        mask = self._weight_mask()
+        weight = self.geometry.with_delta(self.base.weight, delta) * mask
+        if self.form.standardise is not None:
+            with autocast_off(weight.device):
+                weight = self.form.standardise(self.base, weight) * mask
         bias = self.base.bias
         return weight, (None if bias is None else bias * self.mask_out)
+
+    def _effective(self) -> tuple[Tensor, Tensor | None]:
+        """:meth:`fused_weight`: differentiable when gradients must reach the adapter or the
+        bias, else the cached value (rebuilt when a weight, adapter or mask changes)."""
+        if self._needs_grad():
+            return self.fused_weight()
+        keys = [self.base.weight, *self.adapter.parameters(), *self.adapter.buffers()]
+        keys += [] if self.base.bias is None else [self.base.bias]
+        return self._fused.get(keys, self.fused_weight)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight the layer applies (frozen weight: ``base.weight``)."""
+        return self._effective()[0]
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The effective bias, ``b * mask_out`` (the task's parameter: ``base.bias``)."""
+        if self.base.bias is None or not self._needs_grad():
+            return self._effective()[1]
+        return self.base.bias * self.mask_out
+
+    def fused_layer(self) -> nn.Module:
+        """A plain layer computing what this one computes (no adapter, masks baked in): a
+        copy of the base layer holding :meth:`fused_weight`; a standardising layer becomes a
+        class that applies its stored weight as is (``LayerForm.plain_class``)."""
+        with torch.no_grad():
+            weight, bias = self.fused_weight()
+        plain = copy.copy(self.base)  # same hyper-parameters; tensors replaced below
+        for slot in ("_parameters", "_buffers", "_modules"):
+            setattr(plain, slot, dict(getattr(plain, slot)))
+        cls = self.form.plain_class(self.base)
+        if cls is not type(plain):
+            plain.__class__ = cls
+            for extra in set(plain._parameters) - {"weight", "bias"}:  # e.g. a gain
+                del plain._parameters[extra]
+        plain.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            plain.bias = nn.Parameter(bias, requires_grad=self.base.bias.requires_grad)
+        return plain
 
     def _needs_grad(self) -> bool:
         if not torch.is_grad_enabled():
@@ -164,16 +288,17 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._pad(x)
-        if not self._needs_grad():
-            keys = [self.base.weight, *self.adapter.parameters(), *self.adapter.buffers()]
-            keys += [] if self.base.bias is None else [self.base.bias]
-            weight, bias = self._fused.get(keys, self.fused_weight)
+        if self.form.pad is not None:
+            x = self.form.pad(self.base, x)
+        if self.form.standardise is not None or not self._needs_grad():
+            weight, bias = self._effective()
             return self.geometry.layer(x, weight, bias)
         weight = self._masked_weight.get(
             [self.base.weight, *self.adapter.masks()], self._masked_base_weight
         )
         bias = None if self.base.bias is None else self.base.bias * self.mask_out
-        left, right = self.adapter.factors()
+        with autocast_off(x.device):  # factors in the parameters' dtype; the kernel casts
+            left, right = self.adapter.factors()
         return DeltaLayerFn.apply(x, weight, bias, left, right, self.geometry)
 
     def _masked_base_weight(self) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..heads import protected_layers
 from ..inputs import input_spec
 from ..measure import MacCounter
 from ..registry import require_modules
@@ -93,8 +94,8 @@ class Pruner:
         self.model, self.example_inputs = model, example_inputs
         self.min_channels, self.round_to, self.ranking = min_channels, round_to, ranking
         _check_ignored(ignored)
-        self.ignored = _resolve_ignored(model, ignored)
         check_inputs(model, example_inputs)
+        self.ignored = _resolve_ignored(model, ignored, example_inputs)
         self.groups, self.notes = find_groups(model, example_inputs, self.ignored)
         if not self.groups:
             raise ConfigError(
@@ -442,14 +443,10 @@ def _check_ignored(ignored) -> None:
         )
 
 
-def _resolve_ignored(model: nn.Module, ignored) -> set[str]:
+def _resolve_ignored(model: nn.Module, ignored, example_inputs) -> set[str]:
     names = [n for n, _ in model.named_modules() if n]
-    if ignored is None:
-        report = getattr(model, "sparta_report", None)
-        if report is not None:
-            return set(report.head)
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        return set(linears[-1:])
+    if ignored is None:  # the head and every layer producing the outputs (sparta.heads)
+        return protected_layers(model, example_inputs)
     ignored = [ignored] if isinstance(ignored, str) else list(ignored)
     require_modules(ignored, names, "ignored layer")
     return set(ignored)
