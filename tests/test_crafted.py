@@ -401,6 +401,7 @@ def _sweep(sources: list[Source], count: int, seed: int) -> Counter:
         outcomes[f"{what}:{outcome}"] += 1
         assert _base_intact(src), f"attempt {i} ({src.name}/{what}) wrote into the base"
     growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    print(f"{count} crafted files: peak RSS grew by {growth:.0f} MiB")
     assert not raw, f"{len(raw)} raw errors or wrong outputs, e.g. {raw[:5]}"
     assert growth < 400, f"peak memory grew by {growth:.0f} MiB"
     for name in ALWAYS_REFUSED:
