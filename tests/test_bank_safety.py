@@ -235,6 +235,10 @@ def test_tasks_list_shows_an_unusable_file(tmp_path):
 def test_load_of_something_that_is_not_a_path(bad):
     with pytest.raises(ArtifactError, match="expected the path of a task file"):
         Task.load(bad)
+    with pytest.raises(ArtifactError, match="expected the bytes of a task file"):
+        Task.from_bytes(None)
+    with pytest.raises(sparta.ConfigError, match="report expects a Task.*got int"):
+        sparta.report(torch.nn.Linear(2, 2), 3)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX thing")

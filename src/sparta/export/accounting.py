@@ -16,6 +16,7 @@ from pathlib import Path
 from safetensors.torch import save as st_save
 from torch import nn
 
+from ..errors import ConfigError
 from ..measure import MacCounter
 from .artifact import Task
 from .build import Builder
@@ -129,6 +130,11 @@ def report(base: nn.Module, tasks, example_inputs=None) -> Report:
     """
     if isinstance(tasks, Task | str | Path):
         tasks = [tasks]
+    if not isinstance(tasks, Mapping | list | tuple):
+        raise ConfigError(
+            f"report expects a Task, a task file, or a list or dict of them, got "
+            f"{type(tasks).__name__}"
+        )
     if not isinstance(tasks, Mapping):
         tasks = {_default_name(t, i): t for i, t in enumerate(tasks)}
     builder = Builder(base, example_inputs)
