@@ -338,21 +338,49 @@ ALWAYS_REFUSED = {"m_smuggle", "m_nonfinite", "m_version", "m_top", "m_base"}
 
 def _crafted(src: Source, rng: random.Random) -> tuple[str, bytes, bool]:
     """``(what, file bytes, values changed)``: one mutation with the checksum redone, or (one
-    in eight) a random byte corruption of the original file."""
-    if rng.random() < 1 / 8:
-        data = bytearray(src.task.to_bytes())
+    in eight each) a random byte corruption of the original file, or an edited safetensors
+    header (tensor dtypes, shapes, offsets) around an intact manifest."""
+    data = src.task.to_bytes()
+    draw = rng.random()
+    if draw < 1 / 8:
+        data = bytearray(data)
         header = 8 + int.from_bytes(data[:8], "little")
         for _ in range(rng.choice((1, 2, 8))):
-            data[rng.randrange(header if rng.random() < 0.5 else len(data))] ^= rng.randrange(
-                1, 256
-            )
+            at = rng.randrange(header if rng.random() < 0.5 else len(data))
+            data[at] ^= rng.randrange(1, 256)
         return "bytes", bytes(data), False
+    if draw < 2 / 8:
+        return "header", _edited_header(data, rng), False
     mutation = rng.choice(MUTATIONS)
     manifest, raw = json.loads(json.dumps(src.task.manifest)), dict(src.raw)
     changed = bool(mutation(manifest, raw, src, rng))
     text = json.dumps(manifest, sort_keys=True)
     meta = {MANIFEST_KEY: text, CHECKSUM_KEY: _sha(text)}
     return mutation.__name__, serialize(raw, meta), changed
+
+
+def _edited_header(data: bytes, rng: random.Random) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
+    key = rng.choice(sorted(k for k in header if k != "__metadata__"))
+    entry = header[key]
+    how = rng.randrange(5)
+    start, stop = entry["data_offsets"]
+    choices = {
+        0: ("dtype", ["F32", "F16", "I64", "U8", "BOOL", "F8_E4M3", "X"]),
+        1: ("shape", [[], [10**12], entry["shape"] + [1], [-1]]),
+        2: ("data_offsets", [[0, stop + 1], [start, 2**62], [stop, start], [start]]),
+    }
+    if how in choices:  # always a real change
+        field, values = choices[how]
+        entry[field] = rng.choice([v for v in values if v != entry[field]])
+    elif how == 3:
+        header[key + ".extra"] = dict(entry)
+    else:
+        del header[key]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + body
 
 
 def _sha(text: str) -> str:
@@ -418,6 +446,7 @@ def test_a_thousand_crafted_files(sources):
     assert outcomes["refused"] > 600 and outcomes["accepted"] > 50
     assert outcomes["m_benign:refused"] == 0 and outcomes["m_values:accepted"] > 0
     assert outcomes["m_smuggle:refused"] > 0 and outcomes["bytes:refused"] > 0
+    assert outcomes["header:accepted"] == 0 and outcomes["header:refused"] > 50
 
 
 @pytest.mark.slow
