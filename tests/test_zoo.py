@@ -131,17 +131,52 @@ def _tiny_vit_timm():
     return model.eval(), torch.randn(2, 3, 32, 32)
 
 
-def test_timm_fused_qkv_attention_stays_exact(tmp_path):
+def test_timm_fused_qkv_attention_loses_whole_heads(tmp_path):
     base, x = _tiny_vit_timm()
-    out = _check(base, x, "l1", tmp_path, max_density=0.9)
-    # the fused q/k/v projection is never pruned channel by channel; the MLP neurons are
-    assert any("qkv" in n or "Unbind" in n for n in out["notes"]), out["notes"]
-    compact = out["compact"]
+    out = _check(base, x, "taylor", tmp_path, max_density=0.9)
+    compact, changed = out["compact"], 0
     for i, block in enumerate(base.blocks):
-        assert compact.blocks[i].attn.qkv.out_features == block.attn.qkv.out_features
-    assert sum(b.mlp.fc1.out_features for b in compact.blocks) < sum(
-        b.mlp.fc1.out_features for b in base.blocks
-    )
+        attn = compact.blocks[i].attn
+        width = attn.num_heads * attn.head_dim
+        assert attn.qkv.out_features == 3 * width and attn.proj.in_features == width
+        changed += attn.num_heads < block.attn.num_heads
+    assert changed > 0
+
+
+class _BiasedAttention(torch.nn.Module):
+    """A fused q/k/v attention with a per-head table its forward also reads: removing a head
+    without slicing the table is not exact, so its heads must not be pruned."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.table = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * self.table[: self.num_heads, None, None]).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _Tokens(torch.nn.Module):
+    def __init__(self, attention):
+        super().__init__()
+        self.attn, self.head = attention, torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x).mean(1))
+
+
+def test_a_fused_attention_whose_head_removal_is_not_exact_keeps_its_heads():
+    from sparta.pruning.groups import find_groups
+
+    model, x = _Tokens(_BiasedAttention()).eval(), torch.randn(2, 5, 16)
+    groups, notes = find_groups(model, x, {"head"})
+    assert all(g.kind != "heads" for g in groups)
+    assert any("attn: fused q/k/v attention" in n and "heads not pruned" in n for n in notes)
+    assert "attn.qkv" not in {m.module for g in groups for m in g.members}
 
 
 def test_hugging_face_bert_from_config(tmp_path):

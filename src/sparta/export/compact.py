@@ -27,6 +27,7 @@ from ..adapters.base import Adapter
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError, SpartaError
 from ..pruning.conv_groups import grouped
+from ..pruning.fused_heads import set_heads
 from ..pruning.groups import Group
 from ..pruning.masks import NORMS, resolve_mask
 from ..utils import call
@@ -526,7 +527,9 @@ def _slice_group(plain: nn.Module, group: Group, removed: Tensor) -> None:
         keep = torch.ones(linear.weight.shape[dim], dtype=torch.bool)
         keep[drop] = False
         _slice_linear(linear, dim, keep.nonzero().flatten())
-    if group.kind == "heads":  # Hugging Face self-attention: reshapes by these attributes
+    if group.kind == "heads" and not hasattr(plain.get_submodule(group.name), "all_head_size"):
+        set_heads(plain.get_submodule(group.name), group.size - len(removed))  # fused q/k/v
+    elif group.kind == "heads":  # Hugging Face self-attention: reshapes by these attributes
         attention = plain.get_submodule(group.name)
         attention.num_attention_heads = group.size - len(removed)
         attention.all_head_size = attention.num_attention_heads * attention.attention_head_size

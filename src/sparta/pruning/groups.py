@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError, SkippedLayerWarning
 from ..utils import call, evaluating
+from .fused_heads import fused_heads, is_fused_attention
 from .masks import can_mask
 
 #: Mask sites: "out"/"in" of a layer or norm; for nn.MultiheadAttention the output rows of the
@@ -89,7 +90,7 @@ def find_groups(
     :class:`~sparta.SkippedLayerWarning` (the convolution/MLP channels stay unpruned).
     """
     notes: list[str] = []
-    groups = _transformer_groups(model)
+    groups = _transformer_groups(model, notes)
     claimed = {(m.module, m.site) for g in groups for m in g.members}
     claimed_modules = {m.module for g in groups for m in g.members}
     try:
@@ -178,7 +179,7 @@ def _convert(graph, root, items: dict, names: dict, real: dict) -> Group | str |
 
 
 # -- transformers ------------------------------------------------------------------------------
-def _transformer_groups(model: nn.Module) -> list[Group]:
+def _transformer_groups(model: nn.Module, notes: list[str]) -> list[Group]:
     groups: list[Group] = []
     modules = dict(model.named_modules())
     for name, m in modules.items():
@@ -191,6 +192,12 @@ def _transformer_groups(model: nn.Module) -> list[Group]:
                 groups.append(_hf_heads(name, m, f"{parent}.output.dense"))
         elif _is_hf_ffn(name, modules):
             groups.append(_ffn(name, modules))
+        elif is_fused_attention(m):
+            group = fused_heads(name, m, Group, Member)
+            if isinstance(group, str):
+                notes.append(group)
+            else:
+                groups.append(group)
     return groups
 
 
