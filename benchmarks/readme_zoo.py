@@ -22,14 +22,25 @@ def section(data: dict) -> str:
         START,
         "## Supported models",
         "",
-        "The full loop (`wrap` SPLoRA r=4 -> `Pruner` l1 and taylor, half the filters in 2 "
-        "steps -> `export` -> `save` -> `Task.load` -> `build`) on every model below, random "
-        "weights, batch 2, measured by `benchmarks/zoo.py` "
+        "The full loop (`wrap` SPLoRA r=4 -> `Pruner` half the filters in 2 steps, every "
+        'group to the same fraction (`ranking="local"`) -> `export` -> `save` -> '
+        "`Task.load` -> `build`) on every model below: random weights, batch 2, each model in "
+        "its own process under a time and memory limit, measured by `benchmarks/zoo.py` "
         f"({data['machine']}). *pass*: the compact model equals the masked one within 1e-4 "
-        "relative (worst of both criteria shown), the base is bit-identical afterwards; params "
-        "and MACs are compact / base (the larger of the two criteria). Layers whose coupling "
-        "sparta cannot prove exact (fused q/k/v projections, channel shuffles, window "
-        "partitions) stay unpruned and are listed in `compact.sparta_compact.notes`.",
+        "relative (worst criterion shown), the masked outputs are alive, the wrapped model "
+        "equals the base at init within 1e-2, the base is bit-identical afterwards; params and "
+        "MACs are compact / base (the larger over the criteria). Criteria: "
+        + _criteria(rows)
+        + ".",
+        "",
+        "How models are handled: grouped convolutions (ResNeXt, RegNet) lose whole groups; "
+        "fused q/k/v attention (timm `Attention` and alike) loses whole heads once a numeric "
+        "check on a copy proves that removing a head equals zeroing it; a coupling the "
+        "dependency graph cannot prove exact (a reshape that splits or shuffles channels, an "
+        "unbind, a matmul between activations) leaves those layers unpruned. Each such layer "
+        "is listed with its reason in `pruner.notes` and `compact.sparta_compact.notes` "
+        "(*n notes* below). Grouping is bounded in time (120 s) and memory (index lists "
+        "capped by the widest layer): a model beyond that is refused, never left hanging.",
         "",
         "**" + _summary(rows) + "**",
         "",
@@ -56,6 +67,15 @@ def section(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _criteria(rows: list[dict]) -> str:
+    kinds = {}
+    for r in rows:
+        kinds.setdefault(", ".join(r.get("criteria") or ["l1", "taylor"]), []).append(r)
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return "; ".join(f"{k} ({len(v)} models)" for k, v in kinds.items())
+
+
 def _summary(rows: list[dict]) -> str:
     parts = []
     for source in dict.fromkeys(r["source"] for r in rows):
@@ -69,13 +89,17 @@ def _summary(rows: list[dict]) -> str:
 
 def merge(paths: list[str]) -> dict:
     """The rows of several sweeps (e.g. the large models rerun alone with more memory): a
-    later file's row replaces an earlier one of the same model, in the first file's order."""
+    later file's row replaces an earlier one of the same model. ``PATH@l1`` says that sweep
+    ran with ``--criteria l1`` (rows say nothing: both criteria)."""
     rows: dict[tuple[str, str], dict] = {}
     machines = []
-    for path in paths:
+    for spec in paths:
+        path, _, criteria = spec.partition("@")  # "timm.json@l1": a sweep run with --criteria l1
         data = json.loads(Path(path).read_text())
         machines.append(data["machine"])
         for r in data["rows"]:
+            if criteria and not r.get("criteria"):
+                r["criteria"] = criteria.split(",")
             rows[(r["source"], r["model"])] = r
     return {"machine": "; ".join(dict.fromkeys(machines)), "rows": list(rows.values())}
 
