@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 import sparta
 from sparta.errors import FileError, SpartaError
 from sparta.export import ArtifactError, Builder, Task, TaskBank, apply_task, build, export
+from sparta.export.taskfile import digest
 from sparta.io import TEMP_SUFFIX, atomic_write
 from test_artifact import _write_raw
 from test_build import make_task, rel_diff, run
@@ -88,6 +89,14 @@ def test_a_failing_task_is_never_registered_and_leaves_no_file(residual, tmp_pat
     )
     with pytest.raises(ArtifactError, match="counts.learned_parameters"):
         bank.add("nocount", no_count)
+    # 4. A Task object (not a file) with a NaN, its checksum redone: refused all the same.
+    key = "fc.parametrizations.weight.original"
+    manifest = json.loads(json.dumps(tasks["a"].manifest))
+    tensors = dict(tasks["a"].tensors, **{key: tasks["a"].tensors[key].clone()})
+    tensors[key].view(-1)[0] = float("nan")
+    manifest["tensors"][key]["sha256"] = digest(tensors[key])
+    with pytest.raises(ArtifactError, match=r"'fc.parametrizations.weight.original' holds NaN"):
+        bank.add("nan", Task(tensors, manifest))
     assert bank.names == [] and bank.errors == {}
     assert sorted(p.name for p in folder.iterdir()) == [], "a refused task left a file"
     bank.add("a", tasks["a"])  # a good task still goes in, and the bank reopens

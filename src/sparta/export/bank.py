@@ -31,6 +31,7 @@ from .accounting import Report, TaskAccount, account, density, task_bytes
 from .artifact import ArtifactError, Task
 from .build import Builder
 from .compact import CompactReport
+from .manifest import check_manifest, check_tensors
 
 SUFFIX = ".safetensors"
 MAX_NAME = 200  # with the suffix, well within the 255 bytes most file systems allow
@@ -112,7 +113,11 @@ class TaskBank:
         file = f"{name}{SUFFIX}"
         if (name in self._tasks or file in self.errors) and not overwrite:
             raise ConfigError(f"task {name!r} is already in the bank (pass overwrite=True)")
-        task = task if isinstance(task, Task) else Task.load(task)
+        if isinstance(task, Task):  # a file is checked when read; an object here
+            check_manifest(task.manifest, f"<task {name}>")
+            check_tensors(task.tensors, task.manifest, f"<task {name}>")
+        else:
+            task = Task.load(task)
         self.builder.check(task)
         model, report = self._verified_build(name, task)
         if self.directory is not None:
