@@ -244,3 +244,11 @@ def test_the_pruner_never_prunes_a_layer_producing_the_outputs():
     pruner.step()
     for name in ("classify", "second"):
         assert bool(model.get_submodule(name).mask_out.all())
+
+
+def test_a_model_without_any_layer_sparta_adapts_is_refused_naming_what_it_holds():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20, n_positions=8)
+    model = transformers.GPT2Model(cfg)  # its projections are transformers' own Conv1D
+    with pytest.raises(sparta.ConfigError, match=r"no target layers: .* are Conv1D\)$"):
+        sparta.wrap(model)

@@ -170,8 +170,10 @@ def wrap(
         else:
             targets.append(name)
     if not targets:
-        why = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:5]) or "no target layers"
-        raise ConfigError(f"wrap adapted no layer with adapter {cls.name!r} ({why})")
+        why = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:5])
+        raise ConfigError(
+            f"wrap adapted no layer with adapter {cls.name!r} ({why or _no_target_hint(model)})"
+        )
 
     model = model if inplace else copy.deepcopy(model)
     for p in model.parameters():
@@ -210,6 +212,21 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
         for n, m in model.named_modules()
         if n and _is_candidate(m) and not _inside(n, _attention_names(model, n))
     }
+
+
+def _no_target_hint(model: nn.Module) -> str:
+    """What the model holds instead of target layers: types owning a weight matrix."""
+    types = {
+        type(m).__qualname__
+        for m in model.modules()
+        if any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        and not isinstance(m, nn.Embedding | nn.EmbeddingBag)
+    }
+    held = f"; its layers with weight matrices are {', '.join(sorted(types)[:6])}" if types else ""
+    return (
+        "no target layers: sparta adapts nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention "
+        "(and their subclasses it reproduces), outside the head" + held
+    )
 
 
 def _adapt(model: nn.Module, name: str, paths, cls, options: dict, train_biases: bool) -> None:
