@@ -295,7 +295,7 @@ def run_model(name: str, source: str, criteria=CRITERIA, batch: int = 2) -> Row:
             row.error = "the base changed"
         elif not row.init_rel_diff <= 1e-2:  # SPLoRA's init changes outputs by ~1e-4
             row.error = f"wrapped model differs from the base at init by {row.init_rel_diff:.3g}"
-        elif not scale > 1e-4:  # the comparison below would compare zeros
+        elif not scale > 1e-9:  # the comparison below would compare (near) zeros
             row.error = f"the pruned model's outputs collapsed ({scale:.1e} of the base's)"
         elif not row.max_rel_diff <= 1e-4:
             row.error = f"compact differs from masked by {row.max_rel_diff:.3g} relative"
