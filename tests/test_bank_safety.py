@@ -160,6 +160,14 @@ def test_a_task_storing_fewer_tensors_never_sees_another_tasks_values(residual):
             got = run(builder.build(task)[0], x)
             assert rel_diff(got, run(apply_task(base, task).eval(), x)) < 1e-5
         assert rel_diff(run(builder.build(fewer)[0], x), run(builder.build(full)[0], x)) > 1e-4
+    # An adapter tensor cannot be absent: it would keep a random initial value.
+    key = "branch.adapter.B"
+    manifest = json.loads(json.dumps(full.manifest))
+    del manifest["tensors"][key]
+    no_adapter = Task({k: v for k, v in full.tensors.items() if k != key}, manifest)
+    for make in (lambda: builder.build(no_adapter), lambda: apply_task(base, no_adapter)):
+        with pytest.raises(ArtifactError, match=r"missing .*adapter tensors \['branch.adapter.B'"):
+            make()
 
 
 # -- a bank with bad files ---------------------------------------------------------------------

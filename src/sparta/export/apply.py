@@ -19,7 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..errors import ConfigError, SkippedLayerWarning
 from ..pruning.masks import ensure_masks, resolve_mask
-from .fingerprint import _is_wrapped, _masked_sites, _task_kinds, check_base
+from .fingerprint import _base_names, _is_wrapped, _masked_sites, _task_kinds, check_base
 from .taskfile import _DTYPES, ArtifactError, check_manifest
 
 if TYPE_CHECKING:
@@ -184,15 +184,21 @@ def _load(
     cache = {} if cache is None else cache
     if "sd" not in cache:
         cache["sd"], cache["kinds"] = model.state_dict(), _task_kinds(model)
+        # Every mask, statistic and adapter tensor must be stored; a trainable tensor that
+        # the base has (a norm, a bias, the head) may be absent: it keeps the base's value.
+        # An absent adapter tensor would keep its random initial value instead.
+        based = _base_names(model)
+        cache["owned"] = {
+            k for k, kind in cache["kinds"].items() if kind != "param" or k not in based
+        }
     sd, kinds = cache["sd"], cache["kinds"]
     table = task.manifest["tensors"]
-    owned = {k for k, kind in kinds.items() if kind != "param"}
     unknown = sorted(set(table) - set(sd))
-    missing = sorted(owned - set(table))
+    missing = sorted(cache["owned"] - set(table))
     if unknown or missing:
         raise ArtifactError(
             f"task does not fit the rebuilt model: unknown tensors {unknown[:3]}, "
-            f"missing masks/statistics {missing[:3]}"
+            f"missing masks, statistics or adapter tensors {missing[:3]}"
         )
     for key, e in table.items():
         _check_target(key, e, sd[key], kinds.get(key), protected or set())
