@@ -285,3 +285,15 @@ def test_grouping_that_takes_too_long_is_refused(monkeypatch):
         sparta.ConfigError, match=r"did not finish in 0 s.*refuses rather than hang"
     ):
         sparta.Pruner(base, x)
+
+
+def test_pruned_channels_outside_the_groups_are_reported_not_silent():
+    import sparta
+    from sparta.export import build_compact
+
+    model, x = _Shuffle().eval(), torch.randn(2, 3, 8, 8)
+    sparta.Pruner(model, x, target=0.5).step()
+    with pytest.warns(sparta.SkippedLayerWarning, match="belong to no channel group"):
+        compact, report = build_compact(model, [], x)
+    assert any(n.startswith("b: ") and "stay as exact zeros" in n for n in report.notes)
+    assert report.params_after == report.params_before  # nothing removed, and it says so

@@ -116,6 +116,7 @@ def build_compact(
             reasons={id(g): _dense_reason(work, g) for g in groups},
         )
     report = CompactReport(known["count"], 0, notes=list(getattr(groups, "notes", [])))
+    report.notes += _outside_groups(model, groups)
     flags, widths = known["flags"], known["widths"]
     channel_plans, sliced_plans = [], []
     for g, dead in zip(groups, dead_units):
@@ -153,6 +154,42 @@ def build_compact(
     if verify:
         _compare(want, _output(plain, example_inputs))
     return plain, report
+
+
+def _outside_groups(model: nn.Module, groups: list[Group]) -> list[str]:
+    """Notes (and a warning) for pruned output channels that no group covers: they stay as
+    exact zeros, so the model is not as compact as its masks say. It happens only when the
+    groups given here differ from those the model was pruned with; it is never silent."""
+    from ..errors import SkippedLayerWarning
+    from ..pruning.masks import channel_mask_of
+
+    covered: dict[str, set[int]] = {}
+    for g in groups:
+        for m in g.members:
+            if m.site == "out":
+                covered.setdefault(m.module, set()).update(m.idxs.tolist())
+    notes = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            mask = module.mask_out
+        else:
+            found = channel_mask_of(module, "weight") if name else None
+            mask = None if found is None else found.mask_out
+        if mask is None:
+            continue
+        dead = set((mask == 0).nonzero().flatten().tolist()) - covered.get(name, set())
+        if dead:
+            notes.append(
+                f"{name}: {len(dead)} pruned output channel(s) belong to no channel group of "
+                "this model, so they stay as exact zeros instead of being removed"
+            )
+    if notes:
+        warnings.warn(
+            "compact model: " + "; ".join(notes[:3]) + (" ..." if len(notes) > 3 else ""),
+            SkippedLayerWarning,
+            stacklevel=3,
+        )
+    return notes
 
 
 def _plain_count(model: nn.Module) -> int:

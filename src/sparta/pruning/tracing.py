@@ -142,9 +142,12 @@ def _closure(graph, root, fn, limit: int, deadline: float) -> dict:
             )
         node, fn, idxs = stack.pop()
         _check_node(graph, node)
+        weights = _weight_inputs(node)
         for dep in node.dependencies:
             if not dep.is_triggered_by(fn):
                 continue
+            if weights and dep.target.grad_fn in weights:
+                continue  # computes the layer's own weight (e.g. weight standardisation)
             kinds = {_reshape_kind(n) for n in (node, dep.target) if n.type.name == "RESHAPE"}
             if "rearranges" in kinds:
                 raise _Unproven(
@@ -170,6 +173,19 @@ def _closure(graph, root, fn, limit: int, deadline: float) -> dict:
             seen |= pairs
             stack.append((dep.target, dep.handler, new))
     return items
+
+
+def _weight_inputs(node) -> set:
+    """The autograd inputs of a convolution node that compute its weight and bias (not its
+    input activation): a layer that computes its weight in its forward (timm's
+    ``StdConv2d``/``ScaledStdConv2d`` standardise it) has such inputs, and they hold no
+    channels of any activation."""
+    grad_fn = node.grad_fn
+    if not isinstance(node.module, _ConvNd) or grad_fn is None:
+        return set()
+    if not grad_fn.name().startswith("Convolution"):
+        return set()
+    return {f for f, _ in grad_fn.next_functions[1:] if f is not None}
 
 
 def _check_width(graph, dep, idxs) -> None:
