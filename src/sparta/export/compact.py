@@ -152,7 +152,14 @@ def build_compact(
     _check_widths(plain, widths, removed_entries)
     report.params_after = _count(plain)
     if verify:
-        _compare(want, _output(plain, example_inputs))
+        try:
+            got = _output(plain, example_inputs)
+        except Exception as exc:  # the cut model does not run: never hand it out
+            raise SpartaError(
+                f"the compact model cannot run its own forward ({type(exc).__name__}: {exc}); "
+                "a coupling of its channels was not found (please report this model)"
+            ) from exc
+        _compare(want, got)
     return plain, report
 
 

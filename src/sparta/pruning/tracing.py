@@ -215,7 +215,10 @@ def _check_node(graph, node) -> None:
     if kind == "EXPAND":
         raise _Unproven(f"coupled through {_op_name(node)}, a broadcast sparta cannot map")
     if kind == "SPLIT" and not _channel_split(node):
-        raise _Unproven(f"coupled through {_op_name(node)} along a dimension sparta cannot map")
+        raise _Unproven(
+            f"coupled through {_op_name(node)}, a split along the channels whose sizes are "
+            "fixed in the model's code"
+        )
     if kind == "ELEMENTWISE" and any(k in _op_name(node).lower() for k in _MIXING):
         raise _Unproven(f"coupled through {_op_name(node)}, which mixes channels")
 
@@ -313,9 +316,10 @@ def _channel_split(node) -> bool:
     if size is None or dim is None:
         return False
     dim = dim % len(size) if -len(size) <= dim < len(size) else dim
-    if dim == 1:
-        return node.module.offsets is not None  # mapped by torch-pruning
-    return dim != len(size) - 1  # a split along positions: channels untouched
+    # A split along the channels is not proven: its sizes are numbers in the model's code
+    # (CSPNet's ``x.split(self.expand_chs // 2, dim=1)``, a ``chunk(2, dim=1)``) that the
+    # compact model would still use after channels are removed.
+    return dim not in (1, len(size) - 1)  # a split along positions: channels untouched
 
 
 def _op_name(node) -> str:
