@@ -211,8 +211,10 @@ def m_top(m, raw, src, rng):
     key = rng.choice(sorted(m))
     if rng.random() < 0.4:
         del m[key]
-    else:
-        m[key] = rng.choice([None, 1, "x", [], {}, 1.5, True, [None]])
+    else:  # a value of another type (or an empty one where that is not a valid one)
+        value = rng.choice([None, 1, "x", [], {}, 1.5, True, [None]])
+        same = json.dumps(value) == json.dumps(m[key]) or (key, value) == ("version", 1)
+        m[key] = None if same else value
 
 
 def m_counts(m, raw, src, rng):
