@@ -285,3 +285,30 @@ def test_swin_t_reads_weights_and_trains_its_adapters():
     proj = wrapped.features[1][0].attn.proj
     assert float(proj.adapter.B.grad.abs().sum()) > 0
     assert qkv.base.weight.grad is None  # the base stays frozen
+
+
+def _std_net() -> nn.Sequential:
+    from timm.layers import StdConv2d
+
+    layers = [StdConv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+
+
+def test_a_standardised_conv_is_pruned_when_adapted_and_kept_whole_when_fine_pruned():
+    from sparta.export import build_compact
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    # Plain (fine-pruning): a mask on the stored weight is not pruning once standardised.
+    pruner = sparta.Pruner(_std_net(), x, "l1", target=0.5)
+    assert all(m.module != "0" for g in pruner.groups for m in g.members)
+    assert any("StdConv2d '0'" in note for note in pruner.notes)
+    # Adapted: the mask is applied after the standardisation, so it prunes, and slicing the
+    # fused (standardised) weight reproduces it.
+    wrapped = sparta.wrap(_std_net(), rank=2)
+    _perturb(wrapped[0])
+    pruner = sparta.Pruner(wrapped, x, "l1", target=0.5, ranking="local")
+    pruner.step()
+    assert int(wrapped[0].mask_out.sum()) == 4
+    compact, _ = build_compact(wrapped, pruner.groups, x)  # verify: raises if outputs differ
+    assert type(compact[0]) is nn.Conv2d and compact[0].out_channels == 4

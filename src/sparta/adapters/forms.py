@@ -119,6 +119,10 @@ def form_reason(layer: nn.Module) -> str | None:
     form = _FORMS.get(_qualname(cls))
     if form is not None:
         return form.refuse(layer) if form.refuse is not None else None
+    return _override_reason(cls)
+
+
+def _override_reason(cls: type) -> str | None:
     parent = torch_parent(cls)
     for method in _FORWARD_METHODS:
         if getattr(cls, method, None) is not getattr(parent, method, None):
@@ -127,6 +131,19 @@ def form_reason(layer: nn.Module) -> str | None:
                 "does not know what it computes, so it is left frozen (register its recipe with "
                 "sparta.adapters.forms.register_form to adapt it)"
             )
+    return None
+
+
+def mask_reason(layer: nn.Module) -> str | None:
+    """Why a channel mask on this *plain* layer's stored weight (fine-pruning, or a layer
+    ``wrap`` skipped) would not be pruning that the compact model reproduces by slicing, or
+    ``None``: a forward sparta does not know, or one that standardises the weight (a masked
+    input column still counts in each row's statistics, a sliced one does not)."""
+    form = _FORMS.get(_qualname(type(layer)))
+    if form is None:
+        return _override_reason(type(layer))
+    if form.standardise is not None:
+        return f"{form.name} standardises its stored weight, so masking it is not pruning"
     return None
 
 

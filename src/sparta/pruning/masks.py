@@ -15,6 +15,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from ..adapters.base import grouped_mask, kept_entries
+from ..adapters.forms import mask_reason
 from ..adapters.layer import AdaptedLayer
 from ..errors import NotAdaptableError
 from ..utils import NORMS
@@ -102,10 +103,10 @@ def ensure_masks(module: nn.Module, create: bool = True) -> tuple[Tensor | None,
 
 
 def can_mask(module: nn.Module) -> bool:
-    if isinstance(module, AdaptedLayer | nn.Linear):
+    if isinstance(module, AdaptedLayer):
         return True
-    if isinstance(module, _ConvNd):
-        return not module.transposed
+    if isinstance(module, nn.Linear | _ConvNd):  # a subclass only if masking it is pruning
+        return not getattr(module, "transposed", False) and mask_reason(module) is None
     return isinstance(module, NORMS) and getattr(module, "weight", None) is not None
 
 
