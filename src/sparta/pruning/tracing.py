@@ -118,6 +118,11 @@ def all_closures(graph, ignored: list[nn.Module], notes: list[str], names: dict)
             notes.append(f"{names.get(module, module)}: {why}; its channels are not pruned")
             visited.add(id(module))
             continue
+        why = _mixed_widths(graph, items)
+        if why:
+            notes.append(f"{names.get(module, module)}: {why}; its channels are not pruned")
+            visited.add(id(module))
+            continue
         outputs = [n.module for n, h in items if graph.is_out_channel_pruning_fn(h)]
         visited.update(id(m) for m in outputs)
         if not any(id(m) in ignored_ids for m in outputs):
@@ -186,6 +191,32 @@ def _weight_inputs(node) -> set:
     if not grad_fn.name().startswith("Convolution"):
         return set()
     return {f for f, _ in grad_fn.next_functions[1:] if f is not None}
+
+
+def _mixed_widths(graph, items: dict) -> str | None:
+    """Without a concatenation, split, slice or flatten on the way, every layer a group
+    reaches sees the same number of channels; layers of different widths mean that a
+    transpose or permute coupled another dimension (MLP-Mixer's token mixing)."""
+    widths: dict[int, str] = {}
+    for node, handler in items:
+        kind = node.type.name
+        if kind in ("CONCAT", "SPLIT", "SLICE", "UNBIND", "EXPAND"):
+            return None
+        if kind == "RESHAPE" and _reshape_kind(node) != "identity":
+            return None
+        if not isinstance(node.module, nn.Module) or kind == "ELEMENTWISE":
+            continue
+        out = graph.is_out_channel_pruning_fn(handler)
+        try:
+            width = (graph.get_out_channels if out else graph.get_in_channels)(node)
+        except Exception:  # an operation without a width
+            continue
+        if isinstance(width, int):
+            widths.setdefault(width, _op_name(node) if node.name is None else node.name)
+    if len(widths) > 1:
+        shown = ", ".join(f"{w} ({n.split(' ')[0]})" for w, n in list(widths.items())[:3])
+        return f"couples layers of different widths ({shown}) through a transpose or permute"
+    return None
 
 
 def _check_width(graph, dep, idxs) -> None:
