@@ -235,7 +235,19 @@ def torchvision_names() -> list[str]:
 
 
 def make_model(name: str, source: str) -> nn.Module:
-    """A classifier with random weights and 10 classes (nothing is downloaded)."""
+    """A classifier with random weights and 10 classes (nothing is downloaded); layers
+    initialised to zeros (the heads of torchvision's ViT and timm's MLP-Mixer) get random
+    weights, else every output is exactly zero and comparing outputs shows nothing."""
+    model = _make_model(name, source)
+    with torch.no_grad():
+        for m in model.modules():
+            weight = getattr(m, "weight", None)
+            if isinstance(m, nn.Linear | nn.Conv2d) and not bool(weight.any()):
+                weight.normal_(0, 0.02)
+    return model
+
+
+def _make_model(name: str, source: str) -> nn.Module:
     torch.manual_seed(0)
     if source == "torchvision":
         import torchvision
