@@ -118,7 +118,8 @@ def test_masked_model_equals_hand_zeroed_model_on_contract_models(model_name):
     perturb(model)
     x = TINY_MODELS[model_name].example()
     pruner = _prune(model, x, criterion="l2", target=0.6, steps=2)
-    assert pruner.history[-1].pruned
+    # grouped convolutions lose whole groups (coarse units): the first step may do it all
+    assert any(r.pruned for r in pruner.history)
     _check_equivalence(model, pruner, x)
 
 
