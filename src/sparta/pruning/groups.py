@@ -179,7 +179,7 @@ def _convert(graph, root, items: dict, names: dict, real: dict) -> Group | str |
 
 
 # -- transformers ------------------------------------------------------------------------------
-def _transformer_groups(model: nn.Module, notes: list[str]) -> list[Group]:
+def _transformer_groups(model: nn.Module, notes: list[str] | None = None) -> list[Group]:
     groups: list[Group] = []
     modules = dict(model.named_modules())
     for name, m in modules.items():
@@ -195,7 +195,8 @@ def _transformer_groups(model: nn.Module, notes: list[str]) -> list[Group]:
         elif is_fused_attention(m):
             group = fused_heads(name, m, Group, Member)
             if isinstance(group, str):
-                notes.append(group)
+                if notes is not None:
+                    notes.append(group)
             else:
                 groups.append(group)
     return groups
