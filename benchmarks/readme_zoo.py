@@ -42,6 +42,11 @@ def section(data: dict) -> str:
         "(*n notes* below). Grouping is bounded in time (120 s) and memory (index lists "
         "capped by the widest layer): a model beyond that is refused, never left hanging.",
         "",
+        "Reproduce: `.venv/bin/python benchmarks/zoo.py --jobs 2 --large 150 --large-memory 14 "
+        "--json zoo.json` (each model under 7 GB resident memory, those over 150 M parameters "
+        "alone under 14 GB; `--criteria l1` halves the time), then "
+        "`.venv/bin/python benchmarks/readme_zoo.py zoo.json`.",
+        "",
         "**" + _summary(rows) + "**",
         "",
         "| model | source | input | result | max rel diff | params | MACs | s |",
