@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from .adapters.attention import AdaptedWeight, MaskedBias
 from .adapters.layer import AdaptedLayer
@@ -99,7 +101,7 @@ class MacCounter:
         self.positions: dict[str, float] = {}
         self.attention: dict[str, tuple[float, float]] = {}
         batch = batch_size(example_inputs)
-        hooks = []
+        hooks, layers = [], {}
         for name, m in model.named_modules():
             if isinstance(m, nn.MultiheadAttention):
                 hooks.append(m.register_forward_hook(self._attention_hook(name, batch)))
@@ -107,9 +109,14 @@ class MacCounter:
                 model, name
             ):
                 hooks.append(m.register_forward_hook(self._layer_hook(name, batch)))
+                layers[name] = m
         try:
             with evaluating(model):
-                call(model, example_inputs)
+                # Some modules never call a layer but read its ``.weight`` (torchvision's
+                # Swin attention does F.linear(x, self.qkv.weight)): seen by the weight passed.
+                weights = {id(m.weight): name for name, m in layers.items()}
+                with _WeightReads(weights, self.positions, batch):
+                    call(model, example_inputs)
         finally:
             for h in hooks:
                 h.remove()
@@ -137,6 +144,30 @@ class MacCounter:
         for name, (lq, lk) in self.attention.items():
             total += _attention_macs(model.get_submodule(name), lq, lk)
         return int(round(total))
+
+
+class _WeightReads(TorchFunctionMode):
+    """Records the positions of every linear/convolution call whose weight is a known layer's
+    (``weights``: tensor id -> layer name), however the call was made. Under ``no_grad`` an
+    adapted layer's ``.weight`` is its cached fused tensor, so identity is stable in one pass."""
+
+    _LINEAR = (F.linear,)
+    _CONV = (F.conv1d, F.conv2d, F.conv3d, torch.convolution, torch._convolution)
+
+    def __init__(self, weights: dict[int, str], positions: dict[str, float], batch: int):
+        super().__init__()
+        self.weights, self.positions, self.batch = weights, positions, batch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in self._LINEAR or func in self._CONV:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            name = self.weights.get(id(weight))
+            if name is not None and isinstance(out, Tensor) and out.dim():
+                width = out.shape[1] if func in self._CONV else out.shape[-1]
+                self.positions.setdefault(name, out.numel() / width / self.batch)
+        return out
 
 
 def _base(module: nn.Module) -> nn.Module:
