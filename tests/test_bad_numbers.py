@@ -528,3 +528,13 @@ def test_mac_counter_refuses_a_batch_of_zero(net):
     with pytest.raises(ConfigError, match=r"example_inputs of shape \(0, 3, 8, 8\) hold"):
         sparta.MacCounter(net[0], torch.randn(0, 3, 8, 8))
     assert sparta.MacCounter(net[0], net[1]).count(net[0]) > 0
+
+
+def test_build_and_report_refuse_a_batch_of_zero(net):
+    base, x = ResidualNet().eval(), net[1]
+    model = sparta.wrap(base, rank=2)
+    Pruner(model, x, target="density=0.5").step()
+    task = sparta.export(model)
+    for fn in (sparta.build, sparta.report):
+        with pytest.raises(ConfigError, match=r"of shape \(0, 3, 8, 8\) hold a tensor with a zero"):
+            fn(base, task, example_inputs=x[:0])

@@ -17,6 +17,7 @@ from torch import nn
 from ..devices import module_device
 from ..errors import ConfigError, SpartaError
 from ..inputs import input_spec, make_inputs
+from ..pruning.checks import check_nonempty
 from ..pruning.groups import Group, find_groups
 from ..utils import call
 from .apply import _load as load_task
@@ -99,6 +100,7 @@ class Builder:
         """Run the base once on ``inputs`` (eval mode, no gradients, flags restored) so that a
         batch it cannot take is one clear error, not a failure deep inside tracing."""
         spec = input_spec(inputs)
+        check_nonempty(inputs, source)  # a batch of 0 has no outputs to compare
         key = json.dumps(spec, sort_keys=True)
         if key in self._runs:
             return
