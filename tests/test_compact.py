@@ -213,3 +213,41 @@ def test_a_group_with_every_unit_pruned_keeps_one_zero_unit():
 def test_not_a_module_is_refused():
     with pytest.raises(TypeError, match="build_compact expects a torch.nn.Module, got str"):
         build_compact("resnet18", [], torch.zeros(1))
+
+
+class SharedBlockNet(nn.Module):
+    """One depthwise conv called at two places (timm CoaT shares its position encoders so)."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.stem, self.mid = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.a, self.b = nn.Sequential(shared, nn.ReLU()), nn.Sequential(shared, nn.ReLU())
+        self.tail = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.tail(self.b(self.mid(self.a(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_module_shared_between_blocks_stays_whole_and_builds_exactly(wrapped):
+    torch.manual_seed(0)
+    base, x = SharedBlockNet().eval(), torch.randn(2, 3, 8, 8)
+    before = copy.deepcopy(base.state_dict())
+    model = _wrap(base) if wrapped else copy.deepcopy(base)
+    perturb(model)
+    pruner = sparta.Pruner(model, x, target="density=0.5")
+    pruner.step()
+    assert any("'a.0', a module used under several names" in n for n in pruner.notes)
+    assert all(m.module not in ("a.0", "b.0") for g in pruner.groups for m in g.members)
+    if wrapped:
+        compact = sparta.build(base, sparta.export(model))
+    else:
+        compact, _ = build_compact(model, pruner.groups, x)
+    assert compact.a[0] is compact.b[0]  # still one module, as in the base
+    assert compact.tail[0].out_channels < 16
+    torch.testing.assert_close(compact(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k

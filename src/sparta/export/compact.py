@@ -395,16 +395,21 @@ def _fill(skeleton: nn.Module, model: nn.Module, cuts) -> set[str]:
     from ..wrap import _fused_copy
 
     done = set()
-    sources = dict(model.named_modules())
-    for name, target in list(skeleton.named_modules()):
+    # Every name of a module used at several places (shared between blocks), so that each
+    # place gets the fused layer, which stays one module as in the base.
+    sources = dict(model.named_modules(remove_duplicate=False))
+    fused: dict[int, nn.Module] = {}
+    for name, target in list(skeleton.named_modules(remove_duplicate=False)):
         src = sources.get(name)
         if src is None:
             raise SpartaError(f"compact model: the task model has no module {name!r}")
         if isinstance(src, AdaptedLayer):
-            plain = _fused_block(src, name, cuts) if cuts is not None else None
-            if plain is not None:
-                done.add(name)
-            _put(skeleton, name, plain or _fused_copy(src))
+            if id(src) not in fused:
+                plain = _fused_block(src, name, cuts) if cuts is not None else None
+                if plain is not None:
+                    done.add(name)
+                fused[id(src)] = plain or _fused_copy(src)
+            _put(skeleton, name, fused[id(src)])
             continue
         keep = _plain_keep(target, name, cuts)
         if keep is not None:

@@ -30,7 +30,7 @@ def _task_kinds(model: nn.Module) -> dict[str, str]:
     """``{state_dict key: kind}`` for every tensor the task owns (see the module docstring)."""
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     kinds: dict[str, str] = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):
         prefix = f"{name}." if name else ""
         if isinstance(m, Adapter | ChannelMask):
             kinds.update(
@@ -52,7 +52,9 @@ def _task_kinds(model: nn.Module) -> dict[str, str]:
 def _base_names(model: nn.Module) -> dict[str, str]:
     """``{wrapped state_dict key: base name}`` for every key, e.g. ``x.base.weight -> x.weight``
     and ``a.parametrizations.w.original -> a.w``; keys with no base counterpart are left out."""
-    adapted = [n for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    adapted = [
+        n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, AdaptedLayer)
+    ]
     out = {}
     for key in model.state_dict(keep_vars=True):
         parts = key.split(".")

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError, SkippedLayerWarning
 from ..utils import call, evaluating
+from .checks import describe
 from .fused_heads import fused_heads, is_fused_attention
 from .masks import can_mask
 
@@ -63,20 +64,10 @@ def check_inputs(model: nn.Module, example_inputs) -> None:
         with evaluating(model):
             call(model, example_inputs)
     except Exception as exc:  # any failure here means the inputs do not fit the model
-        shape = _describe(example_inputs)
+        shape = describe(example_inputs)
         raise ConfigError(
             f"example_inputs {shape} do not fit the model: {type(exc).__name__}: {exc}"
         ) from exc
-
-
-def _describe(inputs) -> str:
-    if isinstance(inputs, Tensor):
-        return f"of shape {tuple(inputs.shape)}"
-    if isinstance(inputs, dict):
-        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in inputs.items()) + "}"
-    if isinstance(inputs, tuple | list):
-        return "(" + ", ".join(_describe(v) for v in inputs) + ")"
-    return repr(type(inputs).__name__)
 
 
 def find_groups(
@@ -112,13 +103,36 @@ def find_groups(
         notes.append(why + "; only attention heads and FFN neurons are pruned")
         warnings.warn(notes[-1], SkippedLayerWarning, stacklevel=3)
         tp_groups = []
-    for g in tp_groups:
-        if any((m.module, m.site) in claimed for m in g.members):
-            continue
-        groups.append(g)
+    groups += [g for g in tp_groups if not any((m.module, m.site) in claimed for m in g.members)]
+    groups = _without_shared(groups, _shared_modules(model), notes)
     groups = GroupList(groups)
     groups.notes = notes
     return groups, notes
+
+
+def _without_shared(groups: list[Group], shared: set[str], notes: list[str]) -> list[Group]:
+    """Groups that touch no module registered under several names. Such a module is called
+    at several places, each coupling its channels with other neighbours, which one cut cannot
+    honour: its groups stay whole, with a note."""
+    kept = []
+    for g in groups:
+        reused = sorted({m.module for m in g.members} & shared)
+        if reused:
+            notes.append(
+                f"{g.name}: coupled with {reused[0]!r}, a module used under several names "
+                "(shared between blocks); not pruned"
+            )
+        else:
+            kept.append(g)
+    return kept
+
+
+def _shared_modules(model: nn.Module) -> set[str]:
+    """Every name of every module registered under more than one name."""
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    return {n for ns in names.values() if len(ns) > 1 for n in ns}
 
 
 # -- torch-pruning -----------------------------------------------------------------------------
