@@ -45,7 +45,9 @@ def section(data: dict) -> str:
         "Reproduce: `.venv/bin/python benchmarks/zoo.py --jobs 2 --large 150 --large-memory 14 "
         "--json zoo.json` (each model under 7 GB resident memory, those over 150 M parameters "
         "alone under 14 GB; `--criteria l1` halves the time), then "
-        "`.venv/bin/python benchmarks/readme_zoo.py zoo.json`.",
+        "`.venv/bin/python benchmarks/readme_zoo.py zoo.json`. The table below is generated "
+        "from `benchmarks/results/zoo.json`, the merged rows of the sweeps behind it (a model "
+        "rerun after a fix replaces its earlier row).",
         "",
         "**" + _summary(rows) + "**",
         "",
