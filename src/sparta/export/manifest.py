@@ -161,16 +161,21 @@ def _short(value) -> str:
 
 
 # -- the tensors -----------------------------------------------------------------------------------
-def check_tensors(tensors: dict, manifest: dict, path) -> None:
-    """Validate ``tensors`` against the manifest: keys, shapes, dtypes, checksums, finite
-    values, and every compact entry against its masks (without expanding anything)."""
-    table = manifest["tensors"]
-    if set(tensors) != set(table):
-        extra, missing = sorted(set(tensors) - set(table)), sorted(set(table) - set(tensors))
+def check_listed(found, table: dict, path) -> None:
+    """The tensor names ``found`` (in a header, or loaded) are exactly those ``table`` lists."""
+    if set(found) != set(table):
+        extra, missing = sorted(set(found) - set(table)), sorted(set(table) - set(found))
         raise ArtifactError(
             f"task {str(path)!r}: tensors do not match the manifest "
             f"(not listed: {extra[:3]}, absent: {missing[:3]})"
         )
+
+
+def check_tensors(tensors: dict, manifest: dict, path) -> None:
+    """Validate ``tensors`` against the manifest: keys, shapes, dtypes, checksums, finite
+    values, and every compact entry against its masks (without expanding anything)."""
+    table = manifest["tensors"]
+    check_listed(tensors, table, path)
     for key, t in tensors.items():
         e = table[key]
         shape = e.get("stored", e["shape"])

@@ -32,6 +32,7 @@ from .manifest import (  # noqa: F401  (re-exported: the names of the task file 
     ArtifactError,
     _ints,
     _short,
+    check_listed,
     check_manifest,
     check_tensors,
     compact,
@@ -201,12 +202,7 @@ def read_manifest(meta: dict, path: str) -> dict:
 def _check_layout(header: dict, manifest: dict, body: int, path: str) -> None:
     """The header's tensors are the manifest's, at its dtypes and shapes, and fill the body."""
     table = manifest["tensors"]
-    if set(header) != set(table):
-        extra, missing = sorted(set(header) - set(table)), sorted(set(table) - set(header))
-        raise ArtifactError(
-            f"task {path!r}: tensors do not match the manifest "
-            f"(not listed: {extra[:3]}, absent: {missing[:3]})"
-        )
+    check_listed(header, table, path)
     spans = []
     for key, h in header.items():
         e = table[key]
