@@ -312,3 +312,29 @@ def test_a_standardised_conv_is_pruned_when_adapted_and_kept_whole_when_fine_pru
     assert int(wrapped[0].mask_out.sum()) == 4
     compact, _ = build_compact(wrapped, pruner.groups, x)  # verify: raises if outputs differ
     assert type(compact[0]) is nn.Conv2d and compact[0].out_channels == 4
+
+
+def test_a_task_with_standardised_convs_builds_them_cut():
+    """sparta.build groups the task's own (adapted) model, where a standardising conv can be
+    cut; grouped on the plain base it could not, and the task was built uncut."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    base = _std_net()
+    wrapped = sparta.wrap(base, rank=2)
+    _perturb(wrapped[0])
+    sparta.Pruner(wrapped, x, "l1", target=0.5, ranking="local").step()
+    compact = sparta.build(base, sparta.export(wrapped))
+    assert compact[0].out_channels == 4 and compact[2].in_channels == 4
+    torch.testing.assert_close(compact(x), wrapped.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_linear_output_on_an_nd_input_can_be_edited_in_place_while_training():
+    """F.linear of an N-d input is a view; Swin V2 edits such outputs in place."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+    wrapped = sparta.wrap(model, rank=2).train()
+    x = torch.randn(2, 5, 8)
+    out = wrapped(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-3, atol=1e-3)
+    out.sum().backward()
+    assert float(wrapped[0].adapter.B.grad.abs().sum()) > 0

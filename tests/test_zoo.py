@@ -215,8 +215,21 @@ def test_every_torchvision_family(name, criterion, tmp_path):
     _check(base, x, criterion, tmp_path, max_density=0.9)
 
 
+GROUPNORM_EVERYWHERE = pytest.mark.xfail(
+    strict=True,
+    reason="every channel sits under a GroupNorm, whose groups sparta keeps dense (exact zeros): "
+    "pruning whole GroupNorm groups is not implemented, so the compact model is not smaller",
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TIMM_MODELS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=GROUPNORM_EVERYWHERE) if n == "resnetv2_50x1_bit" else n
+        for n in TIMM_MODELS
+    ],
+)
 def test_timm_families(name, tmp_path):
     pytest.importorskip("timm")
     size = zoo.input_size(name, "timm")

@@ -299,6 +299,15 @@ class AdaptedLayer(nn.Module):
         bias = None if self.base.bias is None else self.base.bias * self.mask_out
         with autocast_off(x.device):  # factors in the parameters' dtype; the kernel casts
             left, right = self.adapter.factors()
+        if self.geometry.spatial_dims == 0 and x.dim() > 2:
+            # F.linear of an N-d input returns a view, and a custom Function may not return a
+            # view that the caller then edits in place (Swin V2 does): run it on the 2-d
+            # matrix and reshape outside, where autograd tracks the view as usual.
+            lead = x.shape[:-1]
+            y = DeltaLayerFn.apply(
+                x.reshape(-1, x.shape[-1]), weight, bias, left, right, self.geometry
+            )
+            return y.view(*lead, y.shape[-1])
         return DeltaLayerFn.apply(x, weight, bias, left, right, self.geometry)
 
     def _masked_base_weight(self) -> Tensor:

@@ -122,13 +122,17 @@ class Builder:
                 m.training = flag
         self._runs.add(key)
 
-    def groups(self, task: Task, example_inputs) -> list[Group]:
-        """The base's coupled channel groups (cached per input shape and head)."""
-        key = json.dumps([input_spec(example_inputs), sorted(task.manifest["head"])])
+    def groups(self, task: Task, example_inputs, masked: nn.Module | None = None) -> list[Group]:
+        """The coupled channel groups of the task's model (cached per input shape, head and
+        task layout). Traced on the masked task model, not on the plain base: a layer the task
+        adapts (e.g. a weight-standardising conv) can be cut where the same plain layer
+        could not, so the groups are those the Pruner saw."""
+        m = task.manifest
+        layout = [m["adapter"], sorted(m["adapted"])]
+        key = json.dumps([input_spec(example_inputs), sorted(m["head"]), layout], default=str)
         if key not in self._groups:
-            self._groups[key], _ = find_groups(
-                self.base, example_inputs, set(task.manifest["head"])
-            )
+            model = self.task_model(task) if masked is None else masked
+            self._groups[key], _ = find_groups(model, example_inputs, set(m["head"]))
         return self._groups[key]
 
     def task_model(self, task: Task) -> nn.Module:
@@ -160,8 +164,8 @@ class Builder:
         """``(compact model, report)`` for ``task``; see :func:`build`."""
         self.check(task)
         inputs = self.inputs(task)
-        groups = self.groups(task, inputs)
         masked = self.task_model(task)
+        groups = self.groups(task, inputs, masked)
         structure = self._structure.setdefault(id(groups), {})
         model, report = build_compact(
             masked, groups, inputs, verify, skeleton=skeleton(self.base), structure=structure
