@@ -96,6 +96,8 @@ def test_quick_run_numbers_are_consistent(quick_run):
     bank = results["bank"]
     assert bank["outputs_equal"] and bank["base_bit_identical"]
     assert set(bank["first_switch_ms"]) == {"splora-w0.3", "sppara-w0.3"}
+    # a first switch builds a compact model (not a cache hit, which add() would leave behind)
+    assert all(ms > 0 for ms in bank["first_switch_ms"].values())
     assert set(results["claims"]) == {"lowest_density", "ratio_at_30"}
 
 
