@@ -70,6 +70,14 @@ def load_dataset(
     - ``imagefolder``: ``data_dir`` holds ``train/<class>/*`` and ``test/<class>/*`` (or
       ``val/<class>/*``); class indices follow the sorted train folder names, and the test
       split may lack some classes but not add any.
+    - ``fashion-mnist``, ``mnist``, ``kmnist``: torchvision FashionMNIST / MNIST / KMNIST,
+      read from the four IDX files in ``<data_dir>/FashionMNIST/raw/`` (``MNIST``, ``KMNIST``;
+      plain or ``.gz``: gzipped ones are decompressed next to themselves once). Both splits
+      are kept in memory as ``uint8`` and served per item as ImageNet backbones expect them:
+      scaled to [0, 1], resized (bilinear) to ``image_size`` (default 32), grayscale
+      replicated to 3 channels, ImageNet mean/std normalisation; no augmentation; the
+      datasets carry ``.targets`` and ``.classes``. Offline, ``make assets`` links the Debian
+      package ``dataset-fashion-mnist``'s files into ``./data/FashionMNIST/raw/``.
     - ``digits`` (all 10 classes), ``digits-source`` (0-4) and ``digits-target`` (5-9,
       relabelled 0-4): scikit-learn's real 8x8 handwritten digits (bundled with scikit-learn,
       no download), pixel values scaled to [0, 1], shape 1x8x8, a stratified 75/25 split fixed
@@ -252,7 +260,7 @@ def _digits(name: str, root: Path, download: bool, image_size: int | None, seed:
     labels = torch.tensor(digits.target[keep] - classes.start, dtype=torch.long)
     size = image_size or 8
     if size != 8:
-        images = _resize(images, size)
+        images = resize_images(images, size)
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=DIGITS_TEST_FRACTION, random_state=seed, stratify=labels
     )
@@ -266,10 +274,19 @@ def _digits(name: str, root: Path, download: bool, image_size: int | None, seed:
     )
 
 
-def _resize(images: Tensor, size: int) -> Tensor:
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """Images ``(N, C, H, W)`` resized (bilinear) to ``size`` x ``size``, antialiased when
+    shrinking."""
+    shrink = size < min(images.shape[-2:])
     return F.interpolate(
-        images, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 8
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
     )
+
+
+def _idx(name: str, root: Path, download: bool, image_size: int | None, seed: int):
+    from .idx import load_idx_dataset  # idx.py builds on this module's Datasets
+
+    return load_idx_dataset(name, root, download, image_size, seed)
 
 
 _LOADERS: dict[str, Callable[..., Datasets]] = {
@@ -279,4 +296,5 @@ _LOADERS: dict[str, Callable[..., Datasets]] = {
     "pets": _pets,
     "imagefolder": _imagefolder,
     **dict.fromkeys(DIGIT_TASKS, _digits),
+    **dict.fromkeys(("fashion-mnist", "mnist", "kmnist"), _idx),
 }
