@@ -12,13 +12,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import GRID_KEYS, GridConfig, RunConfig, load_config
+from ..config import GRID_KEYS, GridConfig, RunConfig, config_from_dict, read_config_file, recipes
 from ..errors import ConfigError
 from . import app, stderr, stdout, user_errors
 
 #: What each RunConfig field means, for ``sparta run --help``. A field's own ``help`` metadata
 #: wins; a field in neither place is still listed, with its type, range and default.
 FIELD_HELP = {
+    "recipe": "a named preset applied first, e.g. paper (flags and file keys override it): "
+    + "; ".join(f"{r.name}: {r.summary}" for r in recipes().values()),
     "model": "model name: torchvision (resnet18, ...), timm:NAME or digits_cnn",
     "weights": "pretrained weights, e.g. DEFAULT (torchvision downloads them once)",
     "checkpoint": "a local state dict to start from",
@@ -29,9 +31,14 @@ FIELD_HELP = {
     "image_size": "resize inputs to this side length",
     "method": "finetune, fine-pruning or an adapter (splora, sppara, ...)",
     "rank": "adapter rank (adapters that take one)",
+    "init_scale": "adapters start uniform(+-init_scale); none: each adapter's default (1e-4)",
     "criterion": "importance criterion: taylor, l1, l2, gradient, lrp, random",
-    "target": "density to reach (0.05) or text like macs=0.1",
-    "steps": "pruning steps (0: no pruning)",
+    "target": "a bare number is a FILTER density, the fraction of filters kept (the paper's "
+    "meaning: 0.3 keeps 30% of the filters); sparsity=S is the fraction of WEIGHTS removed, "
+    "macs=F the fraction of MACs kept",
+    "steps": "pruning steps (0: no pruning); overrides step_fraction",
+    "step_fraction": "share of the original filters removed per step: steps derived as "
+    "round((1 - density) / step_fraction) (paper recipe: 0.05)",
     "schedule": "pruning schedule: linear, geometric, cubic, one-shot",
     "ranking": "global or local ranking of channels",
     "round_to": "keep channel counts multiples of this",
@@ -43,7 +50,10 @@ FIELD_HELP = {
     "lr": "learning rate",
     "weight_decay": "weight decay",
     "momentum": "SGD momentum",
-    "lr_schedule": "cosine or constant, over each training phase",
+    "lr_schedule": "cosine, constant or step (lr / 10 at 50% and 75%), over each training phase",
+    "adapter_lr_scale": "multiplies lr for adapter parameters only (head, norms, biases keep lr)",
+    "val_fraction": "share of the training data held out (seeded, stratified) as a validation "
+    "split; records val_accuracy",
     "seed": "seed of data order, initialisation and split",
     "output_dir": "folder of the run (of a grid: parent of its runs)",
     "device": "auto, cpu, cuda, cuda:INDEX or mps",
@@ -55,7 +65,7 @@ FIELD_HELP = {
 GRID_HELP = {
     "methods": "methods to sweep, e.g. splora,sppara",
     "criteria": "criteria to sweep, e.g. taylor,l1",
-    "densities": "target densities to sweep, e.g. 0.5,0.1",
+    "densities": "targets to sweep, e.g. 0.3,0.1 (filter densities) or sparsity=0.9",
     "seeds": "seeds to sweep, e.g. 0,1,2",
 }
 _TRUE = ("true", "yes", "on", "1")
@@ -200,8 +210,13 @@ def parse_args(args: list[str]) -> tuple[str | None, dict, dict]:
 
 def build_config(path: str | None, overrides: dict, grid: dict) -> RunConfig | GridConfig:
     """The config file (:func:`~sparta.config.load_config`) or the defaults, with ``overrides``
-    applied to the (base) run and ``grid`` lists replacing the file's."""
-    config = load_config(path) if path is not None else RunConfig()
+    applied to the (base) run and ``grid`` lists replacing the file's. A ``recipe`` among the
+    overrides comes first: recipe, then the file's keys, then the other flags."""
+    data = read_config_file(path) if path is not None else {}
+    overrides = dict(overrides)
+    if "recipe" in overrides:
+        data = {**data, "recipe": overrides.pop("recipe")}
+    config = config_from_dict(data)
     if isinstance(config, GridConfig):
         lists = {k: getattr(config, k) for k in GRID_KEYS} | grid
         return GridConfig(base=config.base.replace(**overrides), **lists)
@@ -221,6 +236,9 @@ Example: `sparta run --model digits_cnn --dataset digits --epochs 2 --steps 3 --
 
 Example: `sparta run grid.yaml --seeds 0,1 --device cpu`
 
+Example: `sparta run --recipe paper --method splora --target 0.1 --model digits_cnn --dataset digits`
+(the paper's protocol; --target 0.1 keeps 10% of the filters, in 18 steps of 5%)
+
 Options (every RunConfig field; booleans also as `--flag true|false`):
 
 {fields_help()}
@@ -228,25 +246,29 @@ Options (every RunConfig field; booleans also as `--flag true|false`):
 
 
 def summary_table(results: list) -> Table:
-    """Accuracy, learned parameters, MACs, density, artifact bytes and folder of each run."""
+    """Per run (name over its folder): test accuracy, validation accuracy when the run held out
+    a split, learned parameters as stored and as the paper counts them, MACs, filter density
+    and artifact bytes."""
     from ..results import run_record
 
     table = Table(title="runs")
-    table.add_column("run", overflow="fold")
-    for column in ("accuracy", "learned params", "MACs", "density", "artifact bytes"):
+    table.add_column("run / output dir", overflow="fold")
+    columns = ("test acc", "val acc", "learned", "learned (paper)", "MACs", "filter density")
+    for column in (*columns, "artifact bytes"):
         table.add_column(column, justify="right")
-    table.add_column("output dir", overflow="fold")
     for res in results:
         r = run_record(res.result, res.output_dir)
         size = "-" if r["artifact_bytes"] is None else f"{r['artifact_bytes']:,} ({r['artifact']})"
+        val, paper = res.final.get("val_accuracy"), res.final.get("learned_parameters_paper")
         table.add_row(
-            escape(str(r["name"])),
+            f"{escape(str(r['name']))}\n[dim]{escape(r['output_dir'])}[/]",
             f"{r['accuracy']:.4f}",
+            "-" if val is None else f"{val:.4f}",
             f"{r['learned_parameters']:,}",
+            "-" if paper is None else f"{paper:,}",
             f"{r['macs']:,}",
             f"{r['density']:.4f}",
             size,
-            escape(r["output_dir"]),
         )
     return table
 
@@ -304,7 +326,7 @@ def report_command(
     """Aggregate runs into a table like the paper's Table 1, and plot it.
 
     One row per (model, dataset, method, criterion, target): test accuracy as mean ± std over
-    seeds, learned parameters, density reached, MACs and artifact bytes (means), number of
+    seeds, learned parameters, filter density reached, MACs and artifact bytes (means), number of
     seeds. With --out, also writes report.md, report.csv and accuracy against learned
     parameters (log scale), density and MACs as PNG files.
 

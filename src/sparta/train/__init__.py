@@ -1,7 +1,9 @@
 """Experiment runner: training loop, the paper's prune-and-recover protocol, resumable
-checkpoints and data-parallel (DDP) runs. See :func:`run`."""
+checkpoints and data-parallel (DDP) runs. See :func:`run`; :func:`recipes` lists the named
+presets of :class:`~sparta.config.RunConfig` (``RunConfig.from_recipe("paper")``)."""
 
-from .build import build_model, example_inputs, load_datasets, make_pruner
+from ..config import get_recipe, recipes
+from .build import adapter_options, build_model, example_inputs, load_datasets, make_pruner
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .distributed import DistState, reduce_scores
 from .loop import (
@@ -11,6 +13,7 @@ from .loop import (
     make_loader,
     make_optimizer,
     make_scheduler,
+    param_groups,
     train_one_epoch,
     trainable_parameters,
 )
@@ -24,16 +27,20 @@ __all__ = [
     "RESULT",
     "RunResult",
     "TASK",
+    "adapter_options",
     "build_model",
     "derive_seed",
     "evaluate",
     "example_inputs",
+    "get_recipe",
     "load_checkpoint",
     "load_datasets",
     "make_loader",
     "make_optimizer",
     "make_pruner",
     "make_scheduler",
+    "param_groups",
+    "recipes",
     "reduce_scores",
     "rng_state",
     "run",

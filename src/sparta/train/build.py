@@ -15,6 +15,17 @@ from .checkpoint import seed_everything
 from .distributed import DistState
 
 
+def split_train(config: RunConfig, train):
+    """``(train part, validation part or None)``: with ``val_fraction > 0``, a seeded,
+    stratified split of the training set by ``sparta.data.split_validation`` (seed: the run's
+    ``seed``); the test set is never touched."""
+    if config.val_fraction == 0:
+        return train, None
+    from ..data import split_validation
+
+    return split_validation(train, config.val_fraction, config.seed)
+
+
 def load_datasets(config: RunConfig):
     """``sparta.data.load_dataset`` with the config's dataset settings."""
     from ..data import load_dataset
@@ -58,14 +69,20 @@ def build_model(config: RunConfig, model, data, dist: DistState) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        from ..adapters import get_adapter
         from ..wrap import wrap
 
-        options = (
-            {"rank": config.rank} if "rank" in get_adapter(config.adapter).option_names() else {}
-        )
-        model = wrap(model, config.adapter, inplace=True, **options)
+        model = wrap(model, config.adapter, inplace=True, **adapter_options(config))
     return model.to(dist.device)
+
+
+def adapter_options(config: RunConfig) -> dict:
+    """The config's options that the adapter takes: ``rank``, and ``init_scale`` when set
+    (``None`` leaves each adapter's own default, 1e-4 for the built-in ones)."""
+    from ..adapters import get_adapter
+
+    accepted = get_adapter(config.adapter).option_names()
+    given = {"rank": config.rank, "init_scale": config.init_scale}
+    return {k: v for k, v in given.items() if k in accepted and v is not None}
 
 
 def example_inputs(dataset, device: torch.device):

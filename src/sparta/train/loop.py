@@ -99,20 +99,44 @@ def make_loader(
 
 
 # -- optimisation ------------------------------------------------------------------------------
+#: The ``step`` schedule: the rate is divided by 10 at these fractions of each training phase.
+STEP_MILESTONES = (0.5, 0.75)
+STEP_GAMMA = 0.1
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def param_groups(model: nn.Module, lr: float, adapter_lr_scale: float = 1.0) -> list[dict]:
+    """The model's trainable parameters as optimiser groups: the parameters of every sparta
+    :class:`~sparta.adapters.base.Adapter` module at ``lr * adapter_lr_scale`` (group
+    ``"adapter"``), every other trainable one (head, norms, biases, fine-pruned weights) at
+    ``lr`` (group ``"other"``). A scale of 1 or a model without adapters gives one group."""
+    from ..adapters.base import Adapter
+
+    trainable = trainable_parameters(model)
+    adapter_ids = {id(p) for m in model.modules() if isinstance(m, Adapter) for p in m.parameters()}
+    adapted = [p for p in trainable if id(p) in adapter_ids]
+    if adapter_lr_scale == 1.0 or not adapted:
+        return [{"params": trainable, "lr": lr, "name": "all"}]
+    others = [p for p in trainable if id(p) not in adapter_ids]
+    groups = [{"params": adapted, "lr": lr * adapter_lr_scale, "name": "adapter"}]
+    return ([{"params": others, "lr": lr, "name": "other"}] if others else []) + groups
+
+
 def make_optimizer(
-    params: Iterable[nn.Parameter],
+    params: Iterable[nn.Parameter] | Iterable[dict],
     name: str = "sgd",
     lr: float = 0.01,
     weight_decay: float = 0.0,
     momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
-    """``sgd`` (with ``momentum``), ``adam`` or ``adamw`` over ``params``."""
+    """``sgd`` (with ``momentum``), ``adam`` or ``adamw`` over ``params`` (parameters, or groups
+    from :func:`param_groups`: a group's own ``lr`` wins over ``lr``)."""
     params = list(params)
-    if not params:
+    groups = [g for g in params if isinstance(g, dict)]
+    if not params or (len(groups) == len(params) and not any(g["params"] for g in groups)):
         raise ConfigError("the model has no trainable parameters to optimise")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -126,8 +150,12 @@ def make_optimizer(
 def make_scheduler(
     optimizer: torch.optim.Optimizer, name: str = "cosine", total_steps: int = 1
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration schedule over ``total_steps``: ``cosine`` (from the base rate to 0) or
-    ``constant``."""
+    """Per-iteration schedule over the ``total_steps`` iterations of one training phase, as a
+    factor of each group's base rate: ``cosine`` (from 1 to 0), ``constant``, or ``step``: the
+    rate is multiplied by 0.1 (:data:`STEP_GAMMA`) once the phase has done
+    ``max(1, floor(f * total_steps))`` iterations, for each ``f`` in 0.5 and 0.75
+    (:data:`STEP_MILESTONES`); a 4-epoch phase thus trains 2 epochs at lr, 1 at lr/10 and 1
+    at lr/100, and a 1-iteration phase trains at lr."""
     total = max(int(total_steps), 1)
     if name == "cosine":
 
@@ -137,8 +165,13 @@ def make_scheduler(
 
         def factor(step: int) -> float:
             return 1.0
+    elif name == "step":
+        milestones = [max(1, math.floor(f * total)) for f in STEP_MILESTONES]
+
+        def factor(step: int) -> float:
+            return STEP_GAMMA ** sum(step >= m for m in milestones)
     else:
-        raise ConfigError(f"lr_schedule must be 'cosine' or 'constant', got {name!r}")
+        raise ConfigError(f"lr_schedule must be 'cosine', 'constant' or 'step', got {name!r}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
