@@ -131,8 +131,19 @@ def _torchvision_model(name: str, weights: str | None, num_classes: int | None) 
         target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weight.url)
         raise ConfigError(
             f"cannot load weights {weight} for {name!r}: {error}; download {weight.url} "
-            f"to {target} (or set TORCH_HOME) and try again"
+            f"to {target} (or set TORCH_HOME) and try again" + _cached_instead(weight)
         ) from None
+
+
+def _cached_instead(weight) -> str:
+    """A hint naming the other weights of ``weight``'s enum whose files are already in torch's
+    hub cache ("" if none): torchvision's DEFAULT is often a file that is not there offline."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints"
+    others: dict[str, str] = {}  # url -> first member name (DEFAULT is an alias of one)
+    for member, value in type(weight).__members__.items():
+        if value.url != weight.url and (cached / os.path.basename(value.url)).is_file():
+            others.setdefault(value.url, member)
+    return "".join(f"; {m} is in the cache: pass weights={m!r}" for m in others.values())
 
 
 def resolve_weights(name: str, weights: str):
