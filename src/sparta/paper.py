@@ -1,0 +1,542 @@
+"""The paper's comparison (its Table 1 and Fig. 6) as a reusable experiment driver.
+
+Given a base model, datasets and a :class:`Grid` (methods, criteria, filter densities, seeds),
+:func:`plan` builds one :class:`~sparta.config.RunConfig` per *trajectory*: one run per
+``(method, criterion, seed)`` that prunes iteratively down to the grid's **lowest** filter
+density, removing ``step_fraction`` of the original filter count per step (the paper's 5%), with
+recovery training after every step. The higher densities are read from the evaluation records
+the runner writes after every step (``result["steps"]``; each record's ``level`` is the
+schedule's filter density and ``density`` the achieved one), so a 30% row and a 10% row of one
+method and seed come from the same run, as in the paper's iterative protocol. Full fine-tuning
+(``finetune``) is one dense run per seed with as many training epochs as a trajectory has in all.
+
+"Density" is always the fraction of **filters** (output channels) kept; the fraction of weights
+kept is reported beside it as ``weight_density``.
+
+:func:`run_jobs` runs the trajectories through :func:`sparta.train.run` with ``resume=True`` (a
+killed run continues from its checkpoint; a finished one is read back from its ``result.json``)
+in ``workers`` processes (spawned, one intra-op thread each). A failing run is reported in its
+outcome (``status == "failed"`` with the error), never dropped silently. :func:`rows`,
+:func:`aggregate` (mean +- std over seeds) and :func:`claims` turn the outcomes into the table
+and the paper's claims checked on them, in both parameter accountings (``stored``: what a task
+file holds; ``paper``: Table 1's count, all norm affine parameters and the whole head);
+:mod:`sparta.paper_report` prints and plots them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import multiprocessing as mp
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .errors import ConfigError, UnknownNameError
+from .paper_claims import claim_lines, claims
+
+__all__ = [
+    "METHODS",
+    "Comparison",
+    "Grid",
+    "Job",
+    "adapter_split",
+    "aggregate",
+    "claim_lines",
+    "claims",
+    "compare",
+    "method_spec",
+    "paper_config",
+    "plan",
+    "rows",
+    "run_jobs",
+]
+
+#: Methods of the paper's Table 1 by key: runner settings and the label shown.
+METHODS: dict[str, dict] = {
+    "finetune": {"method": "finetune", "label": "full fine-tuning"},
+    "fine-pruning": {"method": "fine-pruning", "label": "fine-pruning"},
+    "splora-r8": {"method": "splora", "rank": 8, "label": "SPLoRA r8"},
+    "splora-r32": {"method": "splora", "rank": 32, "label": "SPLoRA r32"},
+    "sppara": {"method": "sppara", "label": "SPPaRA"},
+}
+DEFAULT_METHODS = tuple(METHODS)
+#: The paper's step: 5% of the original filter count removed per pruning step.
+STEP_FRACTION = 0.05
+#: Values of the paper's recipe, used until ``RunConfig.from_recipe("paper")`` exists.
+_PAPER_FALLBACK = dict(
+    optimizer="sgd",
+    momentum=0.9,
+    weight_decay=5e-4,
+    schedule="linear",
+    ranking="global",
+    recovery_epochs=1,
+)
+STRUCTURE = "structure.json"
+ACCOUNTINGS = {"stored": "learned_parameters", "paper": "learned_parameters_paper"}
+
+
+def method_spec(key: str) -> dict:
+    """Runner settings of a method key: one of :data:`METHODS`, or ``splora-r<N>``."""
+    if key in METHODS:
+        return dict(METHODS[key])
+    if key.startswith("splora-r") and key[8:].isdigit() and int(key[8:]) > 0:
+        return {"method": "splora", "rank": int(key[8:]), "label": f"SPLoRA r{int(key[8:])}"}
+    raise UnknownNameError("method", key, [*METHODS, "splora-r<rank>"])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What to compare. ``densities`` are filter densities in (0, 1); every one must lie on
+    the linear schedule of ``step_fraction`` steps down to the lowest one (e.g. 0.3 and 0.1
+    with steps of 0.05 or 0.1)."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    criteria: tuple[str, ...] = ("taylor",)
+    densities: tuple[float, ...] = (0.3, 0.1)
+    seeds: tuple[int, ...] = (0,)
+    step_fraction: float = STEP_FRACTION
+
+    def __post_init__(self):
+        for name in ("methods", "criteria", "densities", "seeds"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, Iterable):
+                raise ConfigError(f"Grid.{name} must be a list, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+            if not getattr(self, name):
+                raise ConfigError(f"Grid.{name} must not be empty")
+        for key in self.methods:
+            method_spec(key)
+        if any(isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d < 1
+               for d in self.densities):  # fmt: skip
+            raise ConfigError(f"densities must be filter densities in (0, 1), got {self.densities}")
+        object.__setattr__(self, "densities", tuple(sorted(set(self.densities), reverse=True)))
+        if not 0 < self.step_fraction < 1:
+            raise ConfigError(f"step_fraction must be in (0, 1), got {self.step_fraction!r}")
+        _ = self.steps  # checks that every density is on the schedule
+
+    @property
+    def steps(self) -> int:
+        """Pruning steps of a trajectory: ``(1 - lowest density) / step_fraction``."""
+        low = min(self.densities)
+        steps = round((1 - low) / self.step_fraction)
+        for d in self.densities:
+            k = (1 - d) / (1 - low) * steps
+            if steps < 1 or abs(k - round(k)) > 1e-6:
+                raise ConfigError(
+                    f"filter density {d:g} is not reached by steps of {self.step_fraction:g} of "
+                    f"the filters down to {low:g}; choose densities on that grid or another "
+                    "step_fraction"
+                )
+        return steps
+
+
+@dataclass
+class Job:
+    """One trajectory: the runner config and what it stands for."""
+
+    key: str  # "<method>/<criterion>/s<seed>" (criterion "dense" for finetune)
+    method: str
+    criterion: str | None
+    seed: int
+    config: RunConfig
+    label: str = ""
+    rank: int | None = None
+
+
+def paper_config(**overrides) -> RunConfig:
+    """``RunConfig.from_recipe("paper", **overrides)``; until that preset exists, the same
+    values set by hand (fields the installed RunConfig lacks are left out)."""
+    if hasattr(RunConfig, "from_recipe"):
+        return RunConfig.from_recipe("paper", **overrides)
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {**_PAPER_FALLBACK, **overrides}
+    return RunConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def plan(
+    grid: Grid, out_dir: str | Path, method_overrides: dict | None = None, **overrides
+) -> list[Job]:
+    """One :class:`Job` per ``(method, criterion, seed)`` (``finetune``: per seed), each
+    writing into ``<out_dir>/<method>/<criterion>/s<seed>``. ``overrides`` go to every run's
+    config (e.g. ``epochs``, ``lr``, ``batch_size``, ``device="cpu"``); ``method_overrides``
+    maps a method key to settings of its own (e.g. ``{"finetune": {"epochs": 20}}``)."""
+    method_overrides = method_overrides or {}
+    unknown = set(method_overrides) - set(grid.methods)
+    if unknown:
+        raise ConfigError(f"method_overrides names methods not in the grid: {sorted(unknown)}")
+    jobs = []
+    for key in grid.methods:
+        spec = method_spec(key)
+        label, rank = spec.pop("label"), spec.get("rank")
+        dense = spec["method"] == "finetune"
+        for criterion in (None,) if dense else grid.criteria:
+            for seed in grid.seeds:
+                name = f"{key}/{criterion or 'dense'}/s{seed}"
+                own = method_overrides.get(key, {})
+                settings = {
+                    **overrides,
+                    **spec,
+                    "seed": seed,
+                    "output_dir": str(Path(out_dir) / name),
+                }
+                if dense:
+                    settings["steps"] = 0
+                else:
+                    settings.update(
+                        criterion=criterion, target=min(grid.densities), steps=grid.steps
+                    )
+                config = paper_config(**settings, **own)
+                if dense and "epochs" not in own:  # the same training budget as a trajectory
+                    config = config.replace(
+                        epochs=config.epochs + grid.steps * config.recovery_epochs
+                    )
+                jobs.append(Job(name, key, criterion, seed, config, label, rank))
+    return jobs
+
+
+# -- running -----------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _materialise(thing, is_value: Callable[[object], bool]):
+    return thing if is_value(thing) else thing()
+
+
+def _init_worker(model, datasets, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["model"] = _materialise(model, lambda m: isinstance(m, nn.Module))
+    _WORKER["data"] = _materialise(datasets, lambda d: hasattr(d, "train"))
+
+
+def _run_job(job: Job, resume: bool = True) -> dict:
+    """Run one trajectory in this process; the outcome as a plain dict (never raises)."""
+    from .train import run
+
+    started = time.perf_counter()
+    outcome = {"key": job.key, "output_dir": job.config.output_dir}
+    try:
+        probe = _StructureProbe(job, _WORKER["model"])
+        result = run(
+            job.config,
+            model=_WORKER["model"],
+            datasets=_WORKER["data"],
+            progress=False,
+            resume=resume,
+            on_checkpoint=probe,
+        )
+        probe.finish(result)
+        outcome.update(
+            status="skipped" if result.skipped else "done",
+            resumed=result.resumed,
+            result=result.result,
+            structure=probe.read(),
+        )
+    except Exception as exc:  # reported in the outcome, shown by the caller
+        outcome.update(
+            status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+        )
+    outcome["wall_s"] = round(time.perf_counter() - started, 2)
+    return outcome
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    model,
+    datasets,
+    workers: int = 2,
+    resume: bool = True,
+    threads: int = 1,
+    on_outcome: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Run ``jobs`` and return their outcomes in the jobs' order.
+
+    ``model`` and ``datasets`` are the objects (a ``nn.Module``; an object with ``train``,
+    ``test`` and ``num_classes``) or picklable zero-argument factories of them (module-level
+    functions or ``functools.partial``), built once per worker. ``workers > 1`` runs that many
+    spawned processes with ``threads`` intra-op threads each; ``workers == 1`` runs in this
+    process (its thread count restored afterwards). ``on_outcome`` is called as each run ends.
+    Each outcome has ``status`` ``"done"``, ``"skipped"`` (read back finished) or ``"failed"``
+    (with ``error`` and ``traceback``).
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    outcomes: dict[int, dict] = {}
+
+    def done(item):
+        index, outcome = item
+        outcomes[index] = outcome
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    work = functools.partial(_run_indexed, resume=resume)
+    if workers == 1 or len(jobs) <= 1:
+        previous = torch.get_num_threads()
+        try:
+            _init_worker(model, datasets, threads)
+            for item in enumerate(jobs):
+                done(work(item))
+        finally:
+            torch.set_num_threads(previous)
+            _WORKER.clear()
+    else:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(min(workers, len(jobs)), _init_worker, (model, datasets, threads)) as pool:
+            for item in pool.imap_unordered(work, enumerate(jobs)):
+                done(item)
+    return [outcomes[i] for i in range(len(jobs))]
+
+
+def _run_indexed(item: tuple[int, Job], resume: bool) -> tuple[int, dict]:
+    index, job = item
+    return index, _run_job(job, resume)
+
+
+class _StructureProbe:
+    """For a rank-taking adapter (SPLoRA), the split of the learned parameters at every
+    pruning step: adapters (``rank * sum of kept (in + out)``) and the rest (head, norms,
+    biases), in both accountings. Read from the checkpoint written after each pruning step,
+    kept in ``structure.json`` beside the run (so a resumed run keeps the earlier steps)."""
+
+    def __init__(self, job: Job, base: nn.Module):
+        self.job, self.base = job, base
+        self.path = Path(job.config.output_dir) / STRUCTURE
+        self.active = job.rank is not None
+        self.model: nn.Module | None = None
+        self.seen = -1
+        self.data = self.read() if self.active else {}
+
+    def read(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        return json.loads(self.path.read_text(encoding="utf-8"))
+
+    def __call__(self, n: int, path: Path) -> None:
+        if not self.active:
+            return
+        from .train import load_checkpoint
+
+        state = load_checkpoint(path)
+        step = len(state["pruner"]["history"])
+        if step == self.seen or str(step) in self.data:
+            self.seen = step
+            return
+        self.seen = step
+        model = self._model()
+        model.load_state_dict(state["model"])
+        self._record(step, model)
+
+    def finish(self, result) -> None:
+        if self.active and result.model is not None:
+            self._record(len(result.result.get("pruning", [])), result.model)
+
+    def _model(self) -> nn.Module:
+        """The run's model as the runner builds it (wrapped, with the pruner's masks on norms
+        and head), to load checkpoints into."""
+        if self.model is None:
+            from .train import build_model, example_inputs, make_pruner
+            from .train.distributed import DistState
+
+            c = self.job.config
+            self.model = build_model(c, self.base, _WORKER["data"], DistState())
+            make_pruner(c, self.model, example_inputs(_WORKER["data"].train, torch.device("cpu")))
+        return self.model
+
+    def _record(self, step: int, model: nn.Module) -> None:
+        from .train.report import write_json
+
+        self.data[str(step)] = adapter_split(model)
+        write_json(self.data, self.path)
+
+
+def adapter_split(model: nn.Module) -> dict:
+    """Of a wrapped model's learned parameters: the adapters' and the rest, per accounting,
+    and for rank-taking adapters the adapters' cost per unit of rank."""
+    from .adapters.base import Adapter
+
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, Adapter) and any(p.requires_grad for p in m.parameters())
+    ]
+    adapters = sum(m.num_learned() for m in layers)
+    ranks = {getattr(m, "rank", None) for m in layers}
+    rank = ranks.pop() if len(ranks) == 1 else None
+    out = {"adapter_parameters": adapters, "rank": rank}
+    out["adapter_per_rank"] = adapters / rank if rank else None
+    for name in ACCOUNTINGS:
+        total = _learned(model, name)
+        out[f"rest_{name}"] = None if total is None else total - adapters
+    return out
+
+
+def _learned(model: nn.Module, accounting: str) -> int | None:
+    from .measure import learned_parameters
+
+    if accounting == "stored":
+        return learned_parameters(model)
+    try:
+        return learned_parameters(model, accounting=accounting)
+    except TypeError:  # an installed sparta without the paper accounting
+        return None
+
+
+# -- rows, aggregation -------------------------------------------------------------------------
+def rows(jobs: Sequence[Job], outcomes: Sequence[dict], grid: Grid) -> list[dict]:
+    """One row per ``(method, criterion, density, seed)`` of every finished run: the
+    evaluation record at that filter density (``finetune``: its final one, density 1)."""
+    out = []
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if outcome["status"] == "failed":
+            continue
+        records = outcome["result"]["steps"]
+        structure = outcome.get("structure") or {}
+        targets = [1.0] if job.criterion is None else list(grid.densities)
+        for target in targets:
+            record = records[-1] if job.criterion is None else _record_at(records, target)
+            out.append(_row(job, target, record, structure.get(str(record["step"]))))
+    return out
+
+
+def _record_at(records: list[dict], target: float) -> dict:
+    """The evaluation whose schedule level is ``target`` (else the nearest achieved one)."""
+    exact = [r for r in records if abs(r.get("level", -1) - target) < 1e-6]
+    if exact:
+        return exact[-1]
+    return min(records, key=lambda r: abs(r["density"] - target))
+
+
+def _row(job: Job, target: float, record: dict, split: dict | None) -> dict:
+    row = {
+        "method": job.method,
+        "label": job.label,
+        "criterion": job.criterion,
+        "seed": job.seed,
+        "rank": job.rank,
+        "target_density": target,
+        "filter_density": record["density"],
+        "weight_density": 1.0 - record["sparsity"],
+        "accuracy": record["accuracy"],
+        "val_accuracy": record.get("val_accuracy"),
+        "learned_parameters": record["learned_parameters"],
+        "learned_parameters_paper": record.get("learned_parameters_paper"),
+        "macs": record["macs"],
+        "mflops": 2 * record["macs"] / 1e6,
+        "step": record["step"],
+        "epochs_trained": record.get("epochs_trained"),
+    }
+    if split:
+        row.update({k: split[k] for k in ("adapter_parameters", "adapter_per_rank")})
+        row.update({f"rest_{a}": split.get(f"rest_{a}") for a in ACCOUNTINGS})
+    return row
+
+
+#: Row fields averaged over seeds.
+METRICS = (
+    "accuracy",
+    "val_accuracy",
+    "learned_parameters",
+    "learned_parameters_paper",
+    "macs",
+    "mflops",
+    "filter_density",
+    "weight_density",
+    "adapter_parameters",
+    "adapter_per_rank",
+    "rest_stored",
+    "rest_paper",
+)
+
+
+def aggregate(table: Sequence[dict]) -> list[dict]:
+    """Rows grouped by ``(method, criterion, target_density)`` in first-seen order, each
+    metric as ``<name>`` (mean over seeds) and ``<name>_std`` (sample std; 0 for one seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in table:
+        groups.setdefault((r["method"], r["criterion"], r["target_density"]), []).append(r)
+    out = []
+    for (method, criterion, density), members in groups.items():
+        first = members[0]
+        agg = {
+            "method": method,
+            "label": first["label"],
+            "criterion": criterion,
+            "rank": first["rank"],
+            "target_density": density,
+            "seeds": [m["seed"] for m in members],
+            "n": len(members),
+        }
+        for key in METRICS:
+            values = [m.get(key) for m in members]
+            if any(v is None for v in values):
+                agg[key] = agg[f"{key}_std"] = None
+                continue
+            agg[key], agg[f"{key}_std"] = _mean_std(values)
+        out.append(agg)
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+@dataclass
+class Comparison:
+    """Everything :func:`compare` produced."""
+
+    grid: Grid
+    jobs: list[Job]
+    outcomes: list[dict]
+    rows: list[dict]
+    aggregated: list[dict]
+    claims: dict
+    failed: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "sparta.paper",
+            "version": 1,
+            "grid": {**self.grid.__dict__, "steps": self.grid.steps},
+            "density_meaning": "fraction of filters (output channels) kept",
+            "runs": [
+                {k: o.get(k) for k in ("key", "status", "resumed", "wall_s", "output_dir", "error")}
+                for o in self.outcomes
+            ],
+            "configs": {j.key: j.config.to_dict() for j in self.jobs},
+            "rows": self.rows,
+            "aggregated": self.aggregated,
+            "claims": self.claims,
+        }
+
+
+def compare(
+    grid: Grid,
+    base,
+    data,
+    out_dir: str | Path,
+    workers: int = 2,
+    resume: bool = True,
+    method_overrides: dict | None = None,
+    on_outcome: Callable[[dict], None] | None = None,
+    **overrides,
+) -> Comparison:
+    """Plan (``overrides``: run settings, see :func:`plan`), run ``base`` on ``data`` (objects
+    or factories, see :func:`run_jobs`), tabulate and check the claims, in one call."""
+    jobs = plan(grid, out_dir, method_overrides, **overrides)
+    outcomes = run_jobs(jobs, base, data, workers, resume, on_outcome=on_outcome)
+    table = rows(jobs, outcomes, grid)
+    agg = aggregate(table)
+    failed = [o for o in outcomes if o["status"] == "failed"]
+    return Comparison(grid, jobs, outcomes, table, agg, claims(agg), failed)
