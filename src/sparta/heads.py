@@ -59,6 +59,12 @@ def static_head(model: nn.Module) -> list[str]:
     return names[-1:]
 
 
+def head_of(model: nn.Module) -> list[str]:
+    """The head ``sparta.wrap`` recorded on ``model``, else (a plain model) :func:`static_head`."""
+    report = getattr(model, "sparta_report", None)
+    return list(report.head) if report is not None else static_head(model)
+
+
 def output_layers(model: nn.Module, example_inputs) -> list[str]:
     """Names of the layers whose outputs reach the model's outputs through no other layer.
 
@@ -154,7 +160,7 @@ def protected_layers(model: nn.Module, example_inputs=None) -> set[str]:
     treated some other layer as the head (pass ``head=`` to it).
     """
     report = getattr(model, "sparta_report", None)
-    head = list(report.head) if report is not None else static_head(model)
+    head = head_of(model)
     if example_inputs is None:
         return set(head)
     traced = output_layers(model, example_inputs)

@@ -1,9 +1,11 @@
-"""Counting what a task learns, the way the paper does (design.md, "parameter accounting").
+"""Counting what a task learns, in two accountings (design.md, "learned parameters per task").
 
-Per adapted layer: the adapter's parameters that still reach the output under the masks
-(SPLoRA r * (kept in + kept out), SPPaRA kept in x kept out), plus the kept entries of the
-layer's bias; every other trainable tensor (norm affine parameters, the head, anything the
-user unfroze) counts in full. Frozen tensors are the shared base and count nothing.
+``"stored"``: what the task file holds. Per adapted layer the adapter's parameters that still
+reach the output under the masks (SPLoRA r * (kept in + kept out), SPPaRA kept in x kept out),
+plus the kept entries of the layer's bias; masked tensors (norms, the head's kept columns)
+their kept entries; every other trainable tensor in full. ``"paper"``: Table 1's, which also
+counts every norm's affine parameters and the whole head, pruned or not. Frozen tensors are
+the shared base and count nothing.
 
 Also here: a MAC counter that understands wrapped and masked models, and side-by-side latency.
 """
@@ -26,14 +28,41 @@ from .adapters.layer import AdaptedLayer
 from .errors import ConfigError
 from .utils import batch_size, call, evaluating
 
+ACCOUNTINGS = ("stored", "paper")
 
-def learned_parameters(model: nn.Module) -> int:
-    """Number of parameters the task learns (trainable ones, restricted to kept channels)."""
+
+def learned_parameters(model: nn.Module, accounting: str = "stored") -> int:
+    """Number of parameters the task learns. Frozen tensors are the shared base and count
+    nothing; two accountings of the trainable ones:
+
+    * ``"stored"`` (the default): what the task file holds. Adapters count on kept channels
+      only (SPLoRA ``r * (kept in + kept out)``, SPPaRA ``kept in * kept out``, any registered
+      adapter its own ``num_learned()``), masked tensors (norms, biases, the head, every layer
+      of a fine-pruned model) their kept entries, every other trainable tensor in full.
+    * ``"paper"``: as Table 1 of the paper counts. The same, except that the affine parameters
+      of *every* norm layer and *every* trainable parameter of the head count in full, pruned
+      channels and columns included (the paper's r32-minus-r8 counts leave a constant: all
+      BatchNorm plus all fc parameters of ResNet-50, at every density).
+
+    The head is the layer(s) :func:`sparta.wrap` kept plain as the head (recorded on the
+    model), or, for a model ``wrap`` never saw (fine-pruning), the last registered ``Linear``
+    or non-transposed conv (:func:`sparta.heads.head_of`). Unpruned, both accountings agree.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"learned_parameters expects a torch.nn.Module, got {type(model).__name__}")
+    if accounting not in ACCOUNTINGS:
+        raise ConfigError(
+            f"accounting must be one of {', '.join(map(repr, ACCOUNTINGS))}, got {accounting!r}: "
+            "'stored' counts what the task file holds, 'paper' counts as the paper's Table 1 "
+            "(every norm and the whole head in full)"
+        )
+    whole = whole_modules(model) if accounting == "paper" else {}
     counted: set[int] = set()
-    total = 0
+    total = _count_trainable([p for m in whole.values() for p in m.parameters()], counted)
+    skip = {id(m) for m in whole.values()}
     for module in model.modules():
+        if id(module) in skip:
+            continue
         if isinstance(module, AdaptedLayer):
             if _trainable(module.adapter):
                 total += module.adapter.num_learned()
@@ -45,9 +74,31 @@ def learned_parameters(model: nn.Module) -> int:
             for plist in module.parametrizations.values():
                 total += _parametrized_learned(plist)
                 counted.update(id(p) for p in plist.parameters())
-    for p in model.parameters():
+    return total + _count_trainable(model.parameters(), counted)
+
+
+def whole_modules(model: nn.Module, head: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """The modules whose trainable parameters the paper's accounting counts in full: every
+    norm layer and the head (``head``: its module names; default :func:`sparta.heads.head_of`),
+    with everything inside them."""
+    from .heads import _inside, head_of
+    from .utils import NORMS
+
+    head = head_of(model) if head is None else list(head)
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, NORMS) or (head and _inside(name, head))
+    }
+
+
+def _count_trainable(params: Iterable[nn.Parameter], counted: set[int]) -> int:
+    """Entries of the trainable ``params`` not yet in ``counted`` (which they are added to)."""
+    total = 0
+    for p in params:
         if p.requires_grad and id(p) not in counted:
             total += p.numel()
+        counted.add(id(p))
     return total
 
 
@@ -77,12 +128,23 @@ def _kept_entries(module: nn.Module) -> int:
     from .pruning.masks import channel_mask_of
 
     if isinstance(module, AdaptedLayer):
-        kernel = module.base.weight[0, 0].numel()
+        kernel = torch.Size(_weight_shape(module.base)[2:]).numel()
         return module.adapter.kept_entries() * kernel
     mask = channel_mask_of(module, "weight")
     if mask is not None:
-        return mask.kept(module.weight.shape)
-    return module.weight.numel()
+        return mask.kept(_weight_shape(module))
+    return _weight_shape(module).numel()
+
+
+def _weight_shape(module: nn.Module) -> torch.Size:
+    """Shape of ``module.weight`` without computing it: reading a parametrised weight runs its
+    parametrisations (masks, adapters) on the whole tensor, and registered ones keep the shape
+    unless registered ``unsafe``."""
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        if not plist.unsafe:
+            return plist.original.shape
+    return module.weight.shape
 
 
 class MacCounter:
@@ -139,10 +201,12 @@ class MacCounter:
 
     def count(self, model: nn.Module) -> int:
         total = 0.0
+        from .pruning.masks import _submodule  # lazy: pruning imports this module
+
         for name, positions in self.positions.items():
-            total += positions * _kept_entries(model.get_submodule(name))
+            total += positions * _kept_entries(_submodule(model, name))
         for name, (lq, lk) in self.attention.items():
-            total += _attention_macs(model.get_submodule(name), lq, lk)
+            total += _attention_macs(_submodule(model, name), lq, lk)
         return int(round(total))
 
 

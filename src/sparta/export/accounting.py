@@ -1,10 +1,14 @@
 """``sparta.report``: what each task costs to store and to run, next to fine-pruning.
 
-For every task: the parameters it learned (the paper's accounting), its artifact's bytes, and
-the parameters and MACs of its compact model; then the same for the *fine-pruned* model of the
-same masks, the paper's baseline, which learns every kept weight, so that its learned
-parameters are all the compact model's parameters and its checkpoint is that model's state
-dict (safetensors, without the structure needed to rebuild it: a lower bound).
+For every task: the parameters it learned in both accountings of
+:func:`sparta.learned_parameters` ("stored": what its file holds; "paper": Table 1's, with
+every norm and the whole head in full), its artifact's bytes, its filter density (the kept
+fraction of prunable channels, heads and neurons) and the parameters and MACs of its compact
+model; then the same for the *fine-pruned* model of the same masks, the paper's baseline,
+which learns every kept weight: stored, its learned parameters are all the compact model's
+parameters; as the paper counts, also every pruned norm channel and head column. Its
+checkpoint is the compact model's state dict (safetensors, without the structure needed to
+rebuild it: a lower bound).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ..errors import ConfigError
-from ..measure import MacCounter
+from ..measure import MacCounter, learned_parameters, whole_modules
 from .artifact import Task
 from .build import Builder
 from .compact import CompactReport
@@ -29,20 +33,27 @@ class TaskAccount:
 
     name: str
     adapter: str
-    learned_parameters: int
+    learned_parameters: int  # stored accounting (what the task file holds)
     task_bytes: int
-    density: float  # kept fraction of the prunable channels / heads / neurons
+    density: float  # filter density: kept fraction of the prunable channels / heads / neurons
     params: int  # the compact model's parameters
     macs: int  # the compact model's MACs
     base_params: int
     base_macs: int
-    finepruned_learned: int
+    finepruned_learned: int  # stored accounting
     finepruned_bytes: int
+    learned_parameters_paper: int  # the paper's accounting (all norms, the whole head)
+    finepruned_learned_paper: int
 
     @property
     def learned_ratio(self) -> float:
-        """How many times fewer parameters the task learns than fine-pruning."""
+        """How many times fewer parameters the task learns than fine-pruning (stored)."""
         return self.finepruned_learned / max(self.learned_parameters, 1)
+
+    @property
+    def learned_ratio_paper(self) -> float:
+        """:attr:`learned_ratio` as the paper counts (Table 1's ratio)."""
+        return self.finepruned_learned_paper / max(self.learned_parameters_paper, 1)
 
     @property
     def bytes_ratio(self) -> float:
@@ -64,6 +75,7 @@ class Report:
             asdict(r)
             | {
                 "learned_ratio": r.learned_ratio,
+                "learned_ratio_paper": r.learned_ratio_paper,
                 "bytes_ratio": r.bytes_ratio,
                 "mac_ratio": r.mac_ratio,
             }
@@ -72,15 +84,18 @@ class Report:
 
     def to_markdown(self) -> str:
         head = (
-            "| task | adapter | density | learned | task bytes | params | MACs (M) "
-            "| fine-pruned learned | fine-pruned bytes | learned x | bytes x | MACs x |"
+            "| task | adapter | filter density | learned (stored) | learned (paper) | task bytes "
+            "| params | MACs (M) | fine-pruned learned (stored) | fine-pruned learned (paper) "
+            "| fine-pruned bytes | learned x (stored) | learned x (paper) | bytes x | MACs x |"
         )
-        lines = [head, "|" + "---|" * 12]
+        lines = [head, "|" + "---|" * 15]
         for r in self.rows:
             lines.append(
                 f"| {r.name} | {r.adapter} | {r.density:.3f} | {r.learned_parameters:,} "
-                f"| {r.task_bytes:,} | {r.params:,} | {r.macs / 1e6:,.1f} "
-                f"| {r.finepruned_learned:,} | {r.finepruned_bytes:,} | {r.learned_ratio:.1f} "
+                f"| {r.learned_parameters_paper:,} | {r.task_bytes:,} | {r.params:,} "
+                f"| {r.macs / 1e6:,.1f} | {r.finepruned_learned:,} "
+                f"| {r.finepruned_learned_paper:,} | {r.finepruned_bytes:,} "
+                f"| {r.learned_ratio:.1f} | {r.learned_ratio_paper:.1f} "
                 f"| {r.bytes_ratio:.1f} | {r.mac_ratio:.1f} |"
             )
         return "\n".join(lines)
@@ -96,19 +111,44 @@ def account(
     base_macs = MacCounter(base, inputs).count(base)
     macs = MacCounter(compact, inputs).count(compact)
     state = {k: v.detach().cpu().contiguous() for k, v in compact.state_dict().items()}
+    params = sum(p.numel() for p in compact.parameters())
     return TaskAccount(
         name=name,
         adapter=task.adapter,
         learned_parameters=int(task.manifest["counts"]["learned_parameters"]),
         task_bytes=task_bytes(task),
         density=density(report),
-        params=sum(p.numel() for p in compact.parameters()),
+        params=params,
         macs=macs,
         base_params=sum(p.numel() for p in base.parameters()),
         base_macs=base_macs,
-        finepruned_learned=sum(p.numel() for p in compact.parameters()),
+        finepruned_learned=params,
         finepruned_bytes=len(st_save(state)),
+        learned_parameters_paper=paper_count(task, base),
+        finepruned_learned_paper=params + _pruned_whole(base, compact, task.manifest["head"]),
     )
+
+
+def paper_count(task: Task, base: nn.Module) -> int:
+    """The task's learned parameters as the paper counts them: recorded in its manifest (files
+    written by this version), else counted on the task model on ``base`` (older files)."""
+    recorded = task.manifest["counts"].get("learned_parameters_paper")
+    if recorded is not None:
+        return int(recorded)
+    from .apply import task_model
+
+    return learned_parameters(task_model(base, task, share_frozen=True), accounting="paper")
+
+
+def _pruned_whole(base: nn.Module, compact: nn.Module, head: list[str]) -> int:
+    """Parameters of the norms and the head that the compact model lost to pruning (the paper
+    counts them learned by fine-pruning, which trains every norm and the whole head)."""
+
+    def whole(model: nn.Module) -> int:
+        params = {id(p): p for m in whole_modules(model, head).values() for p in m.parameters()}
+        return sum(p.numel() for p in params.values())
+
+    return whole(base) - whole(compact)
 
 
 def task_bytes(task: Task) -> int:

@@ -227,6 +227,7 @@ def export(model: nn.Module, example_inputs=None) -> Task:
         "base": {"sha256": fingerprint(model), "tensors": digests},
         "counts": {
             "learned_parameters": learned_parameters(model),
+            "learned_parameters_paper": learned_parameters(model, accounting="paper"),
             "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         },
     }

@@ -104,6 +104,10 @@ def _schema_problem(m: dict) -> str | None:
             "counts.learned_parameters is missing or not an integer >= 0",
         ),
         (_int(m["counts"].get("tensor_bytes", 0)), "counts.tensor_bytes is not an integer >= 0"),
+        (  # absent from files written before the paper's accounting was recorded
+            _int(m["counts"].get("learned_parameters_paper", 0)),
+            "counts.learned_parameters_paper is not an integer >= 0",
+        ),
     ]
     problem = next((why for ok, why in checks if not ok), None)
     if problem is None:
