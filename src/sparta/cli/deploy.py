@@ -421,7 +421,8 @@ def open_bank(directory: Path, *options, task=None):
 
 def info_table(infos, title: str) -> Table:
     table = Table(title=title)
-    for column in ("task", "adapter", "bytes", "learned params", "params", "MACs", "density"):
+    columns = ("task", "adapter", "bytes", "learned (stored)", "params", "MACs", "filter density")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("task", "adapter") else "right")
     for i in infos:
         table.add_row(
