@@ -24,7 +24,11 @@ from .checks import check_batches, check_int, check_nonempty, check_scores, chec
 from .groups import Group, check_inputs, find_groups
 from .masks import resolve_mask
 from .schedules import Levels, Schedule
+from .tally import Tally
 from .target import Target
+
+#: What each kind of target measures (a key of ``Pruner._totals()``).
+_MEASURED = {"density": "filters", "sparsity": "weights", "macs": "macs"}
 
 
 @dataclass
@@ -105,6 +109,10 @@ class Pruner:
             for m in g.members:
                 resolve_mask(model, m.module, m.site)
         self.macs = MacCounter(model, example_inputs)
+        # Counts read from the masks alone; the exact path (through the layers) stays as the
+        # oracle of the tests, and for masks that share memory.
+        self._tally = Tally(model, self.groups, self.macs)
+        self._exact = self._tally.aliased
         # Recorded for sparta.export, so that the task can be built without an example batch.
         model.sparta_inputs = spec
         self.initial = self._totals()
@@ -242,8 +250,15 @@ class Pruner:
     def _sites(self) -> dict[tuple[str, str], Tensor]:
         return {(m.module, m.site): self._mask(m) for g in self.groups for m in g.members}
 
-    def _totals(self, masks: dict | None = None) -> dict:
-        """Filters (produced units), prunable weights and MACs under ``masks`` (default: now)."""
+    def _totals(self) -> dict:
+        """Filters (produced units), prunable weights and MACs under the current masks."""
+        if self._exact:
+            return self._exact_totals()
+        return self._tally.totals(self._tally.state())
+
+    def _exact_totals(self, masks: dict | None = None) -> dict:
+        """:meth:`_totals` measured through the layers (``MacCounter.count``, the layers' kept
+        entries) under ``masks`` (default: now): the oracle of :class:`Tally`."""
         sites = self._sites()
         saved = None
         if masks is not None:  # evaluate a tentative state: swap it in, measure, swap back
@@ -354,7 +369,7 @@ class Pruner:
                 values = (ranks.double() + 1) / max(len(idx), 1)
             else:
                 values = norm[idx]
-            keys += [(float(v), g.name, int(u)) for v, u in zip(values, idx)]
+            keys += [(v, g.name, u) for v, u in zip(values.tolist(), idx.tolist())]
         keys.sort()
         return [(name, unit) for _, name, unit in keys]
 
@@ -367,10 +382,11 @@ class Pruner:
             if kept[name] > keep_min[name]:
                 candidates.append((name, unit))
                 kept[name] -= 1
+        level_after = self._prefix_levels(candidates)
         lo, hi = 0, len(candidates)
         while lo < hi:  # smallest prefix of candidates that reaches the level
             mid = (lo + hi) // 2
-            if self._level_after(candidates[:mid]) <= level + 1e-9:
+            if level_after(mid) <= level + 1e-9:
                 hi = mid
             else:
                 lo = mid + 1
@@ -407,17 +423,30 @@ class Pruner:
         return result
 
     def _level_after(self, units: list[tuple[str, int]]) -> float:
+        """The level reached if ``units`` (``(group name, unit)`` pairs) were pruned now."""
+        return self._prefix_levels(units)(len(units))
+
+    def _prefix_levels(self, units: list[tuple[str, int]]) -> Callable[[int], float]:
+        """``n -> the level reached if the first n of units were pruned now``. Only the
+        target's count is computed, from the masks alone (no weight is built, nothing run)."""
+        if self._exact:
+            return lambda n: self._exact_level_after(units[:n])
+        tally, key = self._tally, _MEASURED[self.target.kind]
+        state, ids = tally.state(), tally.ids(units)
+        return lambda n: tally.count(key, tally.after(state, ids[:n])) / self.initial[key]
+
+    def _exact_level_after(self, units: list[tuple[str, int]]) -> float:
         state = {k: t.clone() for k, t in self._sites().items()}
         groups = {g.name: g for g in self.groups}
         for name, chosen in self._by_group(units).items():
             for m in groups[name].members:
                 hit = torch.isin(m.units, chosen)
                 state[(m.module, m.site)][m.idxs[hit].to(state[(m.module, m.site)].device)] = 0
-        totals = self._totals(state)
+        totals = self._exact_totals(state)
         return self._level_of(totals)
 
     def _level_of(self, totals: dict) -> float:
-        key = {"density": "filters", "sparsity": "weights", "macs": "macs"}[self.target.kind]
+        key = _MEASURED[self.target.kind]
         return totals[key] / self.initial[key]
 
     def _apply(self, chosen: dict[str, Tensor]) -> None:
