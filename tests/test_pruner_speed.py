@@ -232,3 +232,21 @@ def test_overlapping_masks_are_detected():
     t = torch.ones(10)
     assert _overlapping([t[:4], t[3:6]])
     assert not _overlapping([t[:4], t[4:], torch.ones(3)])
+
+
+def test_weight_check_reads_sums_but_confirms_entry_by_entry():
+    """The per-step weight check sums each tensor (no bool copy): a sum that overflows with
+    finite entries is no error, a NaN or inf entry still is."""
+    from sparta.pruning.checks import all_finite, check_weights
+
+    model = nn.Sequential(nn.Linear(4, 3).double())
+    with torch.no_grad():
+        model[0].weight.fill_(1e300)  # finite, but far beyond float32: the sum reads inf
+    assert not all_finite([model[0].weight])
+    check_weights(model, ["0"], "criterion 'l1'")  # confirmed entry by entry: finite
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            model[0].weight[1, 2] = bad
+        with pytest.raises(sparta.NonFiniteError, match=r"0\.weight \(1 (NaN|inf) of 12\)"):
+            check_weights(model, ["0"], "criterion 'l1'")
+    assert all_finite([torch.ones(3, dtype=torch.bfloat16), torch.zeros(2)])

@@ -112,7 +112,8 @@ class _Magnitude(Criterion):
             total = torch.zeros(g.size)
             for m in g.outputs():
                 rows = _effective_rows(_module(self.model, m.module), m.site, m.idxs)
-                total.index_add_(0, m.units, rows.abs().pow(self.power).sum(1))
+                rows = rows.abs() if self.power == 1 else rows.abs().pow(self.power)
+                total.index_add_(0, m.units, rows.sum(1))
             # l2: squares of every row producing the unit (all members), then one root
             out[g.name] = total if self.power == 1 else total.sqrt()
         return out
