@@ -157,6 +157,25 @@ def test_corrupt_gzip_and_bad_image_size(fashion, tmp_path):
         load_dataset("fashion-mnist", data_dir=tmp_path / "bad")
     with pytest.raises(ConfigError, match="image_size"):
         load_dataset("fashion-mnist", data_dir=fashion[0], image_size=0)
+    # a plain file that is not IDX (torchvision's reader asserts on its header)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\xff" * 64)
+    with pytest.raises(ConfigError, match="'fashion-mnist' in .* is unusable"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "bad")
+
+
+def test_failed_download_names_the_offline_way(tmp_path, monkeypatch):
+    from torchvision.datasets import FashionMNIST
+
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+
+    monkeypatch.setattr(FashionMNIST, "download", offline)
+    with pytest.raises(ConfigError) as caught:
+        load_dataset("fashion-mnist", data_dir=tmp_path, download=True)
+    message = str(caught.value)
+    assert (
+        "no network" in message and "offline: sudo apt-get install dataset-fashion-mnist" in message
+    )
 
 
 # -- split_validation and subset -------------------------------------------------------------

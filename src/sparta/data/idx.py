@@ -77,11 +77,11 @@ def load_idx_dataset(name: str, root: Path, download: bool, image_size: int | No
         if download:
             root.mkdir(parents=True, exist_ok=True)
         splits = [cls(str(root), train=train, download=download) for train in (True, False)]
-    except RuntimeError as error:  # torchvision: not found, failed download or a bad file
-        raise ConfigError(f"dataset {name!r} in {raw.resolve()} is unusable: {error}") from None
-    except OSError as error:  # network failures while downloading
+    # not found, failed download (URLError is an OSError), malformed file (torchvision asserts)
+    except (RuntimeError, OSError, AssertionError, TypeError, ValueError) as error:
+        offline = f"; offline: {offline_hint}" if offline_hint and download else ""
         raise ConfigError(
-            f"cannot download dataset {name!r} into {raw.resolve()}: {error}"
+            f"dataset {name!r} in {raw.resolve()} is unusable: {error}".rstrip() + offline
         ) from None
     size = image_size or IDX_DEFAULT_SIZE
     train, test = (
