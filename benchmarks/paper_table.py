@@ -23,7 +23,8 @@ Budgets (2 CPU cores, 2 worker processes of 1 thread each):
   images at 32 px (class-balanced subsets, seed 0); 3 initial epochs, 1 recovery epoch per step
   (18 steps to 10%); criteria taylor and l1; seeds 0 and 1 (20 runs); then the text row's
   default budget (4 runs, about 7 min);
-- ``--quick`` (2-3 min): finetune, fine-pruning and SPLoRA r8, 256 + 256 images, steps of 30%;
+- ``--quick`` (2-3 min): finetune, fine-pruning and SPLoRA r8, 512 + 256 images, steps of 30%,
+  one seed, and the text row's quick budget: a smoke run, not a result;
 - ``--full``: the paper's grid (criteria l1, gradient, taylor, lrp; 3 seeds), 6,000 + 2,000
   images at 64 px, 3 recovery epochs per step: hours on 2 cores.
 
@@ -54,8 +55,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = {
     "quick": dict(
         methods=("finetune", "fine-pruning", "splora-r8"), criteria=("taylor",), seeds=(0,),
-        densities=(0.4, 0.1), step_fraction=0.3, train=256, test=256, image_size=32,
-        runner=dict(epochs=1, recovery_epochs=1, batch_size=64, scoring_batches=1),
+        densities=(0.4, 0.1), step_fraction=0.3, train=512, test=256, image_size=32,
+        runner=dict(epochs=2, recovery_epochs=1, batch_size=64, scoring_batches=1),
     ),
     "default": dict(
         methods=("finetune", "fine-pruning", "splora-r8", "splora-r32", "sppara"),
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     )
     if not args.no_text:
         t0 = time.perf_counter()
-        text = paper_text.text_row(name, args.out, args.workers)
+        text = paper_text.text_row(name, args.out, args.workers, args.runs)
         data["text"] = {k: v for k, v in text.items() if k != "rows"}
         data["text_wall_s"] = time.perf_counter() - t0
     data["wall_s"] = time.perf_counter() - start

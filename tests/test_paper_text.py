@@ -161,6 +161,11 @@ def test_summary_gap_ratio_and_resume(bench, tmp_path):
     assert s["gap_points"] == pytest.approx(100 * (sl["accuracy"]["mean"] - fp["accuracy"]["mean"]))
     assert s["params_ratio"] == pytest.approx(fp["learned_parameters"] / sl["learned_parameters"])
     assert s["params_ratio"] > 3
+    emb = fp["embedding_parameters_learned"]
+    assert emb == 50 * 32 + 32 * 32 + 2 * 32  # token, position, type tables
+    assert sl["embedding_parameters_learned"] == 0  # frozen with the base
+    want = (fp["learned_parameters"] - emb) / sl["learned_parameters"]
+    assert s["params_ratio_without_embeddings"] == pytest.approx(want)
     lines: list[str] = []
     bench.report(s, lines.append)
     assert any(line.startswith("verdict:") for line in lines)
