@@ -9,17 +9,21 @@ killed at any moment leaves either the previous checkpoint or the new one, never
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import RunConfig
 from ..errors import ConfigError
 from ..io import atomic_write
 
 FORMAT = "sparta.checkpoint"
 VERSION = 1
+#: Config keys that may change between a run and its resumption (they do not change results).
+RESUMABLE_CHANGES = ("output_dir", "device", "workers", "find_unused_parameters")
 
 
 def save_checkpoint(path, state: dict) -> Path:
@@ -44,6 +48,25 @@ def load_checkpoint(path) -> dict:
             f"this sparta reads version {VERSION}"
         )
     return state
+
+
+def check_same_run(config: RunConfig, saved: dict) -> None:
+    """Refuse a checkpoint of another config; a key the checkpoint lacks (written before the
+    field existed) reads as that field's default."""
+    now = config.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    saved = {**defaults, **saved}
+    changed = sorted(
+        k
+        for k in set(now) | set(saved)
+        if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k)
+    )
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise ConfigError(
+            f"cannot resume: the checkpoint was written by a different config ({diffs}); "
+            "resume with the same config or start afresh without resume"
+        )
 
 
 # -- random number generators ----------------------------------------------------------------------

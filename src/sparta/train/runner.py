@@ -6,7 +6,13 @@ plain model; an adapter method (``splora``, ``sppara``, any registered one) wrap
 (frozen base), trains, then prunes iteratively. Pruning step ``k`` scores ``scoring_batches``
 training batches, clears masks to the schedule's level, and is followed by ``recovery_epochs``
 of training and an evaluation. Every training phase (the initial one and each recovery) starts
-a fresh optimiser whose learning rate follows ``lr_schedule`` over that phase.
+a fresh optimiser whose learning rate follows ``lr_schedule`` over that phase (adapter
+parameters at ``lr * adapter_lr_scale``). With ``val_fraction > 0`` a seeded, stratified
+validation split is carved from the training data (never from the test data): training and
+scoring use the rest, and every evaluation records ``val_accuracy`` next to the test
+``accuracy``. Each evaluation record also holds the filter ``density``, the weight
+``sparsity``, ``macs`` and both parameter counts: ``learned_parameters`` (what the task file
+stores) and ``learned_parameters_paper`` (as the paper's Table 1 counts).
 
 The run is a fixed list of stages (train epoch, prune step, evaluate). A checkpoint after every
 train and prune stage holds the model (masks included), optimiser, scheduler, RNG states,
@@ -28,13 +34,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import __version__
-from ..config import RunConfig
+from ..config import RunConfig, get_recipe
 from ..errors import ConfigError
 from ..measure import MacCounter, learned_parameters
 from ..pruning.pruner import StepRecord
 from . import distributed as D
-from .build import build_model, example_inputs, load_datasets, make_pruner
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from .build import build_model, example_inputs, load_datasets, make_pruner, split_train
+from .checkpoint import (
+    RESUMABLE_CHANGES,  # noqa: F401 (re-exported)
+    check_same_run,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .loop import (
     EpochBatchSampler,
     derive_seed,
@@ -42,8 +56,8 @@ from .loop import (
     make_loader,
     make_optimizer,
     make_scheduler,
+    param_groups,
     train_one_epoch,
-    trainable_parameters,
 )
 from .report import LOGGER, Bars, log_file, write_json
 
@@ -51,8 +65,6 @@ CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 TASK = "task.safetensors"
 LOG = "run.log"
-#: Config keys that may change between a run and its resumption (they do not change results).
-RESUMABLE_CHANGES = ("output_dir", "device", "workers", "find_unused_parameters")
 _SCORING_STREAM = 2  # a key of derive_seed: the scoring order, apart from training orders
 
 
@@ -140,17 +152,18 @@ class _Runner:
             )
         seed_everything(config.seed)
         self.data = datasets if datasets is not None else load_datasets(config)
+        self.train_set, self.val_set = split_train(config, self.data.train)
         self.model = build_model(config, model, self.data, dist)
-        self.example = example_inputs(self.data.train, self.device)
+        self.example = example_inputs(self.train_set, self.device)
         self.pruner = make_pruner(config, self.model, self.example) if config.prunes else None
         self.macs = self.pruner.macs if self.pruner else MacCounter(self.model, self.example)
         self.train_sampler = EpochBatchSampler(
-            len(self.data.train), config.batch_size, config.seed, dist.rank, dist.world_size
+            len(self.train_set), config.batch_size, config.seed, dist.rank, dist.world_size
         )
         if len(self.train_sampler) == 0:
             raise ConfigError(
                 f"batch_size {config.batch_size} is larger than the training set "
-                f"({len(self.data.train)} examples): no full batch to train on"
+                f"({len(self.train_set)} examples): no full batch to train on"
             )
         self.stages = _stages(config)
         self.cursor, self.epoch, self.phase, self.saves = 0, 0, None, 0
@@ -202,7 +215,7 @@ class _Runner:
             self._new_phase(phase)
         seed_everything(derive_seed(c.seed, self.epoch, self.dist.rank))
         self.train_sampler.set_epoch(self.epoch)
-        loader = make_loader(self.data.train, self.train_sampler, c.workers, self._pin())
+        loader = make_loader(self.train_set, self.train_sampler, c.workers, self._pin())
         self.bars.start(f"epoch {self.epoch + 1}", len(self.train_sampler))
         stats = train_one_epoch(
             self.ddp,
@@ -227,9 +240,8 @@ class _Runner:
     def _new_phase(self, phase: int, optimizer_state=None, scheduler_state=None) -> None:
         c = self.config
         epochs = c.epochs if phase == 0 else c.recovery_epochs
-        self.optimizer = make_optimizer(
-            trainable_parameters(self.model), c.optimizer, c.lr, c.weight_decay, c.momentum
-        )
+        groups = param_groups(self.model, c.lr, c.adapter_lr_scale)
+        self.optimizer = make_optimizer(groups, c.optimizer, c.lr, c.weight_decay, c.momentum)
         self.scheduler = make_scheduler(
             self.optimizer, c.lr_schedule, epochs * len(self.train_sampler)
         )
@@ -253,7 +265,7 @@ class _Runner:
         record = pruner.step(scores)
         units = sum(len(v) for v in record.pruned.values())
         LOGGER.info(
-            "pruning step %d/%d (%s): level %.4f, pruned %d units, density %.4f, MACs %.4f",
+            "pruning step %d/%d (%s): level %.4f, pruned %d units, filter density %.4f, MACs %.4f",
             step,
             c.steps,
             c.criterion,
@@ -269,28 +281,33 @@ class _Runner:
         depends on ``(seed, step)`` only (whole batches, dealt round-robin over ranks)."""
         c = self.config
         order = EpochBatchSampler(
-            len(self.data.train), c.batch_size, derive_seed(c.seed, _SCORING_STREAM)
+            len(self.train_set), c.batch_size, derive_seed(c.seed, _SCORING_STREAM)
         )
         order.set_epoch(step)
         batches = order.global_batches()[: c.scoring_batches]
         mine = [batches[i].tolist() for i in D.scoring_share(len(batches), self.dist)]
         gen = torch.Generator().manual_seed(derive_seed(c.seed, _SCORING_STREAM, step, 1))
-        return DataLoader(self.data.train, batch_sampler=mine, num_workers=c.workers, generator=gen)
+        return DataLoader(self.train_set, batch_sampler=mine, num_workers=c.workers, generator=gen)
 
-    def _eval(self, step: int) -> str:
+    def _measure(self, dataset) -> dict:
+        """Accuracy and loss on ``dataset`` (sharded over ranks, in dataset order)."""
         c = self.config
         sampler = EpochBatchSampler(
-            len(self.data.test),
+            len(dataset),
             c.batch_size,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             shuffle=False,
             drop_last=False,
         )
-        loader = make_loader(self.data.test, sampler, c.workers, self._pin())
-        metrics = evaluate(
+        loader = make_loader(dataset, sampler, c.workers, self._pin())
+        return evaluate(
             self.model, loader, self.device, reduce=lambda t: D.all_reduce_sum(t, self.dist)
         )
+
+    def _eval(self, step: int) -> str:
+        metrics = self._measure(self.data.test)
+        val = self._measure(self.val_set) if self.val_set is not None else None
         achieved = (
             self.pruner.achieved()
             if self.pruner
@@ -300,24 +317,29 @@ class _Runner:
         record = {
             "step": step,
             "level": last.level if last else 1.0,
-            "density": achieved["density"],
-            "sparsity": achieved["sparsity"],
+            "density": achieved["density"],  # filters kept
+            "sparsity": achieved["sparsity"],  # prunable weights removed
             "macs_fraction": achieved["macs"],
             "macs": self.macs.count(self.model),
             "learned_parameters": learned_parameters(self.model),
-            "accuracy": metrics["accuracy"],
+            "learned_parameters_paper": learned_parameters(self.model, accounting="paper"),
+            "accuracy": metrics["accuracy"],  # test
             "loss": metrics["loss"],
+            "val_accuracy": val["accuracy"] if val else None,
+            "val_loss": val["loss"] if val else None,
             "epochs_trained": self.epoch,
         }
         self.records.append(record)
         LOGGER.info(
-            "evaluation after step %d: accuracy %.4f, loss %.4f, density %.4f, "
-            "learned parameters %d, MACs %d",
+            "evaluation after step %d: test accuracy %.4f, loss %.4f, %s filter density %.4f, "
+            "learned parameters %d stored / %d as the paper counts, MACs %d",
             step,
             record["accuracy"],
             record["loss"],
+            f"val accuracy {val['accuracy']:.4f}," if val else "",
             record["density"],
             record["learned_parameters"],
+            record["learned_parameters_paper"],
             record["macs"],
         )
         return f"accuracy {record['accuracy']:.3f}"
@@ -349,7 +371,7 @@ class _Runner:
             self.on_checkpoint(self.saves, path)
 
     def _restore(self, ckpt: dict) -> None:
-        _check_same_run(self.config, ckpt["config"])
+        check_same_run(self.config, ckpt["config"])
         self.model.load_state_dict(ckpt["model"])
         self.cursor, self.epoch = int(ckpt["cursor"]), int(ckpt["epoch"])
         self.records, self.timings = list(ckpt["records"]), dict(ckpt["timings"])
@@ -382,6 +404,12 @@ class _Runner:
             "torch_version": torch.__version__,
             "name": c.name,
             "config": c.to_dict(),
+            "recipe": _recipe_record(c),
+            "data": {
+                "train": len(self.train_set),
+                "val": len(self.val_set) if self.val_set is not None else 0,
+                "test": len(self.data.test),
+            },
             "world_size": self.dist.world_size,
             "device": str(self.device),
             "steps": self.records,
@@ -410,16 +438,8 @@ def _stages(config: RunConfig) -> list[tuple[str, int]]:
     return stages
 
 
-def _check_same_run(config: RunConfig, saved: dict) -> None:
-    now = config.to_dict()
-    changed = sorted(
-        k
-        for k in set(now) | set(saved)
-        if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k)
-    )
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
-        raise ConfigError(
-            f"cannot resume: the checkpoint was written by a different config ({diffs}); "
-            "resume with the same config or start afresh without resume"
-        )
+def _recipe_record(config: RunConfig) -> dict | None:
+    """The recipe the run started from, with the preset's values (``None`` without one)."""
+    if config.recipe is None:
+        return None
+    return {"name": config.recipe, "values": get_recipe(config.recipe).values}
