@@ -402,3 +402,12 @@ def test_old_checkpoints_without_the_new_fields_resume(tmp_path):
     with pytest.raises(ConfigError, match="recipe: None -> 'paper'"):
         run(small_config(tmp_path, recipe="paper"), tiny_cnn(), tiny_data(), progress=False,
             resume=True)  # fmt: skip
+
+
+def test_a_none_over_a_recipe_value_survives_a_file_round_trip(tmp_path):
+    c = RunConfig.from_recipe("paper", init_scale=None)
+    assert c.init_scale is None  # each adapter's own default
+    assert load_config(save_config(c, tmp_path / "c.yaml")) == c
+    assert load_config(save_config(c, tmp_path / "c.json")) == c
+    with pytest.raises(ConfigError, match="save it as .yaml or .json"):
+        save_config(c, tmp_path / "c.toml")

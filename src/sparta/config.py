@@ -393,9 +393,13 @@ def config_from_dict(data: dict) -> RunConfig | GridConfig:
 
 def save_config(config: RunConfig | GridConfig, path) -> Path:
     """Write ``config`` as YAML, TOML or JSON (by extension). ``None`` values are left out (they
-    are the defaults of every optional field), so loading the file gives back ``config``."""
+    are the defaults of every optional field), so loading the file gives back ``config``; a
+    ``None`` over a value of the config's recipe is kept (YAML/JSON ``null``), as leaving it out
+    would bring the recipe's value back (TOML has no null: such a config is refused)."""
     path = Path(path)
-    data = {k: v for k, v in config.to_dict().items() if v is not None}
+    data = config.to_dict()
+    preset = get_recipe(data["recipe"]).values if data.get("recipe") else {}
+    data = {k: v for k, v in data.items() if v is not None or preset.get(k) is not None}
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         import yaml
@@ -412,6 +416,11 @@ def save_config(config: RunConfig | GridConfig, path) -> Path:
 
 
 def _toml_value(value) -> str:
+    if value is None:
+        raise ConfigError(
+            "TOML cannot write a None that overrides a value of the config's recipe; "
+            "save it as .yaml or .json"
+        )
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
