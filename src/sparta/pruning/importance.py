@@ -145,7 +145,10 @@ def _effective_rows(module: nn.Module, site: str, idxs: Tensor) -> Tensor:
             weight = module.fused_weight()[0]
         else:
             weight = module.weight  # norms: a 1-D weight, one "row" per channel
-        return weight.reshape(weight.shape[0], -1)[idxs.to(weight.device)].float().cpu()
+        rows = weight.reshape(weight.shape[0], -1)
+        if len(idxs) != len(rows) or not bool((idxs.cpu() == torch.arange(len(rows))).all()):
+            rows = rows[idxs.to(weight.device)]  # else all rows in order (the usual case)
+        return rows.float().cpu()  # may be a view of the weight: callers never write to it
 
 
 @register_criterion("random")
