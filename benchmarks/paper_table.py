@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from sparta.errors import SpartaError
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import paper_text  # noqa: E402  (the transformer row, a sibling script)
 
@@ -132,10 +134,10 @@ def run_grid(budget_name: str, runs: Path, data_dir: Path, workers: int, log=pri
         log(f"  {outcome['key']}: {status} in {outcome['wall_s']:.0f} s "
             + (outcome.get("error") or ""))  # fmt: skip
 
+    folder = runs / paper_text.settings_folder(budget_name, b)
     return compare(
-        grid, model(), data, runs / budget_name, workers=workers, on_outcome=done,
-        device="cpu", **b["runner"],
-    )  # fmt: skip
+        grid, model(), data, folder, workers=workers, on_outcome=done, device="cpu", **b["runner"]
+    )
 
 
 def write_plots(agg, out: Path, prefix: str = PLOT_PREFIX) -> list[Path]:
@@ -177,6 +179,13 @@ def report(data: dict, log=print) -> None:
         log("")
         paper_text.report(data["text"], log)
     m = data["machine"]
+    reused = [r["key"] for r in data["runs"] if r["status"] == "skipped" or r.get("resumed")]
+    if reused:
+        log(
+            f"note: {len(reused)} of {len(data['runs'])} image runs were finished or started "
+            "by an earlier invocation (read back or resumed): the wall time below is this "
+            "invocation's only"
+        )
     log(
         f"threads: {m['workers']} worker process(es) x {m['threads']} torch thread(s) "
         f"({m['cpus']} CPUs); load average {m['load_average']}; wall time "
@@ -200,7 +209,11 @@ def main(argv=None) -> int:
     name = "quick" if args.quick else "full" if args.full else "default"
     torch.set_num_threads(1)
     start = time.perf_counter()
-    comparison = run_grid(name, args.runs, args.data_dir, args.workers)
+    try:
+        comparison = run_grid(name, args.runs, args.data_dir, args.workers)
+    except SpartaError as exc:  # missing data or weights: say how to get them, no traceback
+        print(f"paper_table: {exc}", file=sys.stderr)
+        return 2
     grid_wall = time.perf_counter() - start
     b = BUDGETS[name]
     data = comparison.to_dict()

@@ -22,7 +22,7 @@ weights with 6.8x fewer learned parameters. Its analogue here, offline:
   higher adapter learning rate).
   The learning rates were chosen on the validation split (``--tune``), never on the test split.
 
-Every run's row is written atomically to ``<runs>/text/<budget>/<name>.json`` (default
+Every run's row is written atomically to ``<runs>/text/<budget>-<hash>/<name>.json`` (default
 ``runs/paper_table``); a rerun skips the rows that exist (resumable after a kill). The summary
 goes to ``<out>/paper_table_text.json`` (``_quick``/``_full`` for those budgets).
 
@@ -413,6 +413,14 @@ def configs(budget: str, methods=METHODS, seeds=None, lrs=None) -> list[TextConf
     ]
 
 
+def settings_folder(name: str, settings) -> str:
+    """``<name>-<hash of settings>``: the runs of edited settings never read back old rows."""
+    import hashlib
+
+    text = json.dumps(settings, sort_keys=True, default=list)
+    return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
 def _write_json(obj, path: Path) -> None:
     """Atomically: a reader (or a rerun after a kill) sees the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -444,9 +452,17 @@ def run_rows(
     processes of ``threads`` torch threads each; ``encoder`` a picklable factory of the base
     encoder) and saved there as soon as it finishes."""
     paths = {c.name: Path(folder) / f"{c.name}.json" for c in cfgs}
-    todo = [(c, paths[c.name]) for c in cfgs if not paths[c.name].exists()]
+    todo = [(c, paths[c.name]) for c in cfgs if not _finished(paths[c.name], c)]
     _run_named(todo, data, jobs, threads, encoder)
     return [json.loads(paths[c.name].read_text(encoding="utf-8")) for c in cfgs]
+
+
+def _finished(path: Path, cfg: TextConfig) -> bool:
+    """Whether ``path`` holds the row of exactly ``cfg`` (a row of other settings is rerun)."""
+    if not path.exists():
+        return False
+    row = json.loads(path.read_text(encoding="utf-8"))
+    return row.get("config") == dataclasses.asdict(cfg)
 
 
 def _run_named(todo: list, data: dict, jobs: int, threads: int = 1, encoder=minilm_encoder):
@@ -580,7 +596,8 @@ def text_row(
     spec = BUDGETS[budget]
     start = time.perf_counter()
     data = prepare(spec["sizes"], spec["max_len"])
-    rows = run_rows(configs(budget), data, Path(runs) / "text" / budget, jobs)
+    folder = Path(runs) / "text" / settings_folder(budget, spec)
+    rows = run_rows(configs(budget), data, folder, jobs)
     summary = summarise(rows)
     summary["data"] = {
         "sizes": list(spec["sizes"]),
@@ -641,7 +658,7 @@ def main(argv=None) -> None:
     summary = text_row(budget, args.out, args.jobs, args.runs)
     report(summary)
     print(f"wall time {summary['wall_s']:.0f} s, {args.jobs} job(s) of 1 thread, load average "
-          f"{os.getloadavg()[0]:.2f}; rows in {args.runs / 'text' / budget}")  # fmt: skip
+          f"{os.getloadavg()[0]:.2f}; rows under {args.runs / 'text'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -59,9 +59,13 @@ def section(data: dict) -> str:
         ]
     if data.get("text"):
         lines += ["", *text_lines(data["text"])]
+    reused = sum(r["status"] == "skipped" or bool(r.get("resumed")) for r in data["runs"])
+    note = f", {reused} of {len(data['runs'])} runs reused from an earlier invocation" * bool(
+        reused
+    )
     lines += [
         "",
-        f"Wall time {data['wall_s'] / 60:.1f} min ({m['workers']} worker processes x "
+        f"Wall time {data['wall_s'] / 60:.1f} min{note} ({m['workers']} worker processes x "
         f"{m['threads']} torch thread, {m['cpus']} CPUs, load average at the end "
         f"{m['load_average'][0]}; torch {m['torch']}). Reproduce: `.venv/bin/python "
         "benchmarks/paper_table.py` (resumable; `--quick` for a 2-3 minute smoke run, `--full` "

@@ -180,6 +180,10 @@ def test_summary_gap_ratio_and_resume(bench, tmp_path):
 
     again = bench.run_rows(cfgs, data, tmp_path, jobs=1, encoder=no_encoder)
     assert again[0]["accuracy"] == 0.123 and again[1:] == rows[1:]
+    # A row written under other settings is not taken for this config's: it is run again.
+    path.write_text(json.dumps({**row, "config": {**row["config"], "lr": 0.5}}))
+    with pytest.raises(AssertionError, match="run again"):
+        bench.run_rows(cfgs, data, tmp_path, jobs=1, encoder=no_encoder)
 
 
 def test_configs_give_both_methods_the_same_budget(bench):
