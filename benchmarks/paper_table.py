@@ -178,6 +178,8 @@ def report(data: dict, log=print) -> None:
     if data.get("text"):
         log("")
         paper_text.report(data["text"], log)
+    elif data.get("text_skipped"):
+        log(f"transformer row skipped: {data['text_skipped']}")
     m = data["machine"]
     reused = [r["key"] for r in data["runs"] if r["status"] == "skipped" or r.get("resumed")]
     if reused:
@@ -226,8 +228,12 @@ def main(argv=None) -> int:
     )
     if not args.no_text:
         t0 = time.perf_counter()
-        text = paper_text.text_row(name, args.out, args.workers, args.runs)
-        data["text"] = {k: v for k, v in text.items() if k != "rows"}
+        try:
+            text = paper_text.text_row(name, args.out, args.workers, args.runs)
+            data["text"] = {k: v for k, v in text.items() if k != "rows"}
+        except SpartaError as exc:  # the encoder or the corpus is not installed
+            print(f"transformer row skipped: {exc}", file=sys.stderr)
+            data["text_skipped"] = str(exc)
         data["text_wall_s"] = time.perf_counter() - t0
     data["wall_s"] = time.perf_counter() - start
     data["machine"] = {

@@ -59,6 +59,8 @@ def section(data: dict) -> str:
         ]
     if data.get("text"):
         lines += ["", *text_lines(data["text"])]
+    elif data.get("text_skipped"):
+        lines += ["", f"The transformer row was not run: {data['text_skipped']}"]
     reused = sum(r["status"] == "skipped" or bool(r.get("resumed")) for r in data["runs"])
     note = f", {reused} of {len(data['runs'])} runs reused from an earlier invocation" * bool(
         reused
@@ -125,7 +127,8 @@ def _verdict(t: dict) -> str:
 def update(readme: str, block: str) -> str:
     if START in readme and END in readme:
         head, rest = readme.split(START, 1)
-        return head + block + rest.split(END, 1)[1].lstrip("\n")
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        return head + block + ("\n" + tail if tail else "")
     marker = "\n## Benchmarks"
     if marker not in readme:
         return readme.rstrip("\n") + "\n\n" + block

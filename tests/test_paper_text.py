@@ -195,3 +195,41 @@ def test_configs_give_both_methods_the_same_budget(bench):
     fields = [{k: v for k, v in dataclasses.asdict(c).items() if k in budget} for c in cfgs]
     assert all(f == fields[0] for f in fields)
     assert cfgs[0].steps == 15  # 5% of the units per step, down to 25% kept
+
+
+# -- the table's helpers: pruning-step times, the README subsection ----------------------------------
+def _load(name: str):
+    path = SCRIPT.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_times_are_pruner_steps_without_scoring(bench):
+    table = _load("paper_table")
+    outcomes = [
+        {"key": "fine-pruning/taylor/s0",
+         "result": {"pruning": [{}] * 4, "timings": {"prune_s": 10.0, "score_s": 2.0}}},
+        {"key": "fine-pruning/l1/s0", "result": {"pruning": [{}] * 2, "timings": {"prune_s": 1.0}}},
+        {"key": "fine-pruning/l1/s1", "result": {"pruning": [{}] * 2, "timings": {"prune_s": 9.0}}},
+        {"key": "splora-r8/taylor/s0",
+         "result": {"pruning": [{}] * 4, "timings": {"prune_s": 3.0, "score_s": 2.0}}},
+        {"key": "finetune/dense/s0", "result": {"pruning": [], "timings": {}}},
+        {"key": "sppara/taylor/s0", "status": "failed", "result": None},
+    ]  # fmt: skip
+    times = table.step_times(outcomes)
+    assert times == {
+        "fine-pruning": {"median_s": 2.0, "runs": 3},  # 2.0, 0.5, 4.5
+        "splora-r8": {"median_s": 0.25, "runs": 1},
+    }
+
+
+def test_readme_subsection_goes_into_benchmarks_and_is_replaced_in_place():
+    readme = _load("readme_paper")
+    text = "# x\n\n## Benchmarks\n\nzoo table\n\n## Development\n\nmake test\n"
+    once = readme.update(text, f"{readme.START}\nfirst\n{readme.END}\n")
+    assert once.index("zoo table") < once.index("first") < once.index("## Development")
+    twice = readme.update(once, f"{readme.START}\nsecond\n{readme.END}\n")
+    assert "first" not in twice and twice.count(readme.START) == 1
+    assert twice.replace("second", "first") == once
