@@ -141,14 +141,18 @@ def test_bad_input_exits_2_with_one_helpful_line(args, hint):
 
 
 def test_demo_writes_results(tmp_path, monkeypatch):
+    import dataclasses
+
     import sparta.demo
 
-    # One density and a few latency repeats keep the command quick (the CLI has no such flags).
-    monkeypatch.setattr(sparta.demo, "DEFAULT_DENSITIES", (0.3,))
-    monkeypatch.setattr(sparta.demo, "LATENCY_REPEATS", 3)
+    # The toy at one pruning step keeps the command quick (the CLI has no such flags).
+    tiny = dataclasses.replace(sparta.demo.TOY, densities=(0.5,), step_fraction=0.5,
+                               recovery_epochs=1)  # fmt: skip
+    monkeypatch.setattr(sparta.demo, "TOY", tiny)
     monkeypatch.delenv(sparta.demo.CACHE_ENV, raising=False)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["demo", "--epochs", "1", "--out", str(out)])
+    args = ["demo", "--toy", "--epochs", "1", "--workers", "1", "--out", str(out)]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "SPLoRA" in result.stdout and "TaskBank" in result.stdout
     assert "does not hold" in result.stdout or "holds" in result.stdout
@@ -156,36 +160,30 @@ def test_demo_writes_results(tmp_path, monkeypatch):
     assert names == {
         "results.json",
         "accuracy_vs_learned.png",
-        "accuracy_vs_density.png",
+        "accuracy_vs_mflops.png",
         "runs",
         "pretrain",
         "cache",
     }
-    assert not list(out.glob("**/*.tmp*"))  # no temp file left over
     data = json.loads((out / "results.json").read_text())
-    rows = {r["key"]: r for r in data["rows"]}
-    assert list(rows) == ["finetune", "fine-pruning-w0.3", "splora-w0.3", "sppara-w0.3"]
-    assert (
-        rows["splora-w0.3"]["learned_parameters"] < rows["fine-pruning-w0.3"]["learned_parameters"]
-    )
-    assert rows["sppara-w0.3"]["learned_parameters"] < rows["finetune"]["learned_parameters"]
-    for r in rows.values():
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["artifact_bytes"] > 0
-        assert (out / r["artifact_file"]).is_file()
-    assert data["bank"]["outputs_equal"] and data["bank"]["base_bit_identical"]
-    # A second run reads the cached base.
-    again = runner.invoke(app, ["demo", "--epochs", "1", "--out", str(out)])
+    rows = {(a["method"], a["target_density"]): a for a in data["aggregated"]}
+    splora, fp = rows["splora-r4", 0.5], rows["fine-pruning", 0.5]
+    assert splora["learned_parameters"] < fp["learned_parameters"]
+    assert rows["sppara", 0.5]["learned_parameters"] < rows["finetune", 1.0]["learned_parameters"]
+    for path in data["files"]["task_files"]:
+        assert (out / path).is_file()
+    assert data["deployment"]["bank"]["outputs_equal"] and data["deployment"]["base_bit_identical"]
+    # A second run reads the cached base and the finished runs.
+    again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert "read from the cache" in again.stdout
+    assert json.loads((out / "results.json").read_text())["base_info"]["cache_hit"]
 
 
 def test_demo_is_deterministic_given_the_seed():
     quiet = Console(file=io.StringIO())
-    runs = [
-        run_demo(seed=3, epochs=1, densities=(0.3,), latency_repeats=2, console=quiet)
-        for _ in range(2)
-    ]
-    for key in ("base", "rows", "claims"):
+    tiny = dict(epochs=1, densities=(0.5,), step_fraction=0.5, recovery_epochs=1, workers=1)
+    runs = [run_demo(seed=3, toy=True, latency_repeats=2, console=quiet, **tiny) for _ in range(2)]
+    for key in ("base_info", "aggregated", "claims"):
         a, b = (_without_timings(r[key]) for r in runs)
         assert a == b
 

@@ -1,173 +1,148 @@
-"""The offline demo (``sparta.demo``): the cached base, one quick end-to-end run, determinism,
-and the claim checks. Quick settings throughout: 1 epoch, 1 pruning step, one density."""
+"""The demo (``sparta.demo``): the toy end to end at a tiny budget (filter densities, both
+accountings, claims, deployment, a rerun that reads finished runs back), the real path on a
+tiny stand-in for MobileNetV2 with Fashion-MNIST files written in the real IDX format, the
+missing-assets message, the toy's cached base, and a ``pretrained`` smoke on the real assets."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import struct
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
 
 from sparta import demo, demo_base
 from sparta.data import load_dataset
-from sparta.demo_report import claim_lines, claims
+from sparta.errors import ConfigError
+from sparta.models import digits_cnn
 
-QUICK = dict(epochs=1, densities=(0.3,), latency_repeats=2)
-#: Keys whose values are measured times or paths, which may differ between identical runs.
-VOLATILE = {
-    "latency_ms",
-    "base_latency_ms",
-    "latency_min_ms",
-    "base_latency_min_ms",
-    "first_switch_ms",
-    "cached_switch_ms",
-    "wall_time_s",
-    "train_s",
-    "cache_file",
-    "cache_hit",
-    "files",
-    "platform",
-}
+#: One epoch, one pruning step to 50% of the filters: a few seconds per method.
+TINY = dict(epochs=1, recovery_epochs=1, densities=(0.5,), step_fraction=0.5, workers=1,
+            latency_repeats=2)  # fmt: skip
 
 
 def _quiet() -> Console:
-    return Console(file=io.StringIO(), width=100)
-
-
-def _stable(tree):
-    if isinstance(tree, dict):
-        return {k: _stable(v) for k, v in tree.items() if k not in VOLATILE}
-    if isinstance(tree, list):
-        return [_stable(v) for v in tree]
-    return tree
+    return Console(file=io.StringIO(), width=120)
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
     console = _quiet()
-    results = demo.run_demo(out_dir=out, seed=0, console=console, **QUICK)
+    results = demo.run_demo(out_dir=out, toy=True, console=console, **TINY)
     return out, results, console.file.getvalue()
 
 
-def test_quick_run_writes_everything(quick_run):
-    out, results, text = quick_run
-    assert [r["key"] for r in results["rows"]] == [
-        "finetune",
-        "fine-pruning-w0.3",
-        "splora-w0.3",
-        "sppara-w0.3",
-    ]
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
-    for name in ("accuracy_vs_learned.png", "accuracy_vs_density.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for row in results["rows"]:
-        path = out / row["artifact_file"]
-        assert path.stat().st_size == row["artifact_bytes"] > 0
-        assert 0.0 <= row["test_accuracy"] <= 1.0
-        assert row["latency_ms"] > 0 and row["base_latency_ms"] > 0
-        assert (out / "runs" / row["key"] / "result.json").is_file()
-    assert not list(out.glob("**/*.tmp*"))  # atomic writes leave nothing behind
-    assert results["base"]["cache_file"].startswith(str(out / "cache"))
-    assert "SPLoRA r=4" in text and "TaskBank" in text and "wall time" in text
-
-
-def test_quick_run_numbers_are_consistent(quick_run):
-    _, results, _ = quick_run
-    rows = {r["key"]: r for r in results["rows"]}
-    full = rows["finetune"]
-    assert full["learned_parameters"] == full["compact_parameters"] == results["base"]["params"]
-    assert full["weight_density"] == full["filter_density"] == 1.0
-    assert full["macs"] == full["base_macs"]
-    for key in ("fine-pruning-w0.3", "splora-w0.3", "sppara-w0.3"):
-        r = rows[key]
-        assert r["target_density"] == 0.3
-        assert abs(r["weight_density"] - 0.3) < 0.05  # reached, in whole channels
-        assert r["macs"] == r["macs_masked"] < r["base_macs"]  # compact model == masked count
-        assert r["compact_parameters"] < full["compact_parameters"]
-    # Fine-pruning learns every kept weight: its compact model's parameters.
-    fp = rows["fine-pruning-w0.3"]
-    assert fp["learned_parameters"] == fp["compact_parameters"]
-    assert rows["splora-w0.3"]["learned_parameters"] < rows["sppara-w0.3"]["learned_parameters"]
-    assert rows["sppara-w0.3"]["learned_parameters"] < fp["learned_parameters"]
-    bank = results["bank"]
-    assert bank["outputs_equal"] and bank["base_bit_identical"]
-    assert set(bank["first_switch_ms"]) == {"splora-w0.3", "sppara-w0.3"}
-    # a first switch builds a compact model (not a cache hit, which add() would leave behind)
-    assert all(ms > 0 for ms in bank["first_switch_ms"].values())
-    assert set(results["claims"]) == {"lowest_density", "ratio_at_30"}
-
-
-def test_cached_base_is_reused_and_same_seed_gives_same_numbers(quick_run, tmp_path):
-    out, first, _ = quick_run
-    again = demo.run_demo(
-        out_dir=tmp_path, seed=0, cache_dir=out / "cache", console=_quiet(), **QUICK
+def test_toy_runs_every_method_at_filter_density_and_writes_everything(toy):
+    out, results, text = toy
+    assert not results["failed"]
+    assert [o["status"] for o in results["runs"]] == ["done"] * 4
+    assert results["density_meaning"] == "fraction of filters (output channels) kept"
+    by = {(a["method"], a["target_density"]): a for a in results["aggregated"]}
+    assert set(by) == {("finetune", 1.0)} | {
+        (m, d) for m in ("fine-pruning", "splora-r4", "sppara") for d in (1.0, 0.5)
+    }
+    for m in ("fine-pruning", "splora-r4", "sppara"):
+        pruned = by[m, 0.5]
+        assert pruned["filter_density"] == pytest.approx(0.5, abs=0.02)  # filters, not weights
+        assert pruned["weight_density"] < 0.4  # both sides of a layer lose channels
+        assert pruned["learned_parameters_paper"] >= pruned["learned_parameters"]
+    assert (
+        by["splora-r4", 0.5]["learned_parameters"] < by["fine-pruning", 0.5]["learned_parameters"]
     )
-    assert again["base"]["cache_hit"] and not first["base"]["cache_hit"]
-    assert _stable(again) == _stable(first)
+    configs = results["configs"]
+    splora = configs["splora-r4/taylor/s0"]
+    assert splora["recipe"] == "paper" and splora["optimizer"] == "sgd"
+    assert splora["adapter_lr_scale"] > 1 and splora["target"] == 0.5 and splora["steps"] == 1
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["aggregated"] == json.loads(json.dumps(results["aggregated"]))
+    for name in on_disk["files"]["plots"]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob("**/*.sparta-tmp"))
+    assert "filters" in text and "structural ceiling" in text and "wall time" in text
 
 
-def test_another_seed_gives_other_numbers(quick_run):
-    _, first, _ = quick_run
-    other = demo.run_demo(seed=1, console=_quiet(), **QUICK)
-    assert other["base"]["cache_file"] is None  # no out dir, no cache
-    assert _stable(other["rows"]) != _stable(first["rows"])
+def test_toy_claims_and_deployment(toy):
+    _, results, _ = toy
+    checks = results["claims"]["checks"]
+    assert {(c["claim"], c["accounting"]) for c in checks} == {
+        ("lowest", "stored"),
+        ("lowest", "paper"),
+    }
+    for c in checks:
+        assert c["ratio"] == pytest.approx(c["fine_pruning_learned"] / c["splora_learned"])
+    d = results["deployment"]
+    assert set(d["tasks"]) == {"splora-r4", "sppara"}
+    for t in d["tasks"].values():
+        assert t["macs"] < d["base_macs"] and t["compact_parameters"] < d["base_parameters"]
+        assert t["task_bytes"] > 0 and t["latency_ms"] > 0
+    assert d["bank"]["outputs_equal"] and d["base_bit_identical"]
 
 
-def test_cache_file_round_trip_and_rejections(tmp_path):
-    config = demo.pretrain_config(0, 1, tmp_path / "work")
-    key = demo_base.cache_key(config)
-    assert "output_dir" not in key and key["seed"] == 0 and key["epochs"] == 1
-    model = demo_base.fresh_digits_cnn(5)
-    path = demo_base.cache_path(tmp_path / "cache", config)
-    assert demo_base.read_cached_base(path, key, model) == (None, None)  # absent
-    demo_base.write_cached_base(path, model, key)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]
-    state, reason = demo_base.read_cached_base(path, key, demo_base.fresh_digits_cnn(5))
-    assert reason is None
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    other = demo_base.cache_key(demo.pretrain_config(0, 2, tmp_path))
-    assert demo_base.read_cached_base(path, other, model)[1] == "written for other settings"
-    three_classes = demo_base.fresh_digits_cnn(3)  # same names, another head shape
-    assert "wrong shape" in demo_base.read_cached_base(path, key, three_classes)[1]
-    path.write_bytes(b"not a safetensors file")
-    assert demo_base.read_cached_base(path, key, model)[1].startswith("unreadable")
+def test_a_rerun_reads_finished_runs_back(toy):
+    out, first, _ = toy
+    again = demo.run_demo(out_dir=out, toy=True, console=_quiet(), **TINY)
+    assert [o["status"] for o in again["runs"]] == ["skipped"] * 4
+    assert again["base_info"]["cache_hit"]
+    assert again["aggregated"] == first["aggregated"]
 
 
-def test_cache_name_depends_on_seed_and_settings_not_on_folders(tmp_path):
-    configs = [demo.pretrain_config(s, e, tmp_path / f"{s}{e}") for s in (0, 1) for e in (1, 2)]
-    names = {demo_base.cache_path(tmp_path, c).name for c in configs}
-    assert len(names) == 4
-    moved = demo.pretrain_config(0, 1, tmp_path / "elsewhere")
-    assert demo_base.cache_path(tmp_path, moved).name in names
-    lr = moved.replace(lr=1e-3)
-    assert demo_base.cache_path(tmp_path, lr).name not in names
+# -- the real path on stand-ins ----------------------------------------------------------------
+def _write_idx(raw, split: str, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 2 * y : 2 * y + 6] += 150
+    raw.mkdir(parents=True, exist_ok=True)
+    blobs = {
+        f"{split}-images-idx3-ubyte": struct.pack(">4i", 2051, n, 28, 28) + images.tobytes(),
+        f"{split}-labels-idx1-ubyte": struct.pack(">2i", 2049, n) + labels.tobytes(),
+    }
+    for name, blob in blobs.items():
+        (raw / f"{name}.gz").write_bytes(gzip.compress(blob))
 
 
-def test_pretrained_base_retrains_over_a_corrupt_cache(tmp_path):
-    with demo._threads(demo.DEMO_THREADS):  # as run_demo does: 2 threads are far slower here
-        _retrains_over_a_corrupt_cache(tmp_path)
+def _stand_in_base(seed: int):
+    """A tiny CNN in MobileNetV2's place: 3-channel input, 10 classes."""
+    torch.manual_seed(seed)
+    return digits_cnn(num_classes=10, in_channels=3)
 
 
-def _retrains_over_a_corrupt_cache(tmp_path):
-    source = load_dataset("digits-source", seed=0)
-    cache = tmp_path / "cache"
-    config = demo.pretrain_config(0, 1, tmp_path / "work")
-    model, info = demo_base.pretrained_base(source, config, cache)
-    assert not info["cache_hit"] and "cache_rejected" not in info
-    path = demo_base.cache_path(cache, config)
-    good = path.read_bytes()
-    path.write_bytes(good[: len(good) // 2])  # truncated
-    again, info = demo_base.pretrained_base(source, config, cache)
-    assert not info["cache_hit"] and info["cache_rejected"].startswith("unreadable")
-    assert path.read_bytes() == good  # rewritten: training is deterministic
-    cached, info = demo_base.pretrained_base(source, config, cache)
-    assert info["cache_hit"]
-    for k, v in model.state_dict().items():
-        assert torch.equal(cached.state_dict()[k], v) and torch.equal(again.state_dict()[k], v)
+def test_real_path_on_a_stand_in_network_and_idx_files(tmp_path, monkeypatch):
+    _write_idx(tmp_path / "data" / "FashionMNIST" / "raw", "train", 200, 0)
+    _write_idx(tmp_path / "data" / "FashionMNIST" / "raw", "t10k", 100, 1)
+    monkeypatch.setattr(demo, "real_base", _stand_in_base)
+    results = demo.run_demo(out_dir=tmp_path / "out", data_dir=tmp_path / "data",
+                            console=_quiet(), image_size=16, train_size=120, test_size=60,
+                            **TINY)  # fmt: skip
+    assert results["profile"]["name"] == "real" and not results["failed"]
+    assert results["data"] == {"train": 120, "test": 60, "input_shape": [3, 16, 16]}
+    methods = {a["method"] for a in results["aggregated"]}
+    assert methods == {"fine-pruning", "splora-r8"}
+    assert {c["claim"] for c in results["claims"]["checks"]} == {"lowest"}
+    assert set(results["deployment"]["tasks"]) == {"splora-r8"}
+    assert "bank" not in results["deployment"]  # one adapter task: nothing to switch
+    assert all(0 <= a["accuracy"] <= 1 for a in results["aggregated"])
+
+
+def test_missing_assets_say_make_assets(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "real_base", _stand_in_base)
+    with pytest.raises(ConfigError, match="make assets") as info:
+        demo.run_demo(data_dir=tmp_path / "nothing", console=_quiet(), **TINY)
+    assert "Fashion-MNIST" in str(info.value) and "MobileNetV2" not in str(info.value)
+
+    def no_weights(seed):
+        raise ConfigError("cannot load weights MobileNet_V2_Weights.IMAGENET1K_V1: no network")
+
+    monkeypatch.setattr(demo, "real_base", no_weights)
+    with pytest.raises(ConfigError, match="MobileNetV2 ImageNet weights: cannot load") as info:
+        demo.run_demo(data_dir=tmp_path / "nothing", console=_quiet(), **TINY)
+    assert "dataset-fashion-mnist" in str(info.value) and "--toy" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -176,46 +151,64 @@ def _retrains_over_a_corrupt_cache(tmp_path):
         (dict(epochs=0), ValueError),
         (dict(epochs=1.5), TypeError),
         (dict(seed=-1), ValueError),
-        (dict(densities=(0.3, 1.0)), ValueError),
-        (dict(densities=()), ValueError),
-        (dict(steps=0), ValueError),
+        (dict(workers=0), ValueError),
+        (dict(train_sizes=10), TypeError),  # unknown setting
         (dict(out_dir="a", out="b"), TypeError),
     ],
 )
 def test_bad_arguments(kwargs, error):
     with pytest.raises(error):
-        demo.run_demo(console=_quiet(), **kwargs)
+        demo.run_demo(console=_quiet(), toy=True, **kwargs)
 
 
-def _row(method, density, acc, learned, adapters=0):
-    row = dict(method=method, target_density=density, test_accuracy=acc)
-    row["learned_parameters"] = learned
-    if method == "splora":
-        row.update(adapter_parameters=adapters, rank=4)
-    return row
+@pytest.mark.pretrained
+def test_real_demo_on_the_real_assets_at_a_tiny_budget(tmp_path):
+    try:
+        results = demo.run_demo(out_dir=tmp_path, console=_quiet(), image_size=32,
+                                train_size=100, test_size=50, **TINY)  # fmt: skip
+    except ConfigError as exc:
+        if "make assets" in str(exc):
+            pytest.skip(f"offline assets missing: {exc}")
+        raise
+    assert not results["failed"] and results["base_info"]["params"] > 2_000_000
+    dense = next(a for a in results["aggregated"] if a["method"] == "fine-pruning")
+    assert dense["learned_parameters"] == results["base_info"]["params"]  # all of MobileNetV2
 
 
-def test_claims_are_computed_from_the_table():
-    results = {
-        "densities": [0.5, 0.3, 0.1],
-        "rows": [
-            _row("fine-pruning", 0.3, 0.95, 7000),
-            _row("fine-pruning", 0.1, 0.90, 2400),
-            _row("splora", 0.3, 0.93, 640, adapters=340),  # 300 + 85 per unit of rank
-            _row("splora", 0.1, 0.90, 360, adapters=200),
-        ],
-    }
-    c = claims(results)
-    assert c["lowest_density"]["holds"]  # as accurate (a tie counts), fewer parameters
-    ratio = c["ratio_at_30"]
-    assert not ratio["holds"] and ratio["ratio"] == pytest.approx(7000 / 640)
-    assert ratio["ratio_at_rank"]["1"] == pytest.approx(7000 / 385)
-    assert ratio["ratio_bound_any_rank"] == pytest.approx(7000 / 300)
-    assert ratio["max_rank_for_required"] == 1  # 300 + 85 r <= 466.7
-    results["claims"] = c
-    text = "\n".join(claim_lines(results))
-    assert "holds." in text and "does not hold here" in text and "needs rank <= 1" in text
-    results["rows"][3]["test_accuracy"] = 0.89
-    assert not claims(results)["lowest_density"]["holds"]
-    results["rows"][2]["learned_parameters"] = 400
-    assert claims(results)["ratio_at_30"]["holds"]
+# -- the toy's cached base ---------------------------------------------------------------------
+def test_cache_file_round_trip_and_rejections(tmp_path):
+    config = demo_base.pretrain_config(0, 1, tmp_path / "work")
+    key = demo_base.cache_key(config)
+    assert "output_dir" not in key and key["seed"] == 0 and key["epochs"] == 1
+    model = demo_base.fresh_digits_cnn(5)
+    path = demo_base.cache_path(tmp_path / "cache", config)
+    assert demo_base.read_cached_base(path, key, model) == (None, None)  # absent
+    demo_base.write_cached_base(path, model, key)
+    state, reason = demo_base.read_cached_base(path, key, demo_base.fresh_digits_cnn(5))
+    assert reason is None
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    other = demo_base.cache_key(demo_base.pretrain_config(0, 2, tmp_path))
+    assert demo_base.read_cached_base(path, other, model)[1] == "written for other settings"
+    three_classes = demo_base.fresh_digits_cnn(3)  # same names, another head shape
+    assert "wrong shape" in demo_base.read_cached_base(path, key, three_classes)[1]
+    path.write_bytes(b"not a safetensors file")
+    assert demo_base.read_cached_base(path, key, model)[1].startswith("unreadable")
+
+
+def test_pretrained_base_retrains_over_a_corrupt_cache(tmp_path):
+    with demo._threads(demo.DEMO_THREADS):
+        source = load_dataset("digits-source", seed=0)
+        cache = tmp_path / "cache"
+        config = demo_base.pretrain_config(0, 1, tmp_path / "work")
+        model, info = demo_base.pretrained_base(source, config, cache)
+        assert not info["cache_hit"] and "cache_rejected" not in info
+        path = demo_base.cache_path(cache, config)
+        good = path.read_bytes()
+        path.write_bytes(good[: len(good) // 2])  # truncated
+        again, info = demo_base.pretrained_base(source, config, cache)
+        assert info["cache_rejected"].startswith("unreadable")
+        assert path.read_bytes() == good  # rewritten: training is deterministic
+        cached, info = demo_base.pretrained_base(source, config, cache)
+        assert info["cache_hit"]
+        for k, v in model.state_dict().items():
+            assert torch.equal(cached.state_dict()[k], v)

@@ -70,15 +70,6 @@ METHODS: dict[str, dict] = {
 DEFAULT_METHODS = tuple(METHODS)
 #: The paper's step: 5% of the original filter count removed per pruning step.
 STEP_FRACTION = 0.05
-#: Values of the paper's recipe, used until ``RunConfig.from_recipe("paper")`` exists.
-_PAPER_FALLBACK = dict(
-    optimizer="sgd",
-    momentum=0.9,
-    weight_decay=5e-4,
-    schedule="linear",
-    ranking="global",
-    recovery_epochs=1,
-)
 STRUCTURE = "structure.json"
 ACCOUNTINGS = {"stored": "learned_parameters", "paper": "learned_parameters_paper"}
 
@@ -152,15 +143,10 @@ class Job:
 
 
 def paper_config(**overrides) -> RunConfig:
-    """``RunConfig.from_recipe("paper", **overrides)``; until that preset exists, the same
-    values set by hand (fields the installed RunConfig lacks are left out)."""
-    if hasattr(RunConfig, "from_recipe"):
-        return RunConfig.from_recipe("paper", **overrides)
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    values = {**_PAPER_FALLBACK, **overrides}
-    return RunConfig(**{k: v for k, v in values.items() if k in known})
+    """``RunConfig.from_recipe("paper", **overrides)``: the paper's protocol (SGD with momentum
+    and weight decay, step schedule, adapter learning-rate multiplier, global ranking, a
+    validation split), with ``overrides`` winning."""
+    return RunConfig.from_recipe("paper", **overrides)
 
 
 def plan(
@@ -391,9 +377,13 @@ def _learned(model: nn.Module, accounting: str) -> int | None:
 
 
 # -- rows, aggregation -------------------------------------------------------------------------
-def rows(jobs: Sequence[Job], outcomes: Sequence[dict], grid: Grid) -> list[dict]:
+def rows(
+    jobs: Sequence[Job], outcomes: Sequence[dict], grid: Grid, dense_start: bool = False
+) -> list[dict]:
     """One row per ``(method, criterion, density, seed)`` of every finished run: the
-    evaluation record at that filter density (``finetune``: its final one, density 1)."""
+    evaluation record at that filter density (``finetune``: its final one, density 1). With
+    ``dense_start``, each trajectory also gives a density-1 row: its evaluation before the first
+    pruning step (after the initial training epochs only)."""
     out = []
     for job, outcome in zip(jobs, outcomes, strict=True):
         if outcome["status"] == "failed":
@@ -401,6 +391,8 @@ def rows(jobs: Sequence[Job], outcomes: Sequence[dict], grid: Grid) -> list[dict
         records = outcome["result"]["steps"]
         structure = outcome.get("structure") or {}
         targets = [1.0] if job.criterion is None else list(grid.densities)
+        if dense_start and job.criterion is not None:
+            targets.insert(0, 1.0)
         for target in targets:
             record = records[-1] if job.criterion is None else _record_at(records, target)
             out.append(_row(job, target, record, structure.get(str(record["step"]))))
@@ -409,7 +401,9 @@ def rows(jobs: Sequence[Job], outcomes: Sequence[dict], grid: Grid) -> list[dict
 
 def _record_at(records: list[dict], target: float) -> dict:
     """The evaluation whose schedule level is ``target`` (else the nearest achieved one)."""
-    exact = [r for r in records if abs(r.get("level", -1) - target) < 1e-6]
+    if target == 1.0:
+        return records[0]
+    exact = [r for r in records if r["step"] > 0 and abs(r.get("level", -1) - target) < 1e-6]
     if exact:
         return exact[-1]
     return min(records, key=lambda r: abs(r["density"] - target))
@@ -530,13 +524,14 @@ def compare(
     resume: bool = True,
     method_overrides: dict | None = None,
     on_outcome: Callable[[dict], None] | None = None,
+    dense_start: bool = False,
     **overrides,
 ) -> Comparison:
     """Plan (``overrides``: run settings, see :func:`plan`), run ``base`` on ``data`` (objects
     or factories, see :func:`run_jobs`), tabulate and check the claims, in one call."""
     jobs = plan(grid, out_dir, method_overrides, **overrides)
     outcomes = run_jobs(jobs, base, data, workers, resume, on_outcome=on_outcome)
-    table = rows(jobs, outcomes, grid)
+    table = rows(jobs, outcomes, grid, dense_start)
     agg = aggregate(table)
     failed = [o for o in outcomes if o["status"] == "failed"]
     return Comparison(grid, jobs, outcomes, table, agg, claims(agg), failed)

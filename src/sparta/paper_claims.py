@@ -47,6 +47,7 @@ def claims(agg: Sequence[dict], splora: str | None = None, baseline="fine-prunin
     if splora is None:
         return out
     densities = sorted({a["target_density"] for a in agg if a["criterion"] is not None})
+    densities = [d for d in densities if d < 1] or densities  # dense rows are references
     criteria = list(dict.fromkeys(a["criterion"] for a in agg if a["criterion"] is not None))
     if not densities:
         return out
@@ -62,7 +63,7 @@ def claims(agg: Sequence[dict], splora: str | None = None, baseline="fine-prunin
                     out["checks"].append(
                         _check(name, criterion, density, accounting, sl, fp, gap, ratio)
                     )
-        for density in densities:
+        for density in (d for d in densities if d < 1):
             sl = _find(agg, splora, criterion, density)
             fp = _find(agg, baseline, criterion, density)
             if sl and fp:

@@ -68,8 +68,34 @@ def rich_table(agg: Sequence[dict], title: str = "") -> Table:
     return table
 
 
-def markdown_table(agg: Sequence[dict]) -> str:
-    header, body = table_rows(agg)
+def long_rows(agg: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells, one line per (method, criterion, filter density): narrower than
+    Table 1's layout (fits a terminal), the same numbers plus val accuracy and weights kept."""
+    header = ["method", "criterion", "filters\nkept", "weights\nkept", "test acc %",
+              "val\nacc %", "learned\n(paper)", "learned\n(stored)", "MFLOPs"]  # fmt: skip
+    body = []
+    for a in sorted(agg, key=lambda a: (_lines(agg).index((a["method"], a["criterion"])),
+                                        -a["target_density"])):  # fmt: skip
+        acc, paper, stored, mflops = _cells(a)
+        val = "-" if a.get("val_accuracy") is None else f"{100 * a['val_accuracy']:.1f}"
+        body.append([a["label"], a["criterion"] or "-", f"{a['target_density']:.0%}",
+                     f"{100 * a['weight_density']:.1f}%", acc, val, paper, stored, mflops])  # fmt: skip
+    return header, body
+
+
+def rich_long_table(agg: Sequence[dict], title: str = "") -> Table:
+    header, body = long_rows(agg)
+    table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i < 2 else "right")
+    for cells in body:
+        table.add_row(*cells)
+    return table
+
+
+def markdown_table(agg: Sequence[dict], long: bool = False) -> str:
+    """Table 1's layout (``long``: one line per filter density) as a markdown table."""
+    header, body = long_rows(agg) if long else table_rows(agg)
     header = [h.replace("\n", " ") for h in header]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("\n", " ") for c in cells) + " |" for cells in body]
