@@ -46,7 +46,7 @@ class Stop(Exception):
 def test_paper_preset_values():
     c = RunConfig.from_recipe("paper")
     assert (c.recipe, c.optimizer, c.momentum, c.weight_decay) == ("paper", "sgd", 0.9, 5e-4)
-    assert (c.lr_schedule, c.adapter_lr_scale, c.init_scale) == ("step", 10.0, 1e-4)
+    assert (c.lr, c.lr_schedule, c.adapter_lr_scale, c.init_scale) == (0.003, "step", 10.0, 1e-4)
     assert (c.ranking, c.schedule, c.step_fraction) == ("global", "linear", 0.05)
     assert (c.recovery_epochs, c.val_fraction) == (1, 0.1)
     assert c.steps == 19  # default target: 5% of the filters kept, 19 steps of 5%
@@ -84,7 +84,7 @@ def test_overrides_win_over_the_recipe():
     assert RunConfig.from_dict({"recipe": "paper", "lr": 0.3}).lr == 0.3
     # replace with a new recipe applies the preset over the current values
     r = RunConfig(lr=0.5, epochs=2).replace(recipe="paper", epochs=7)
-    assert (r.lr, r.lr_schedule, r.epochs) == (0.01, "step", 7)
+    assert (r.lr, r.lr_schedule, r.epochs) == (0.003, "step", 7)
 
 
 def test_unknown_recipe_lists_the_known_ones():

@@ -64,12 +64,18 @@ PAPER = Recipe(
         "optimizer": ("sgd", "the paper trains every method with SGD"),
         "momentum": (0.9, "the paper's SGD momentum"),
         "weight_decay": (5e-4, "the paper's weight decay"),
-        "lr": (0.01, "a fine-tuning rate for a pretrained network; tune it on val_accuracy"),
+        "lr": (
+            0.003,
+            "chosen on a validation split (ImageNet MobileNetV2 -> 900 Fashion-MNIST images at "
+            "32 px, 3 epochs, seed 0): fine-tuning val 0.73 at 0.003 vs 0.70 at 0.01, and at "
+            "0.01 the adapters' 10x (0.1) was unstable (val 0.33)",
+        ),
         "lr_schedule": ("step", "the paper's step decay: lr / 10 at 50% and 75% of each phase"),
         "adapter_lr_scale": (
             10.0,
             "the paper trains SPLoRA at a much higher rate than fine-tuning (its ViT runs: "
-            "0.1875 vs 0.00625, 30x); at 1x adapters are under-trained (issue #12: 52% vs 96%)",
+            "0.1875 vs 0.00625, 30x); on the same validation split, pruned to 30% of the "
+            "filters with 1 recovery epoch per step, SPLoRA kept val 0.67 at 10x vs 0.35 at 1x",
         ),
         "init_scale": (1e-4, "adapters start as a tiny perturbation, uniform(+-1e-4)"),
         "ranking": ("global", "filters are ranked globally after per-layer normalisation"),
