@@ -19,10 +19,13 @@ for ``--quick``/``--full``) and the two Fig.-6 plots ``<out>/paper_table_accurac
 
 Budgets (2 CPU cores, 2 worker processes of 1 thread each):
 
-- default (about 30-45 min): 1,500 training images (1,350 train + 150 val) and 1,000 test
-  images at 32 px (class-balanced subsets, seed 0); 3 initial epochs, 1 recovery epoch per step
-  (18 steps to 10%); criteria taylor and l1; seeds 0 and 1 (20 runs); then the text row's
-  default budget (4 runs, about 7 min);
+- default (about 35 min): 1,500 training images (1,350 train + 150 val) and 1,000 test images
+  at 32 px (class-balanced subsets, seed 0); 3 initial epochs, 1 recovery epoch per step (18
+  steps to 10%, 21 epochs in all; full fine-tuning gets 21 epochs too); criteria taylor and l1;
+  seeds 0 and 1 (18 runs); then the text row's default budget (4 runs, about 7 min). Sized
+  from CPU time measured with one thread: an epoch of 1,344 images costs 5.6 CPU-s
+  fine-pruning, 4.8 SPLoRA, evaluating 1,000 images 0.6-0.8 CPU-s, so a trajectory costs about
+  150-170 CPU-s and the 18 runs about 23 minutes on 2 workers;
 - ``--quick`` (2-3 min): finetune, fine-pruning and SPLoRA r8, 512 + 256 images, steps of 30%,
   one seed, and the text row's quick budget: a smoke run, not a result;
 - ``--full``: the paper's grid (criteria l1, gradient, taylor, lrp; 3 seeds), 6,000 + 2,000
