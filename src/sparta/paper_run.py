@@ -11,6 +11,7 @@ import multiprocessing as mp
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,11 +111,25 @@ def run_jobs(
             torch.set_num_threads(previous)
             _WORKER.clear()
     else:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(min(workers, len(jobs)), _init_worker, (model, datasets, threads)) as pool:
-            for item in pool.imap_unordered(work, enumerate(jobs)):
-                done(item)
+        _in_workers(jobs, work, done, min(workers, len(jobs)), (model, datasets, threads))
     return [outcomes[i] for i in range(len(jobs))]
+
+
+def _in_workers(jobs: Sequence[Job], work, done, workers: int, initargs: tuple) -> None:
+    """``work`` on every job in ``workers`` spawned processes; a process that dies (killed, out
+    of memory) fails the runs it had, with that reason, instead of hanging the pool."""
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, ctx, _init_worker, initargs) as pool:
+        futures = {pool.submit(work, item): item for item in enumerate(jobs)}
+        for future in as_completed(futures):
+            index, job = futures[future]
+            try:
+                done(future.result())
+            except Exception as exc:  # BrokenProcessPool and the like: the worker is gone
+                error = f"worker process failed: {type(exc).__name__}: {exc}"
+                done((index, {"key": job.key, "output_dir": job.config.output_dir,
+                              "status": "failed", "error": error, "traceback": "",
+                              "wall_s": 0.0}))  # fmt: skip
 
 
 def _run_indexed(item: tuple[int, Job], resume: bool) -> tuple[int, dict]:
