@@ -69,7 +69,9 @@ def section(data: dict) -> str:
         "",
         f"Wall time {data['wall_s'] / 60:.1f} min{note} ({m['workers']} worker processes x "
         f"{m['threads']} torch thread, {m['cpus']} CPUs, load average at the end "
-        f"{m['load_average'][0]}; torch {m['torch']}). Reproduce: `.venv/bin/python "
+        f"{m['load_average'][0]}, sampled once: other jobs running beside the benchmark lengthen "
+        f"the wall time, not the results; user CPU time is the steadier measure; torch "
+        f"{m['torch']}). Reproduce: `.venv/bin/python "
         "benchmarks/paper_table.py` (resumable; `--quick` for a 2-3 minute smoke run, `--full` "
         "for the paper's whole grid), then `.venv/bin/python benchmarks/readme_paper.py`.",
         END,
