@@ -100,8 +100,12 @@ def test_rows_come_from_one_trajectory_per_method(one_worker):
         assert r["adapter_parameters"] + r["rest_stored"] == r["learned_parameters"]
         assert r["adapter_parameters"] + r["rest_paper"] == r["learned_parameters_paper"]
         assert r["adapter_per_rank"] * 4 == r["adapter_parameters"]
-    structure = json.loads((out / "splora-r4" / "taylor" / "s0" / paper.STRUCTURE).read_text())
-    assert set(structure) == {"0", "1", "2", "3"}  # every pruning step (0: before pruning)
+    # every evaluation record carries the adapters' share; it shrinks as channels are pruned
+    record = json.loads((out / "splora-r4" / "taylor" / "s0" / "result.json").read_text())
+    shares = [s["adapter_parameters"] for s in record["steps"]]
+    assert len(shares) == 4 and shares == sorted(shares, reverse=True) and shares[-1] < shares[0]
+    fp_record = json.loads((out / "fine-pruning" / "taylor" / "s0" / "result.json").read_text())
+    assert {s["adapter_parameters"] for s in fp_record["steps"]} == {0}
 
 
 def test_claims_table_and_plots(one_worker, tmp_path):

@@ -102,6 +102,18 @@ def _count_trainable(params: Iterable[nn.Parameter], counted: set[int]) -> int:
     return total
 
 
+def adapter_parameters(model: nn.Module) -> int:
+    """Of :func:`learned_parameters`, the part the adapters learn (kept channels only; the same
+    in both accountings): 0 for a model without trainable adapters (the baselines)."""
+    from .adapters.base import Adapter
+
+    return sum(
+        m.num_learned()
+        for m in model.modules()
+        if isinstance(m, Adapter) and any(p.requires_grad for p in m.parameters())
+    )
+
+
 def _parametrized_learned(plist) -> int:
     """Learned entries of one parametrised tensor: adapters count their own way, masks keep
     only the entries they let through."""

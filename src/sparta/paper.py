@@ -33,14 +33,13 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import ConfigError, UnknownNameError
 from .paper_claims import claim_lines, claims
-from .paper_run import STRUCTURE, adapter_split, run_jobs
+from .paper_run import run_jobs
 
 __all__ = [
     "METHODS",
     "Comparison",
     "Grid",
     "Job",
-    "adapter_split",
     "aggregate",
     "claim_lines",
     "claims",
@@ -50,7 +49,6 @@ __all__ = [
     "plan",
     "rows",
     "run_jobs",
-    "STRUCTURE",
 ]
 
 #: Methods of the paper's Table 1 by key: runner settings and the label shown.
@@ -196,13 +194,12 @@ def rows(
         if outcome["status"] == "failed":
             continue
         records = outcome["result"]["steps"]
-        structure = outcome.get("structure") or {}
         targets = [1.0] if job.criterion is None else list(grid.densities)
         if dense_start and job.criterion is not None:
             targets.insert(0, 1.0)
         for target in targets:
             record = records[-1] if job.criterion is None else _record_at(records, target)
-            out.append(_row(job, target, record, structure.get(str(record["step"]))))
+            out.append(_row(job, target, record))
     return out
 
 
@@ -216,7 +213,7 @@ def _record_at(records: list[dict], target: float) -> dict:
     return min(records, key=lambda r: abs(r["density"] - target))
 
 
-def _row(job: Job, target: float, record: dict, split: dict | None) -> dict:
+def _row(job: Job, target: float, record: dict) -> dict:
     row = {
         "method": job.method,
         "label": job.label,
@@ -235,9 +232,12 @@ def _row(job: Job, target: float, record: dict, split: dict | None) -> dict:
         "step": record["step"],
         "epochs_trained": record.get("epochs_trained"),
     }
-    if split:
-        row.update({k: split[k] for k in ("adapter_parameters", "adapter_per_rank")})
-        row.update({f"rest_{a}": split.get(f"rest_{a}") for a in ACCOUNTINGS})
+    adapters = record.get("adapter_parameters")  # absent from results of older versions
+    if job.rank is not None and adapters is not None:  # the split the ceiling is built on
+        row["adapter_parameters"], row["adapter_per_rank"] = adapters, adapters / job.rank
+        row["rest_stored"] = record["learned_parameters"] - adapters
+        paper = record.get("learned_parameters_paper")
+        row["rest_paper"] = None if paper is None else paper - adapters
     return row
 
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from .. import __version__
 from ..config import RunConfig, get_recipe
 from ..errors import ConfigError
-from ..measure import MacCounter, learned_parameters
+from ..measure import MacCounter, adapter_parameters, learned_parameters
 from ..pruning.pruner import StepRecord
 from . import distributed as D
 from .build import build_model, example_inputs, load_datasets, make_pruner, split_train
@@ -323,6 +323,7 @@ class _Runner:
             "macs": self.macs.count(self.model),
             "learned_parameters": learned_parameters(self.model),
             "learned_parameters_paper": learned_parameters(self.model, accounting="paper"),
+            "adapter_parameters": adapter_parameters(self.model),  # the adapters' share of both
             "accuracy": metrics["accuracy"],  # test
             "loss": metrics["loss"],
             "val_accuracy": val["accuracy"] if val else None,
