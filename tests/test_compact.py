@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 import sparta
 from sparta.export import build_compact
-from sparta.pruning.masks import resolve_mask
+from sparta.masks import resolve_mask
 from tiny_models import ResidualNet, perturb, tiny_bert
 
 

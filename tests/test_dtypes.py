@@ -18,7 +18,7 @@ from torch import nn
 import sparta
 from sparta.export import Task, build, export
 from sparta.inputs import input_spec, make_inputs
-from sparta.pruning.masks import ChannelMask
+from sparta.masks import ChannelMask
 from test_contract import _options
 from tiny_models import AttentionBlock, ResidualNet, tiny_bert
 

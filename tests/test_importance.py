@@ -12,9 +12,9 @@ from torch import nn
 
 import sparta
 from sparta.errors import ConfigError, UnknownNameError
+from sparta.masks import resolve_mask
 from sparta.pruning.groups import Group, find_groups
 from sparta.pruning.importance import get_criterion, list_criteria
-from sparta.pruning.masks import resolve_mask
 from tiny_models import TINY_MODELS
 
 CRITERIA = list_criteria()

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import sparta
-from sparta.pruning.masks import resolve_mask
+from sparta.masks import resolve_mask
 from sparta.pruning.pruner import Pruner, Target
 from tiny_models import TINY_MODELS, ResidualNet, perturb, tiny_bert
 

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 import sparta
-from sparta.pruning import masks as masks_module
+from sparta import masks as masks_module
 from sparta.pruning.pruner import Pruner
 from sparta.pruning.tally import KINDS, _overlapping
 from tiny_models import TINY_MODELS, ResidualNet, tiny_bert

@@ -14,7 +14,7 @@ from torch import nn
 
 import sparta
 from sparta.heads import output_layers, protected_layers, static_head
-from sparta.pruning.masks import resolve_mask
+from sparta.masks import resolve_mask
 
 timm = pytest.importorskip("timm")
 

@@ -117,7 +117,7 @@ def adapter_parameters(model: nn.Module) -> int:
 def _parametrized_learned(plist) -> int:
     """Learned entries of one parametrised tensor: adapters count their own way, masks keep
     only the entries they let through."""
-    from .pruning.masks import ChannelMask, SharedMask
+    from .masks import ChannelMask, SharedMask
 
     original = plist.original
     for fn in plist:
@@ -137,7 +137,7 @@ def _trainable(module: nn.Module) -> bool:
 # -- multiply-accumulates ----------------------------------------------------------------------
 def _kept_entries(module: nn.Module) -> int:
     """Weight entries of a Linear/ConvNd (adapted or plain) that survive its masks."""
-    from .pruning.masks import channel_mask_of
+    from .masks import channel_mask_of
 
     if isinstance(module, AdaptedLayer):
         kernel = torch.Size(_weight_shape(module.base)[2:]).numel()
@@ -213,7 +213,7 @@ class MacCounter:
 
     def count(self, model: nn.Module) -> int:
         total = 0.0
-        from .pruning.masks import _submodule  # lazy: pruning imports this module
+        from .masks import _submodule  # lazy: pruning imports this module
 
         for name, positions in self.positions.items():
             total += positions * _kept_entries(_submodule(model, name))
@@ -259,7 +259,7 @@ def _attention_macs(
     mha: nn.MultiheadAttention, lq: float, lk: float, products: bool = True
 ) -> float:
     """Projections plus the two attention products, with masked q/k/v rows and out columns."""
-    from .pruning.masks import resolve_mask
+    from .masks import resolve_mask
 
     e = mha.embed_dim
     masks = [resolve_mask(mha, "", s, create=False) for s in "qkvo"]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..errors import ConfigError, SkippedLayerWarning
-from ..pruning.masks import ensure_masks, resolve_mask
+from ..masks import ensure_masks, resolve_mask
 from .fingerprint import _base_names, _is_wrapped, _masked_sites, _task_kinds, check_base
 from .taskfile import _DTYPES, ArtifactError, check_manifest
 

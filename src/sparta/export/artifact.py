@@ -31,8 +31,8 @@ from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError
 from ..inputs import input_spec, spec_problem
 from ..io import atomic_write
+from ..masks import ChannelMask
 from ..measure import learned_parameters
-from ..pruning.masks import ChannelMask
 from .apply import _frozen_sharing_copy, _glob_escape, _load, apply_task, task_model
 from .fingerprint import (
     _base_names,
@@ -149,7 +149,7 @@ def _layout(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
     columns of a tensor that reach the output (a masked entry is multiplied by zero)."""
     from ..adapters.splora import SPLoRA
     from ..adapters.sppara import SPPaRA
-    from ..pruning.masks import SharedMask
+    from ..masks import SharedMask
 
     names = {id(m): n for n, m in model.named_modules()}
 

@@ -26,10 +26,10 @@ from torch.nn.modules.conv import _ConvNd
 from ..adapters.base import Adapter
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError, SpartaError
+from ..masks import NORMS, resolve_mask
 from ..pruning.conv_groups import grouped
 from ..pruning.fused_heads import set_heads
 from ..pruning.groups import Group
-from ..pruning.masks import NORMS, resolve_mask
 from ..utils import call
 
 #: Norms whose output at a channel depends on the other channels: removal would not be exact.
@@ -168,7 +168,7 @@ def _outside_groups(model: nn.Module, groups: list[Group]) -> list[str]:
     exact zeros, so the model is not as compact as its masks say. It happens only when the
     groups given here differ from those the model was pruned with; it is never silent."""
     from ..errors import SkippedLayerWarning
-    from ..pruning.masks import channel_mask_of
+    from ..masks import channel_mask_of
 
     covered: dict[str, set[int]] = {}
     for g in groups:

@@ -14,7 +14,7 @@ from ..adapters.attention import AdaptedWeight
 from ..adapters.base import Adapter
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError
-from ..pruning.masks import ChannelMask
+from ..masks import ChannelMask
 from .taskfile import STATS, ArtifactError, digest
 
 if TYPE_CHECKING:

@@ -46,10 +46,10 @@ from torch import Tensor, nn
 from ..adapters.layer import AdaptedLayer
 from ..adapters.splopa import SPLoPA
 from ..errors import ConfigError
+from ..masks import ensure_masks, resolve_mask
 from .block_criteria import BlockLayer, PrunerHook, get_block_criterion
 from .checks import bad_count, check_int, check_weights, finite, nonfinite
 from .groups import Group, _transformer_groups
-from .masks import ensure_masks, resolve_mask
 from .schedules import Schedule, get_schedule, level_at
 
 GRANULARITIES = ("blocks", "heads", "neurons")

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError, SkippedLayerWarning
+from ..masks import can_mask
 from ..utils import call, evaluating
 from .checks import describe
 from .fused_heads import fused_heads, is_fused_attention
-from .masks import can_mask
 
 #: Mask sites: "out"/"in" of a layer or norm; for nn.MultiheadAttention the output rows of the
 #: q, k and v projections ("q", "k", "v") and the input columns of out_proj ("o").

@@ -18,8 +18,8 @@ from torch.nn.utils import parametrize
 
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError
+from ..masks import NORMS
 from .groups import Group
-from .masks import NORMS
 
 
 def _scored_members(group: Group):

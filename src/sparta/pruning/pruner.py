@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..heads import protected_layers
 from ..inputs import input_spec
+from ..masks import resolve_mask
 from ..measure import MacCounter
 from ..registry import require_modules
 from .checks import check_batches, check_int, check_nonempty, check_scores, check_weights
 from .groups import Group, check_inputs, find_groups
-from .masks import resolve_mask
 from .schedules import Levels, Schedule
 from .tally import Tally
 from .target import Target
@@ -279,7 +279,7 @@ class Pruner:
         return totals
 
     def _is_layer(self, name: str) -> bool:
-        from .masks import NORMS
+        from ..masks import NORMS
 
         return not isinstance(self.model.get_submodule(name), NORMS)
 

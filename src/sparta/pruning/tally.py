@@ -22,10 +22,10 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..adapters.base import Adapter
 from ..adapters.layer import AdaptedLayer
+from ..masks import ChannelMask, _submodule, channel_mask_of, resolve_mask
 from ..measure import MacCounter, _kept_entries, _weight_shape
 from ..utils import NORMS
 from .groups import Group
-from .masks import ChannelMask, _submodule, channel_mask_of, resolve_mask
 
 KINDS = ("filters", "weights", "macs")
 _FILTER_SITES = ("out", "q", "k", "v")

@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from ..adapters.base import grouped_mask, kept_entries
-from ..adapters.forms import mask_reason
-from ..adapters.layer import AdaptedLayer
-from ..errors import NotAdaptableError
-from ..utils import NORMS
+from .adapters.base import grouped_mask, kept_entries
+from .adapters.forms import mask_reason
+from .adapters.layer import AdaptedLayer
+from .errors import NotAdaptableError
+from .utils import NORMS
 
 
 class ChannelMask(nn.Module):
@@ -172,7 +172,7 @@ def _attention_mask(mha: nn.MultiheadAttention, site: str, create: bool):
 
 
 def _adapted(module: nn.Module, attr: str):
-    from ..adapters.attention import AdaptedWeight
+    from .adapters.attention import AdaptedWeight
 
     if parametrize.is_parametrized(module, attr):
         for fn in module.parametrizations[attr]:
