@@ -181,6 +181,27 @@ def _adapted(module: nn.Module, attr: str):
     return None
 
 
+def alive_units(model: nn.Module, group) -> Tensor:
+    """Bool per unit of ``group``: the one definition of which units of a coupled group are
+    alive (used by the pruner, the block pruner's promotion and the compact build).
+
+    A unit is alive when any entry it produces (a member at an output site: ``group.outputs()``;
+    every member when the group has none) survives its mask. A member whose mask was never
+    attached counts as alive: nothing of it was pruned. ``group`` is duck-typed like
+    :class:`sparta.pruning.groups.Group`: ``size``, ``outputs()`` and ``members`` with
+    ``module``, ``site``, ``idxs`` and ``units``. Reads masks only; attaches none.
+    """
+    alive = torch.zeros(group.size, dtype=torch.bool)
+    for m in group.outputs() or group.members:
+        mask = resolve_mask(model, m.module, m.site, create=False)
+        if mask is None:
+            alive[m.units] = True
+        else:
+            kept = mask[m.idxs.to(mask.device)].bool().cpu()
+            alive.index_put_((m.units.cpu(),), kept, accumulate=True)
+    return alive
+
+
 def channel_mask_of(module: nn.Module, attr: str) -> ChannelMask | None:
     if parametrize.is_parametrized(module, attr):
         for fn in module.parametrizations[attr]:
