@@ -11,7 +11,11 @@ import torch
 from torch import nn
 
 import sparta
+from sparta.adapters.splopa import SPLoPA
+from sparta.export import Builder
 from sparta.masks import alive_units, resolve_mask
+from sparta.pruning.blocks import _silenced_units, promote_dead_units
+from sparta.pruning.groups import _transformer_groups
 from sparta.pruning.pruner import Pruner
 from tiny_models import TINY_MODELS, ResidualNet, perturb, tiny_bert
 
@@ -26,30 +30,27 @@ def _bert_inputs():
     return {"input_ids": torch.randint(0, 50, (2, 7)), "attention_mask": torch.ones(2, 7).long()}
 
 
-#: name -> (model factory, example inputs); wrapped (SPA) and plain (fine-pruning) models.
+#: name -> (base factory, wrap options or None for a plain fine-pruned model, example inputs).
 FAMILY = {
-    **{
-        f"{k}-splora": (lambda c=c: _wrapped(c(), rank=2), c.example)
-        for k, c in TINY_MODELS.items()
-    },
-    "residual-splora": (lambda: _wrapped(ResidualNet(), rank=2), lambda: torch.randn(2, 3, 8, 8)),
-    "residual-sppara": (
-        lambda: _wrapped(ResidualNet(), adapter="sppara"),
-        lambda: torch.randn(2, 3, 8, 8),
-    ),
-    "residual-plain": (ResidualNet, lambda: torch.randn(2, 3, 8, 8)),
-    "mlp-plain": (TINY_MODELS["mlp"], TINY_MODELS["mlp"].example),
-    "bert-splora": (lambda: _wrapped(tiny_bert(), rank=2), _bert_inputs),
+    **{f"{k}-splora": (c, {"rank": 2}, c.example) for k, c in TINY_MODELS.items()},
+    "residual-splora": (ResidualNet, {"rank": 2}, lambda: torch.randn(2, 3, 8, 8)),
+    "residual-sppara": (ResidualNet, {"adapter": "sppara"}, lambda: torch.randn(2, 3, 8, 8)),
+    "residual-plain": (ResidualNet, None, lambda: torch.randn(2, 3, 8, 8)),
+    "mlp-plain": (TINY_MODELS["mlp"], None, TINY_MODELS["mlp"].example),
+    "bert-splora": (tiny_bert, {"rank": 2}, _bert_inputs),
 }
 
 
 def _pruner(name: str, seed: int = 0) -> Pruner:
     torch.manual_seed(seed)
-    make, example = FAMILY[name]
-    model = make().eval()
+    make, options, example = FAMILY[name]
+    base = make().eval()
+    model = base if options is None else _wrapped(base, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Pruner(model, example(), criterion="l1", target=0.5)
+        pruner = Pruner(model, example(), criterion="l1", target=0.5)
+    pruner.base = base
+    return pruner
 
 
 def _mask_randomly(pruner: Pruner, seed: int) -> set[tuple[str, int]]:
@@ -111,7 +112,7 @@ def test_clearing_dead_units_everywhere_changes_no_output(name):
     model = pruner.model
     perturb(model)
     _mask_randomly(pruner, seed=5)
-    x = FAMILY[name][1]()
+    x = FAMILY[name][2]()
     with torch.no_grad():
         before = model(x)
         dropped = 0
@@ -137,3 +138,71 @@ def test_alive_units_reads_without_attaching_masks():
     for g in groups:
         assert bool(alive_units(model, g).all()), g.name
     assert not any(n.endswith("parametrizations") for n, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("name", ["residual-splora", "attention-splora", "bert-splora"])
+def test_the_compact_build_keeps_exactly_the_alive_units(name):
+    """Export and build (``Builder``): per group, the compact model keeps the units
+    ``alive_units`` calls alive, and removes or zeroes the others."""
+    pruner = _pruner(name, seed=2)
+    perturb(pruner.model)
+    _mask_randomly(pruner, seed=11)
+    expected = {g.name: int(alive_units(pruner.model, g).sum()) for g in pruner.groups}
+    x = FAMILY[name][2]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = sparta.export(pruner.model.eval(), x)
+        _, report = Builder(pruner.base).build(task, verify=True)
+    got = {o.name: o.alive for o in report.groups}
+    assert got == expected
+    assert any(n < pruner.groups[i].size for i, n in enumerate(expected.values()))
+
+
+# -- the block variant: promotion of units the block masks silence -------------------------------
+def _splopa_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(cfg).eval()
+    return base, _wrapped(base, adapter="splopa", block=16, prototypes=4).eval()
+
+
+def test_promotion_clears_what_the_blocks_silence_and_alive_units_then_agrees():
+    base, model = _splopa_bert()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SPLoPA):
+                m.mask_block.mul_((torch.rand(m.mask_block.shape, generator=gen) > 0.4).float())
+        for name, p in model.named_parameters():  # biases: some zero, some not
+            if name.endswith("bias") and p.dim() == 1:
+                keep = torch.rand(p.shape, generator=gen) > 0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * keep)
+    groups = _transformer_groups(model)
+    modules = dict(model.named_modules())
+    before = {g.name: alive_units(model, g) for g in groups}
+    silenced = {g.name: _silenced_units(model, g, modules) for g in groups}
+    ids = torch.randint(0, 40, (3, 10), generator=gen)
+    with torch.no_grad():
+        out = model(ids).logits
+        done = promote_dead_units(model, groups)
+        assert torch.equal(model(ids).logits, out)  # promotion changes no output
+    assert sum(done.values()) > 0
+    for g in groups:
+        expected = before[g.name].clone()
+        expected[silenced[g.name]] = False
+        assert torch.equal(alive_units(model, g), expected), g.name
+        assert done.get(g.name, 0) == int((before[g.name] & ~expected).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, report = Builder(base).build(sparta.export(model, ids), verify=True)
+    alive = {g.name: int(alive_units(model, g).sum()) for g in groups}
+    assert {o.name: o.alive for o in report.groups if o.name in alive} == alive

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..adapters.layer import AdaptedLayer
 from ..adapters.splopa import SPLoPA
 from ..errors import ConfigError
-from ..masks import ensure_masks, resolve_mask
+from ..masks import alive_units, ensure_masks, resolve_mask
 from .block_criteria import BlockLayer, PrunerHook, get_block_criterion
 from .checks import bad_count, check_int, check_weights, finite, nonfinite
 from .groups import Group, _transformer_groups
@@ -134,8 +134,16 @@ def _silent_rows(module: nn.Module, rows: Tensor) -> bool:
     return bias is None or bool((bias.detach()[rows] * module.mask_out[rows] == 0).all())
 
 
-def _dead_units(model: nn.Module, group: Group, modules: dict) -> Tensor:
-    """Units of a heads/neurons group that contribute exactly nothing to the output."""
+def _silenced_units(model: nn.Module, group: Group, modules: dict) -> Tensor:
+    """Units of a heads/neurons group that contribute exactly nothing to the output under the
+    *block* masks: the candidates for promotion.
+
+    Not a second definition of "alive" (that is :func:`sparta.masks.alive_units`, read from
+    the channel masks alone): a unit silenced here may still have every channel-mask entry set,
+    because its zeros come from the blocks (its consumer columns have no live block, or its
+    value / intermediate rows have none and a zero bias). :func:`promote_dead_units` writes
+    this fact into the channel masks; from then on ``alive_units`` reads these units as dead,
+    and that is what the compact build removes."""
     consumer = next(m for m in group.members if m.site == "in")
     producers = [m for m in group.members if m.site == "out"]
     cols = _alive_lines(modules[consumer.module], 1)[consumer.idxs].cpu()
@@ -173,8 +181,8 @@ def promote_dead_units(model: nn.Module, groups: list[Group] | None = None) -> d
     done = {}
     with torch.no_grad():
         for g in (g for g in groups if g.kind in ("heads", "neurons")):
-            dead = _dead_units(model, g, modules)
-            fresh = int(_kept_units(model, g, dead).sum())
+            dead = _silenced_units(model, g, modules)
+            fresh = int((alive_units(model, g) & torch.isin(torch.arange(g.size), dead)).sum())
             if not fresh:
                 continue
             for m in g.members:
@@ -182,21 +190,6 @@ def promote_dead_units(model: nn.Module, groups: list[Group] | None = None) -> d
                 mask[m.idxs[torch.isin(m.units, dead)].to(mask.device)] = 0
             done[g.name] = fresh
     return done
-
-
-def _kept_units(model: nn.Module, group: Group, among: Tensor | None = None) -> Tensor:
-    """Bool per unit of ``group``: not dead yet in the channel masks, i.e. some produced
-    channel is kept (the reverse of what compaction removes), restricted to ``among``."""
-    alive = torch.zeros(group.size, dtype=torch.bool)
-    for m in group.outputs():
-        mask = resolve_mask(model, m.module, m.site, create=False)
-        if mask is None:
-            alive[:] = True
-            break
-        alive.index_put_((m.units,), mask[m.idxs].bool().cpu(), accumulate=True)
-    if among is not None:
-        alive &= torch.isin(torch.arange(group.size), among)
-    return alive
 
 
 # -- the pruner ----------------------------------------------------------------------------------
@@ -344,9 +337,9 @@ class BlockPruner:
             "blocks_total": len(self._live),
             "density": self.density(),
             "density_all_layers": self.density(scope=False),
-            "heads_removed": sum(g.size - int(_kept_units(self.model, g).sum()) for g in heads),
+            "heads_removed": sum(g.size - int(alive_units(self.model, g).sum()) for g in heads),
             "heads_total": sum(g.size for g in heads),
-            "neurons_removed": sum(g.size - int(_kept_units(self.model, g).sum()) for g in neurons),
+            "neurons_removed": sum(g.size - int(alive_units(self.model, g).sum()) for g in neurons),
             "neurons_total": sum(g.size for g in neurons),
         }
 

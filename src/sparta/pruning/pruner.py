@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..heads import protected_layers
 from ..inputs import input_spec
-from ..masks import resolve_mask
+from ..masks import alive_units, resolve_mask
 from ..measure import MacCounter
 from ..registry import require_modules
 from .checks import check_batches, check_int, check_nonempty, check_scores, check_weights
@@ -238,14 +238,8 @@ class Pruner:
         return resolve_mask(self.model, member.module, member.site)
 
     def _alive(self) -> dict[str, Tensor]:
-        """Per group, which units still have any entry alive in their produced members."""
-        alive = {}
-        for g in self.groups:
-            hit = torch.zeros(g.size, dtype=torch.bool)
-            for m in g.outputs() or g.members:
-                hit.index_put_((m.units,), self._mask(m)[m.idxs].bool().cpu(), accumulate=True)
-            alive[g.name] = hit
-        return alive
+        """Per group, which units are alive (:func:`sparta.masks.alive_units`)."""
+        return {g.name: alive_units(self.model, g) for g in self.groups}
 
     def _sites(self) -> dict[tuple[str, str], Tensor]:
         return {(m.module, m.site): self._mask(m) for g in self.groups for m in g.members}
