@@ -4,11 +4,15 @@ A task records the spec of the batch it was pruned with, so that building its co
 (which traces the base once to find coupled channels) needs no example from the caller.
 A spec is ``{"tensor": {"shape": [...], "dtype": "float32"}}``, ``{"tuple": [spec, ...]}`` or
 ``{"dict": {name: spec}}``.
+
+Also here, for every layer that takes an example batch (measuring, pruning, building): walking
+its tensors, describing it in a message, refusing an empty one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -24,6 +28,39 @@ DTYPES = (
     "float32", "float16", "bfloat16", "float64",
     "int64", "int32", "int16", "int8", "uint8", "bool",
 )  # fmt: skip
+
+
+def tensors(inputs) -> Iterator[Tensor]:
+    """Every tensor of ``inputs`` (a tensor, or tuples/lists/dicts of them, nested)."""
+    if isinstance(inputs, Tensor):
+        yield inputs
+    elif isinstance(inputs, dict):
+        for v in inputs.values():
+            yield from tensors(v)
+    elif isinstance(inputs, tuple | list):
+        for v in inputs:
+            yield from tensors(v)
+
+
+def describe(inputs) -> str:
+    """``of shape (2, 3, 8, 8)``, or the structure of a tuple/dict of tensors."""
+    if isinstance(inputs, Tensor):
+        return f"of shape {tuple(inputs.shape)}"
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, tuple | list):
+        return "(" + ", ".join(describe(v) for v in inputs) + ")"
+    return f"of type {type(inputs).__name__}"
+
+
+def check_nonempty(inputs, what: str) -> None:
+    """Refuse a batch holding a tensor with a zero-sized dimension (e.g. a batch of 0): shapes,
+    MACs per sample, scores and outputs cannot be measured on no data."""
+    if any(0 in t.shape for t in tensors(inputs)):
+        raise ConfigError(
+            f"{what} {describe(inputs)} hold a tensor with a zero-sized dimension (a batch of "
+            "0?); give a batch of at least one sample, every dimension at least 1"
+        )
 
 
 def input_spec(inputs) -> dict:

@@ -5,6 +5,10 @@ layers that take part in pruning (the head, norms, layers ``wrap`` skipped, and 
 a fine-pruned model) get them through a ``torch.nn.utils.parametrize`` parametrisation, so
 their own ``forward`` runs unchanged on the masked tensors and the gradient of a masked entry is
 zero: pruned channels cannot regrow.
+
+What survives the masks is read here too: which units of a coupled group are alive
+(:func:`alive_units`), how many weight entries of a layer are kept (:func:`kept_weights`), how
+many q/k/v rows and output columns of an attention module (:func:`attention_kept`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
+from .adapters.attention import AdaptedWeight
 from .adapters.base import grouped_mask, kept_entries
 from .adapters.forms import mask_reason
 from .adapters.layer import AdaptedLayer
@@ -111,11 +116,11 @@ def can_mask(module: nn.Module) -> bool:
 
 
 def resolve_mask(model: nn.Module, module_name: str, site: str, create: bool = True):
-    """The mask tensor (or a view of it) behind a group member's site; see ``groups.SITES``.
+    """The mask tensor (or a view of it) behind a group member's site; see ``pruning.coupled.SITES``.
 
     Plain layers get a mask attached on first use; ``create=False`` returns ``None`` instead.
     """
-    module = _submodule(model, module_name)
+    module = submodule(model, module_name)
     if site in ("out", "in"):
         out, inp = ensure_masks(module, create)
         if site == "in" and inp is None and out is not None:
@@ -126,7 +131,7 @@ def resolve_mask(model: nn.Module, module_name: str, site: str, create: bool = T
     return _attention_mask(module, site, create)
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module:
+def submodule(model: nn.Module, name: str) -> nn.Module:
     """``model.get_submodule(name)`` through the module dicts directly: the pruner resolves
     tens of thousands of masks per step, and ``get_submodule`` checks each level slowly."""
     module = model
@@ -172,8 +177,6 @@ def _attention_mask(mha: nn.MultiheadAttention, site: str, create: bool):
 
 
 def _adapted(module: nn.Module, attr: str):
-    from .adapters.attention import AdaptedWeight
-
     if parametrize.is_parametrized(module, attr):
         for fn in module.parametrizations[attr]:
             if isinstance(fn, AdaptedWeight):
@@ -208,3 +211,35 @@ def channel_mask_of(module: nn.Module, attr: str) -> ChannelMask | None:
             if isinstance(fn, ChannelMask):
                 return fn
     return None
+
+
+# -- what survives the masks -------------------------------------------------------------------
+def weight_shape(module: nn.Module) -> torch.Size:
+    """Shape of ``module.weight`` without computing it: reading a parametrised weight runs its
+    parametrisations (masks, adapters) on the whole tensor, and registered ones keep the shape
+    unless registered ``unsafe``."""
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations["weight"]
+        if not plist.unsafe:
+            return plist.original.shape
+    return module.weight.shape
+
+
+def kept_weights(module: nn.Module) -> int:
+    """Weight entries of a Linear/ConvNd (adapted or plain) that survive its masks."""
+    if isinstance(module, AdaptedLayer):
+        kernel = torch.Size(weight_shape(module.base)[2:]).numel()
+        return module.adapter.kept_entries() * kernel
+    mask = channel_mask_of(module, "weight")
+    if mask is not None:
+        return mask.kept(weight_shape(module))
+    return weight_shape(module).numel()
+
+
+def attention_kept(mha: nn.MultiheadAttention) -> tuple[float, float, float, float]:
+    """Kept rows of the q, k and v projections and kept input columns of ``out_proj`` (each of
+    ``embed_dim``; all of them where nothing is masked)."""
+    e = float(mha.embed_dim)
+    masks = [resolve_mask(mha, "", site, create=False) for site in "qkvo"]
+    kq, kk, kv, ko = (e if m is None else float(m.count_nonzero()) for m in masks)
+    return kq, kk, kv, ko

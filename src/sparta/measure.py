@@ -24,9 +24,13 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from .adapters.attention import AdaptedWeight, MaskedBias
+from .adapters.base import Adapter
 from .adapters.layer import AdaptedLayer
 from .errors import ConfigError
-from .utils import batch_size, call, evaluating
+from .heads import _inside, head_of
+from .inputs import check_nonempty, tensors
+from .masks import ChannelMask, SharedMask, attention_kept, kept_weights, submodule
+from .utils import NORMS, batch_size, call, evaluating
 
 ACCOUNTINGS = ("stored", "paper")
 
@@ -81,9 +85,6 @@ def whole_modules(model: nn.Module, head: Iterable[str] | None = None) -> dict[s
     """The modules whose trainable parameters the paper's accounting counts in full: every
     norm layer and the head (``head``: its module names; default :func:`sparta.heads.head_of`),
     with everything inside them."""
-    from .heads import _inside, head_of
-    from .utils import NORMS
-
     head = head_of(model) if head is None else list(head)
     return {
         name: m
@@ -105,8 +106,6 @@ def _count_trainable(params: Iterable[nn.Parameter], counted: set[int]) -> int:
 def adapter_parameters(model: nn.Module) -> int:
     """Of :func:`learned_parameters`, the part the adapters learn (kept channels only; the same
     in both accountings): 0 for a model without trainable adapters (the baselines)."""
-    from .adapters.base import Adapter
-
     return sum(
         m.num_learned()
         for m in model.modules()
@@ -117,8 +116,6 @@ def adapter_parameters(model: nn.Module) -> int:
 def _parametrized_learned(plist) -> int:
     """Learned entries of one parametrised tensor: adapters count their own way, masks keep
     only the entries they let through."""
-    from .masks import ChannelMask, SharedMask
-
     original = plist.original
     for fn in plist:
         if isinstance(fn, AdaptedWeight):
@@ -135,30 +132,6 @@ def _trainable(module: nn.Module) -> bool:
 
 
 # -- multiply-accumulates ----------------------------------------------------------------------
-def _kept_entries(module: nn.Module) -> int:
-    """Weight entries of a Linear/ConvNd (adapted or plain) that survive its masks."""
-    from .masks import channel_mask_of
-
-    if isinstance(module, AdaptedLayer):
-        kernel = torch.Size(_weight_shape(module.base)[2:]).numel()
-        return module.adapter.kept_entries() * kernel
-    mask = channel_mask_of(module, "weight")
-    if mask is not None:
-        return mask.kept(_weight_shape(module))
-    return _weight_shape(module).numel()
-
-
-def _weight_shape(module: nn.Module) -> torch.Size:
-    """Shape of ``module.weight`` without computing it: reading a parametrised weight runs its
-    parametrisations (masks, adapters) on the whole tensor, and registered ones keep the shape
-    unless registered ``unsafe``."""
-    if parametrize.is_parametrized(module, "weight"):
-        plist = module.parametrizations["weight"]
-        if not plist.unsafe:
-            return plist.original.shape
-    return module.weight.shape
-
-
 class MacCounter:
     """Multiply-accumulates per example of every Linear, ConvNd and MultiheadAttention,
     honouring channel masks (a masked channel costs nothing, as in the compact model).
@@ -169,8 +142,6 @@ class MacCounter:
     """
 
     def __init__(self, model: nn.Module, example_inputs):
-        from .pruning.checks import check_nonempty  # lazy: pruning imports this module
-
         check_nonempty(example_inputs, "example_inputs")  # MACs per sample of no sample
         self.positions: dict[str, float] = {}
         self.attention: dict[str, tuple[float, float]] = {}
@@ -213,12 +184,11 @@ class MacCounter:
 
     def count(self, model: nn.Module) -> int:
         total = 0.0
-        from .masks import _submodule  # lazy: pruning imports this module
-
         for name, positions in self.positions.items():
-            total += positions * _kept_entries(_submodule(model, name))
+            total += positions * kept_weights(submodule(model, name))
         for name, (lq, lk) in self.attention.items():
-            total += _attention_macs(_submodule(model, name), lq, lk)
+            mha = submodule(model, name)
+            total += attention_macs(mha, attention_kept(mha), lq, lk)
         return int(round(total))
 
 
@@ -255,15 +225,19 @@ def _in_attention(model: nn.Module, name: str) -> bool:
     return bool(parent) and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
 
 
-def _attention_macs(
-    mha: nn.MultiheadAttention, lq: float, lk: float, products: bool = True
+def attention_macs(
+    mha: nn.MultiheadAttention,
+    kept: tuple[float, float, float, float],
+    lq: float,
+    lk: float,
+    products: bool = True,
 ) -> float:
-    """Projections plus the two attention products, with masked q/k/v rows and out columns."""
-    from .masks import resolve_mask
-
+    """MACs per example of ``mha`` with ``kept`` q/k/v rows and out columns
+    (:func:`sparta.masks.attention_kept`), ``lq`` queries and ``lk`` keys: the projections,
+    plus the two attention products unless ``products`` is false (with ``lq = lk = 1`` and no
+    products: the kept weight entries)."""
+    kq, kk, kv, ko = kept
     e = mha.embed_dim
-    masks = [resolve_mask(mha, "", s, create=False) for s in "qkvo"]
-    kq, kk, kv, ko = (float(e) if m is None else float(m.count_nonzero()) for m in masks)
     projections = lq * kq * e + lk * kk * mha.kdim + lk * kv * mha.vdim + lq * ko * e
     if not products:
         return projections
@@ -286,7 +260,7 @@ def latency(
     """
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    cuda = any(t.is_cuda for t in _tensors(inputs))
+    cuda = any(t.is_cuda for t in tensors(inputs))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in models}
     rounds = range(repeats) if progress is None else progress(range(repeats))
@@ -302,10 +276,3 @@ def latency(
                 sync()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _tensors(inputs) -> list[Tensor]:
-    if isinstance(inputs, Tensor):
-        return [inputs]
-    values = inputs.values() if isinstance(inputs, dict) else inputs
-    return [t for v in values for t in _tensors(v)]

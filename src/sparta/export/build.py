@@ -16,8 +16,7 @@ from torch import nn
 
 from ..devices import module_device
 from ..errors import ConfigError, SpartaError
-from ..inputs import input_spec, make_inputs
-from ..pruning.checks import check_nonempty
+from ..inputs import check_nonempty, input_spec, make_inputs
 from ..pruning.groups import Group, find_groups
 from ..utils import call
 from .apply import _load as load_task

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, NonFiniteError, SpartaError
+from ..inputs import describe, tensors
 from ..utils import call
 
 ADVICE = (
@@ -27,38 +28,6 @@ _SHOWN = 6  # names listed in a message before "and N more"
 # What a user's model or loss raises on malformed input (SpartaError passes through as it is).
 _INPUT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", MemoryError)
-
-
-def describe(inputs) -> str:
-    """``of shape (2, 3, 8, 8)``, or the structure of a tuple/dict of tensors."""
-    if isinstance(inputs, Tensor):
-        return f"of shape {tuple(inputs.shape)}"
-    if isinstance(inputs, dict):
-        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in inputs.items()) + "}"
-    if isinstance(inputs, tuple | list):
-        return "(" + ", ".join(describe(v) for v in inputs) + ")"
-    return f"of type {type(inputs).__name__}"
-
-
-def tensors(inputs) -> Iterable[Tensor]:
-    if isinstance(inputs, Tensor):
-        yield inputs
-    elif isinstance(inputs, dict):
-        for v in inputs.values():
-            yield from tensors(v)
-    elif isinstance(inputs, tuple | list):
-        for v in inputs:
-            yield from tensors(v)
-
-
-def check_nonempty(inputs, what: str) -> None:
-    """Refuse a batch holding a tensor with a zero-sized dimension (e.g. a batch of 0): shapes,
-    MACs per sample and scores cannot be measured on no data."""
-    if any(0 in t.shape for t in tensors(inputs)):
-        raise ConfigError(
-            f"{what} {describe(inputs)} hold a tensor with a zero-sized dimension (a batch of "
-            "0?); give a batch of at least one sample, every dimension at least 1"
-        )
 
 
 def bad_count(t: Tensor) -> str:

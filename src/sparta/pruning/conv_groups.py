@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..adapters.layer import AdaptedLayer
+from .coupled import Group, Member
 
 
 def grouped(module: nn.Module) -> bool:
@@ -77,8 +78,6 @@ def merge_conv_groups(groups: list, modules: dict[str, nn.Module], notes: list[s
 
 def _rebuild(groups: list, dropped: set[int], find, parent: dict) -> list:
     """New groups: the groups whose units share a root become one, units renumbered."""
-    from .groups import Group, Member
-
     owners: dict = {}  # root -> group indices with a unit there
     for gi, g in enumerate(groups):
         if gi in dropped:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..adapters.layer import AdaptedLayer
+from ..wrap import fuse
 
 
 def is_fused_attention(module: nn.Module) -> bool:
@@ -64,8 +65,6 @@ def set_heads(attention: nn.Module, kept: int) -> None:
 
 def _disproof(module: nn.Module, heads: int, dim: int) -> str | None:
     """``None`` if removing head 0 of a plain copy equals zeroing it, else why not."""
-    from ..wrap import fuse
-
     plain = fuse(module) if _wrapped(module) else copy.deepcopy(module)
     plain.eval()
     qkv, proj = plain.qkv, plain.proj

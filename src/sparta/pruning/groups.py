@@ -13,49 +13,20 @@ entries of which mask belong to which unit.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError, SkippedLayerWarning
+from ..inputs import describe
 from ..masks import can_mask
 from ..utils import call, evaluating
-from .checks import describe
+from ..wrap import fuse
+from .conv_groups import merge_conv_groups
+from .coupled import Group, GroupList, Member
 from .fused_heads import fused_heads, is_fused_attention
-
-#: Mask sites: "out"/"in" of a layer or norm; for nn.MultiheadAttention the output rows of the
-#: q, k and v projections ("q", "k", "v") and the input columns of out_proj ("o").
-SITES = ("out", "in", "q", "k", "v", "o")
-
-
-@dataclass
-class Member:
-    """Entries ``idxs`` of mask ``site`` of module ``module`` belong to units ``units``."""
-
-    module: str
-    site: str
-    idxs: Tensor
-    units: Tensor
-
-
-@dataclass
-class Group:
-    name: str
-    kind: str  # "channels", "heads" or "neurons"
-    size: int
-    members: list[Member] = field(default_factory=list)
-
-    def outputs(self) -> list[Member]:
-        """Members whose masked entries are produced (scored) rather than consumed."""
-        return [m for m in self.members if m.site in ("out", "q", "k", "v")]
-
-
-class GroupList(list):
-    """The groups of a model, with ``notes``: what could not be grouped, and why."""
-
-    notes: list[str]
+from .tracing import all_closures, build_graph
 
 
 def check_inputs(model: nn.Module, example_inputs) -> None:
@@ -137,8 +108,6 @@ def _shared_modules(model: nn.Module) -> set[str]:
 
 # -- torch-pruning -----------------------------------------------------------------------------
 def _plain_proxy(model: nn.Module) -> nn.Module:
-    from ..wrap import fuse
-
     proxy = fuse(model)  # a copy with plain modules, same names, same function
     for p in proxy.parameters():
         p.requires_grad_(True)
@@ -146,9 +115,6 @@ def _plain_proxy(model: nn.Module) -> nn.Module:
 
 
 def _traced_groups(model, example_inputs, ignored: set[str], notes: list[str]) -> list[Group]:
-    from .conv_groups import merge_conv_groups
-    from .tracing import all_closures, build_graph
-
     proxy = _plain_proxy(model)
     names = {m: n for n, m in proxy.named_modules()}
     real = dict(model.named_modules())

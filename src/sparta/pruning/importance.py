@@ -21,19 +21,17 @@ from torch.nn.utils import parametrize
 
 from ..adapters.layer import AdaptedLayer, TensorMemo
 from ..errors import ConfigError
+from ..inputs import check_nonempty, describe, tensors
 from ..registry import Registry
 from .checks import (
     check_entries,
     check_loss,
-    check_nonempty,
     check_outputs,
     check_weights,
-    describe,
     finite,
     guarded,
     run_loss,
     run_model,
-    tensors,
 )
 from .groups import Group
 from .lrp import composite as _composite

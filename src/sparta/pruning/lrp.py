@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..utils import call
+from ..wrap import fuse
 
 
 def _logits(outputs):
@@ -39,8 +40,6 @@ class _SplitAttention(nn.Module):
 
 def lrp_copy(model: nn.Module, inputs) -> nn.Module:
     """Plain layers (as zennit needs) with the model's names and function, in eval mode."""
-    from ..wrap import fuse
-
     plain = fuse(model).eval()
     for p in plain.parameters():
         p.requires_grad_(True)  # zennit applies a layer's rule only if its input needs grad

@@ -17,12 +17,14 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..heads import protected_layers
-from ..inputs import input_spec
-from ..masks import alive_units, resolve_mask
-from ..measure import MacCounter
+from ..inputs import check_nonempty, input_spec
+from ..masks import alive_units, attention_kept, kept_weights, resolve_mask
+from ..measure import MacCounter, attention_macs
 from ..registry import require_modules
-from .checks import check_batches, check_int, check_nonempty, check_scores, check_weights
+from ..utils import NORMS
+from .checks import check_batches, check_int, check_scores, check_weights
 from .groups import Group, check_inputs, find_groups
+from .importance import get_criterion
 from .schedules import Levels, Schedule
 from .tally import Tally
 from .target import Target
@@ -77,8 +79,6 @@ class Pruner:
         ranking: str = "global",
         **criterion_options,
     ):
-        from .importance import get_criterion
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner expects a torch.nn.Module, got {type(model).__name__}")
         # Everything that can be checked without running the model is checked first.
@@ -273,20 +273,16 @@ class Pruner:
         return totals
 
     def _is_layer(self, name: str) -> bool:
-        from ..masks import NORMS
-
         return not isinstance(self.model.get_submodule(name), NORMS)
 
     def _prunable_weights(self) -> float:
-        from ..measure import _attention_macs, _kept_entries
-
         total = 0.0
         for name in {m.module for g in self.groups for m in g.members}:
             module = self.model.get_submodule(name)
-            if isinstance(module, nn.MultiheadAttention):
-                total += _attention_macs(module, 1.0, 1.0, products=False)  # weights
+            if isinstance(module, nn.MultiheadAttention):  # its kept projection weights
+                total += attention_macs(module, attention_kept(module), 1.0, 1.0, products=False)
             elif self._is_layer(name):
-                total += _kept_entries(module)
+                total += kept_weights(module)
         return total
 
     # -- what the options allow ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What a pruning step measures (filters, prunable weights, MACs), read from the masks alone.
 
 The level search of a step evaluates a dozen tentative mask states. Measuring each through the
-layers (``MacCounter.count``, ``measure._kept_entries``) is exact but slow on a plain model:
+layers (``MacCounter.count``, ``masks.kept_weights``) is exact but slow on a plain model:
 every access to a parametrised weight rebuilds it. The counts depend on the masks only: a layer
 keeps ``sum over its groups g of kept_out(g) * kept_in(g) * kernel`` entries and costs that many
 times its output positions (recorded once by :class:`~sparta.measure.MacCounter`). So every
@@ -22,8 +22,15 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..adapters.base import Adapter
 from ..adapters.layer import AdaptedLayer
-from ..masks import ChannelMask, _submodule, channel_mask_of, resolve_mask
-from ..measure import MacCounter, _kept_entries, _weight_shape
+from ..masks import (
+    ChannelMask,
+    channel_mask_of,
+    kept_weights,
+    resolve_mask,
+    submodule,
+    weight_shape,
+)
+from ..measure import MacCounter, attention_macs
 from ..utils import NORMS
 from .groups import Group
 
@@ -81,7 +88,7 @@ class Tally:
         self.terms = {kind: _Terms() for kind in KINDS}
         members = [m for g in self.groups for m in g.members]
         names = list(dict.fromkeys(m.module for m in members))
-        modules = {name: _submodule(self.model, name) for name in names}
+        modules = {name: submodule(self.model, name) for name in names}
         # Layers first: they fix how their masks are split (one segment per conv group).
         for name in names:
             if not isinstance(modules[name], (nn.MultiheadAttention, *NORMS)):
@@ -132,8 +139,8 @@ class Tally:
                     terms.add(seg, -1, 1.0)
 
     def _layer(self, terms: _Terms, name: str, factor: float) -> None:
-        """``factor`` times the kept weight entries of layer ``name`` (``_kept_entries``)."""
-        groups, kernel = _product_form(_submodule(self.model, name))
+        """``factor`` times the kept weight entries of layer ``name`` (``masks.kept_weights``)."""
+        groups, kernel = _product_form(submodule(self.model, name))
         if groups == 0:  # no mask at all: every entry counts
             terms.constant += factor * kernel
             return
@@ -207,7 +214,7 @@ class Tally:
         if terms.attention:
             values = sums.tolist()
             for name, lq, lk, products, segs in terms.attention:
-                module = _submodule(self.model, name)
+                module = submodule(self.model, name)
                 total += _attention_count(module, lq, lk, products, segs, values)
         if terms.exact:
             total += self._exact(terms.exact, state)
@@ -228,7 +235,7 @@ class Tally:
                         start, numel, _ = self.slots[k]
                         keep = state[start : start + numel].view_as(saved[k])
                         self.tensors[k].copy_(saved[k] * keep.to(saved[k]))
-                total += factor * _kept_entries(_submodule(self.model, name))
+                total += factor * kept_weights(submodule(self.model, name))
             finally:
                 with torch.no_grad():
                     for k in keys:
@@ -243,11 +250,11 @@ def _product_form(module: nn.Module) -> tuple[int | None, float]:
     if isinstance(module, AdaptedLayer):
         if type(module.adapter).kept_entries is not Adapter.kept_entries:
             return None, 0.0
-        shape = _weight_shape(module.base)
+        shape = weight_shape(module.base)
         return module.adapter.groups, float(torch.Size(shape[2:]).numel())
     if not isinstance(module, nn.Linear | _ConvNd):
         return None, 0.0
-    shape = _weight_shape(module)
+    shape = weight_shape(module)
     mask = channel_mask_of(module, "weight")
     if mask is None:
         return 0, float(torch.Size(shape).numel())
@@ -259,15 +266,10 @@ def _product_form(module: nn.Module) -> tuple[int | None, float]:
 
 
 def _attention_count(module, lq, lk, products, segs, values) -> float:
-    """``measure._attention_macs`` with the kept q/k/v/o counts read from segment sums."""
-    e = module.embed_dim
-    kq, kk, kv, ko = (
-        float(e) if segs[s] is None else sum(values[i] for i in segs[s]) for s in "qkvo"
-    )
-    total = lq * kq * e + lk * kk * module.kdim + lk * kv * module.vdim + lq * ko * e
-    if products:
-        total += lq * lk * min(kq, kk) + lq * lk * kv
-    return total
+    """``measure.attention_macs`` with the kept q/k/v/o counts read from segment sums."""
+    e = float(module.embed_dim)
+    kept = tuple(e if segs[s] is None else sum(values[i] for i in segs[s]) for s in "qkvo")
+    return attention_macs(module, kept, lq, lk, products)
 
 
 def _overlapping(tensors: list[Tensor]) -> bool:
