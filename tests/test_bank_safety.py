@@ -222,7 +222,7 @@ def test_a_bank_with_bad_files_opens_lists_them_and_serves_the_others(residual, 
 
 def test_tasks_list_shows_an_unusable_file(tmp_path):
     from sparta.cli import app
-    from sparta.cli.deploy import BaseSpec
+    from sparta.train.rebuild import BaseSpec
 
     base = BaseSpec(model="digits_cnn", num_classes=10).create()
     x = torch.randn(2, 1, 8, 8)

@@ -6,7 +6,7 @@
     sparta run [CONFIG] [--field value]    train, prune and export one run or a grid (cli/runs.py)
     sparta report RUNS... --out DIR        Table-1-style summary of runs, with plots
     sparta eval TASK / sparta bench TASK   a task's compact model: test accuracy / speed (deploy.py)
-    sparta tasks list|add|remove|switch    a task bank on one shared base
+    sparta tasks list|add|remove|switch    a task bank on one shared base (tasks.py)
 
 Bad input (unknown names, out-of-range values) ends with exit code 2 and one red line on
 stderr; anything else is a bug and keeps its traceback.
@@ -265,7 +265,7 @@ def demo_command(
 
 
 # The other commands live in their own modules and register themselves on ``app``.
-from . import deploy, runs  # noqa: E402, F401
+from . import deploy, runs, tasks  # noqa: E402, F401
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ from .loop import (
     train_one_epoch,
     trainable_parameters,
 )
-from .runner import CHECKPOINT, LOG, RESULT, TASK, RunResult, run
+from .records import CHECKPOINT, LOG, RESULT, TASK, RunResult
+from .runner import run
 
 __all__ = [
     "CHECKPOINT",

@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import __version__
-from ..config import RunConfig, get_recipe
+from ..config import RunConfig
 from ..errors import ConfigError
-from ..measure import MacCounter, adapter_parameters, learned_parameters
+from ..measure import MacCounter
 from ..pruning.pruner import StepRecord
 from . import distributed as D
 from .build import build_model, example_inputs, load_datasets, make_pruner, split_train
@@ -59,29 +57,19 @@ from .loop import (
     param_groups,
     train_one_epoch,
 )
+from .records import (
+    CHECKPOINT,
+    LOG,
+    RESULT,
+    TASK,
+    RunResult,
+    evaluation_record,
+    read_back,
+    result_record,
+)
 from .report import LOGGER, Bars, log_file, write_json
 
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
-TASK = "task.safetensors"
-LOG = "run.log"
 _SCORING_STREAM = 2  # a key of derive_seed: the scoring order, apart from training orders
-
-
-@dataclass
-class RunResult:
-    """What :func:`run` produced. ``model`` is the trained (pruned) model on this rank, or
-    ``None`` for a run found complete (``skipped``) and read back from ``result.json``."""
-
-    config: RunConfig
-    output_dir: Path
-    final: dict
-    steps: list[dict]
-    result: dict
-    model: nn.Module | None = None
-    skipped: bool = False
-    resumed: bool = False
-    files: dict[str, Path] = field(default_factory=dict)
 
 
 def run(
@@ -113,7 +101,7 @@ def run(
         raise TypeError(f"run expects a RunConfig or a dict, got {type(config).__name__}")
     out = Path(config.output_dir)
     if resume and (out / RESULT).exists():
-        return _completed(config, out)
+        return read_back(config, out)
     state = D.setup(config.device)
     caller_rng = rng_state()  # the run reseeds the global generators; the caller's come back
     try:
@@ -129,16 +117,6 @@ def run(
     finally:
         set_rng_state(caller_rng)
         D.teardown(state)
-
-
-def _completed(config: RunConfig, out: Path) -> RunResult:
-    import json
-
-    result = json.loads((out / RESULT).read_text(encoding="utf-8"))
-    files = {k: out / v for k, v in result.get("files", {}).items()}
-    return RunResult(
-        config, out, result["final"], result["steps"], result, skipped=True, files=files
-    )
 
 
 class _Runner:
@@ -308,41 +286,10 @@ class _Runner:
     def _eval(self, step: int) -> str:
         metrics = self._measure(self.data.test)
         val = self._measure(self.val_set) if self.val_set is not None else None
-        achieved = (
-            self.pruner.achieved()
-            if self.pruner
-            else {"density": 1.0, "sparsity": 0.0, "macs": 1.0, "macs_abs": None}
+        record = evaluation_record(
+            self.model, self.pruner, self.macs, metrics, val, step, self.epoch
         )
-        last = self.pruner.history[-1] if self.pruner and self.pruner.history else None
-        record = {
-            "step": step,
-            "level": last.level if last else 1.0,
-            "density": achieved["density"],  # filters kept
-            "sparsity": achieved["sparsity"],  # prunable weights removed
-            "macs_fraction": achieved["macs"],
-            "macs": self.macs.count(self.model),
-            "learned_parameters": learned_parameters(self.model),
-            "learned_parameters_paper": learned_parameters(self.model, accounting="paper"),
-            "adapter_parameters": adapter_parameters(self.model),  # the adapters' share of both
-            "accuracy": metrics["accuracy"],  # test
-            "loss": metrics["loss"],
-            "val_accuracy": val["accuracy"] if val else None,
-            "val_loss": val["loss"] if val else None,
-            "epochs_trained": self.epoch,
-        }
         self.records.append(record)
-        LOGGER.info(
-            "evaluation after step %d: test accuracy %.4f, loss %.4f, %s filter density %.4f, "
-            "learned parameters %d stored / %d as the paper counts, MACs %d",
-            step,
-            record["accuracy"],
-            record["loss"],
-            f"val accuracy {val['accuracy']:.4f}," if val else "",
-            record["density"],
-            record["learned_parameters"],
-            record["learned_parameters_paper"],
-            record["macs"],
-        )
         return f"accuracy {record['accuracy']:.3f}"
 
     def _pin(self) -> bool:
@@ -398,27 +345,21 @@ class _Runner:
                 sd = self.model.state_dict()
                 final["checkpoint_bytes"] = sum(t.numel() * t.element_size() for t in sd.values())
             self._time("export", time.perf_counter() - t0)
-        result = {
-            "format": "sparta.result",
-            "version": 1,
-            "sparta_version": __version__,
-            "torch_version": torch.__version__,
-            "name": c.name,
-            "config": c.to_dict(),
-            "recipe": _recipe_record(c),
-            "data": {
+        result = result_record(
+            c,
+            data={
                 "train": len(self.train_set),
                 "val": len(self.val_set) if self.val_set is not None else 0,
                 "test": len(self.data.test),
             },
-            "world_size": self.dist.world_size,
-            "device": str(self.device),
-            "steps": self.records,
-            "pruning": self.pruner.history_dicts() if self.pruner else [],
-            "final": final,
-            "timings": {f"{k}_s": round(v, 3) for k, v in self.timings.items()},
-            "files": {k: p.name for k, p in files.items()},
-        }
+            world_size=self.dist.world_size,
+            device=str(self.device),
+            steps=self.records,
+            pruning=self.pruner.history_dicts() if self.pruner else [],
+            final=final,
+            timings={f"{k}_s": round(v, 3) for k, v in self.timings.items()},
+            files={k: p.name for k, p in files.items()},
+        )
         if self.dist.is_main:
             files["result"] = write_json(result, self.out / RESULT)
             (self.out / CHECKPOINT).unlink(missing_ok=True)  # complete: result.json says so
@@ -437,10 +378,3 @@ def _stages(config: RunConfig) -> list[tuple[str, int]]:
         stages += [("prune", step)] + [("train", step)] * config.recovery_epochs
         stages.append(("eval", step))
     return stages
-
-
-def _recipe_record(config: RunConfig) -> dict | None:
-    """The recipe the run started from, with the preset's values (``None`` without one)."""
-    if config.recipe is None:
-        return None
-    return {"name": config.recipe, "values": get_recipe(config.recipe).values}
