@@ -5,7 +5,7 @@ original filters per step, global ranking, recovery training after every step) t
 **filter density** (fraction of filters kept), with the paper's recipe (``RunConfig.from_recipe(
 "paper")``: SGD momentum 0.9, weight decay 5e-4, step lr, adapters at 10x the lr, 10% of the
 training images held out for validation) and the same budget for every method. The grid is
-planned, run and tabulated by :mod:`sparta.paper` (one run per trajectory: the 30% row and the
+planned, run and tabulated by :mod:`sparta.app.paper` (one run per trajectory: the 30% row and the
 10% row of a method and seed come from the same run). Then the transformer row
 (``benchmarks/paper_text.py``: all-MiniLM-L6-v2 on BBC News, SPLoRA vs fine-pruning of heads and
 FFN neurons to 25% kept).
@@ -120,8 +120,8 @@ def step_times(outcomes: list[dict]) -> dict:
 
 
 def run_grid(budget_name: str, runs: Path, data_dir: Path, workers: int, log=print):
-    """Plan, run (resumable) and tabulate the image grid with :func:`sparta.paper.compare`."""
-    from sparta.paper import Grid, compare
+    """Plan, run (resumable) and tabulate the image grid with :func:`sparta.app.paper.compare`."""
+    from sparta.app.paper import Grid, compare
 
     b = BUDGETS[budget_name]
     grid = Grid(
@@ -148,7 +148,7 @@ def run_grid(budget_name: str, runs: Path, data_dir: Path, workers: int, log=pri
 
 def write_plots(agg, out: Path, prefix: str = PLOT_PREFIX) -> list[Path]:
     """The two Fig.-6 plots as ``<out>/<prefix><plot>.png``."""
-    from sparta.paper_report import write_plots as plots
+    from sparta.app.paper_report import write_plots as plots
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -164,8 +164,8 @@ def report(data: dict, log=print) -> None:
     """Everything the benchmark prints, from its JSON (so a rerun prints the same)."""
     from rich.console import Console
 
-    from sparta.paper import claim_lines
-    from sparta.paper_report import rich_table
+    from sparta.app.paper import claim_lines
+    from sparta.app.paper_report import rich_table
 
     c = data["setup"]
     log(

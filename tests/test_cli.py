@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import sparta
 from sparta.cli import app
-from sparta.demo import run_demo
+from sparta.app.demo import run_demo
 
 runner = CliRunner()
 
@@ -143,13 +143,13 @@ def test_bad_input_exits_2_with_one_helpful_line(args, hint):
 def test_demo_writes_results(tmp_path, monkeypatch):
     import dataclasses
 
-    import sparta.demo
+    import sparta.app.demo
 
     # The toy at one pruning step keeps the command quick (the CLI has no such flags).
-    tiny = dataclasses.replace(sparta.demo.TOY, densities=(0.5,), step_fraction=0.5,
+    tiny = dataclasses.replace(sparta.app.demo.TOY, densities=(0.5,), step_fraction=0.5,
                                recovery_epochs=1)  # fmt: skip
-    monkeypatch.setattr(sparta.demo, "TOY", tiny)
-    monkeypatch.delenv(sparta.demo.CACHE_ENV, raising=False)
+    monkeypatch.setattr(sparta.app.demo, "TOY", tiny)
+    monkeypatch.delenv(sparta.app.demo.CACHE_ENV, raising=False)
     out = tmp_path / "out"
     args = ["demo", "--toy", "--epochs", "1", "--workers", "1", "--out", str(out)]
     result = runner.invoke(app, args)

@@ -1,4 +1,4 @@
-"""The demo (``sparta.demo``): the toy end to end at a tiny budget (filter densities, both
+"""The demo (``sparta.app.demo``): the toy end to end at a tiny budget (filter densities, both
 accountings, claims, deployment, a rerun that reads finished runs back), the real path on a
 tiny stand-in for MobileNetV2 with Fashion-MNIST files written in the real IDX format, the
 missing-assets message, the toy's cached base, and a ``pretrained`` smoke on the real assets."""
@@ -15,7 +15,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from sparta import demo, demo_base
+from sparta.app import demo, demo_base
 from sparta.data import load_dataset
 from sparta.errors import ConfigError
 from sparta.models import digits_cnn

@@ -1,4 +1,4 @@
-"""The paper-comparison driver (``sparta.paper``): planning trajectories, running them in one
+"""The paper-comparison driver (``sparta.app.paper``): planning trajectories, running them in one
 and in two worker processes, resuming, rows at each filter density, aggregation over seeds,
 the claims with the structural ceiling, the table and the plots. A tiny CNN on the 8x8 digits
 keeps every run to about a second."""
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from sparta import paper, paper_report
+from sparta.app import paper, paper_report
 from sparta.data import load_dataset
 from sparta.errors import ConfigError
 from sparta.models import create

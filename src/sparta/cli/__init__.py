@@ -29,7 +29,7 @@ from rich.table import Table
 from torch import nn
 
 from .. import SpartaError, __version__, get_adapter, learned_parameters, list_adapters, wrap
-from ..demo import DEMO_WORKERS
+from ..app.demo import DEMO_WORKERS
 from ..errors import ConfigError, SkippedLayerWarning
 
 app = typer.Typer(
@@ -258,7 +258,7 @@ def demo_command(
 
     Example: `sparta demo --out sparta-demo`, `sparta demo --toy`
     """
-    from ..demo import run_demo
+    from ..app.demo import run_demo
 
     with user_errors():
         run_demo(out_dir=out, seed=seed, epochs=epochs, toy=toy, workers=workers, console=stdout)

@@ -249,7 +249,7 @@ def summary_table(results: list) -> Table:
     """Per run (name over its folder): test accuracy, validation accuracy when the run held out
     a split, learned parameters as stored and as the paper counts them, MACs, filter density
     and artifact bytes."""
-    from ..results import run_record
+    from ..app.results import run_record
 
     table = Table(title="runs")
     table.add_column("run / output dir", overflow="fold")
@@ -332,7 +332,7 @@ def report_command(
 
     Example: `sparta report runs/ --out report`
     """
-    from .. import results
+    from ..app import results
 
     with user_errors():
         if fmt not in ("markdown", "csv"):

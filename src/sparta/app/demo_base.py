@@ -1,6 +1,6 @@
 """The demo's base: ``digits_cnn`` pretrained on digits 0-4 with the runner, cached as a
 safetensors state dict (written atomically, read back without unpickling, checked against its
-key and the architecture). See :mod:`sparta.demo`."""
+key and the architecture). See :mod:`sparta.app.demo`."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import atomic_write
+from ..io import atomic_write
 
 CACHE_FORMAT = "sparta.demo.base/1"
 #: How the toy's base is pretrained on digits 0-4 (unchanged since the first demo, so that cached
-#: bases stay valid; the target-task runs use the paper recipe, see :mod:`sparta.demo`).
+#: bases stay valid; the target-task runs use the paper recipe, see :mod:`sparta.app.demo`).
 PRETRAIN_BATCH_SIZE = 32
 PRETRAIN_OPTIMIZER = "adam"
 PRETRAIN_LR = 3e-3
@@ -27,7 +27,7 @@ NOT_IN_KEY = ("output_dir", "device", "workers")
 
 def pretrain_config(seed: int, epochs: int, output_dir: str | Path):
     """The runner config that pretrains the base on the source task (also the cache key)."""
-    from .config import RunConfig
+    from ..config import RunConfig
 
     return RunConfig(
         model="digits_cnn",
@@ -62,7 +62,7 @@ def cache_path(cache: Path, config) -> Path:
 def pretrained_base(source, config, cache: Path | None):
     """``(model, info)``: ``digits_cnn`` trained by ``sparta.train.run(config)`` on ``source``,
     or read from the cache folder if a valid file is there (and cached after training)."""
-    from .train import run
+    from ..train import run
 
     info: dict = {"cache_file": None, "cache_hit": False}
     model = fresh_digits_cnn(source.num_classes)
@@ -88,7 +88,7 @@ def pretrained_base(source, config, cache: Path | None):
 
 
 def fresh_digits_cnn(num_classes: int) -> nn.Module:
-    from .models import create
+    from ..models import create
 
     return create("digits_cnn", num_classes=num_classes)
 

@@ -1,7 +1,7 @@
 """What ``sparta demo`` prints and leaves behind: the Table-1-shaped table, the settings, the
 paper's claims checked on the demo's own numbers (both accountings, with the structural
 ceiling of the parameter ratio), the deployment, ``results.json`` and the plots. See
-:mod:`sparta.demo`."""
+:mod:`sparta.app.demo`."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def print_report(results: dict, console: Console) -> None:
 def write_outputs(results: dict, out: Path) -> dict:
     """Write the plots and ``results.json`` into ``out``; returns the files written (relative),
     also recorded in ``results["files"]``."""
-    from .train.report import write_json
+    from ..train.report import write_json
 
     plots = write_plots(results["aggregated"], out, title=results["title"])
     files = {

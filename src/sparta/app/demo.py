@@ -5,7 +5,7 @@ network and real images, offline, in a few minutes on a 2-core CPU.
 head learns real Fashion-MNIST images (grayscale replicated to 3 channels, resized, ImageNet
 normalisation; seeded, class-balanced subsets of the training and test sets, 10% of the
 training subset held out for validation). Fine-pruning and SPLoRA r8 are trained and pruned
-with the ``paper`` recipe of the runner (:mod:`sparta.paper`): SGD with momentum 0.9 and weight
+with the ``paper`` recipe of the runner (:mod:`sparta.app.paper`): SGD with momentum 0.9 and weight
 decay 5e-4, step schedule, adapters at 10x the learning rate, the same epochs and data order
 for both, then taylor importance ranked globally, 10% of the original filters removed per step
 with two recovery epochs after each (batch 32: 1 recovery epoch of batch 64 on 1,080 images
@@ -42,8 +42,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__
-from .errors import ConfigError, SpartaError
+from .. import __version__
+from ..errors import ConfigError, SpartaError
+from .demo_deploy import deploy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +95,7 @@ TOY = Profile(
     lr=0.01,
     scoring_batches=8,
 )
-#: Latency: a batch of this many test images, median of ``LATENCY_REPEATS`` timed forwards.
-LATENCY_BATCH = 32
+#: Latency: median of this many timed forwards (of ``demo_deploy.LATENCY_BATCH`` test images).
 LATENCY_REPEATS = 30
 #: One intra-op thread per process: on a shared 2-core machine two threads made a training step
 #: 10-20x slower (issue #12); the two trajectories run in two processes instead.
@@ -187,7 +187,7 @@ def _profile(profile: Profile, epochs, changes: dict) -> Profile:
 # -- set-up ----------------------------------------------------------------------------------------
 def real_base(seed: int):
     """torchvision's ImageNet MobileNetV2 (``IMAGENET1K_V1``) with a fresh, seeded 10-class head."""
-    from .models import create
+    from ..models import create
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -196,7 +196,7 @@ def real_base(seed: int):
 
 def real_data(data_dir: str, image_size: int, train_size: int, test_size: int, seed: int):
     """Seeded, class-balanced subsets of real Fashion-MNIST (``sparta.data``)."""
-    from .data import load_dataset, subset
+    from ..data import load_dataset, subset
 
     full = load_dataset("fashion-mnist", data_dir=data_dir, image_size=image_size, seed=seed)
     return dataclasses.replace(
@@ -228,7 +228,7 @@ def _real_setup(profile: Profile, seed: int, data_dir: Path):
 
 
 def _toy_setup(profile: Profile, seed: int, cache: Path | None, work: Path):
-    from .data import load_dataset
+    from ..data import load_dataset
     from .demo_base import pretrain_config, pretrained_base, target_base
 
     source = load_dataset("digits-source", seed=seed)
@@ -267,86 +267,6 @@ def _compare(profile: Profile, seed: int, base, data, work: Path, workers: int, 
          "adapter": j.config.adapter} for j in result.jobs
     ]  # fmt: skip
     return out
-
-
-# -- deployment ------------------------------------------------------------------------------------
-def deploy(base, results: dict, data, repeats: int) -> dict:
-    """Every adapter task at the lowest density: its compact model (``sparta.build``,
-    verified against the masked model), task file bytes, MACs and latency next to the base;
-    with two or more tasks, a ``TaskBank`` switching between them."""
-    from .export import Task, build
-    from .measure import MacCounter
-
-    example = torch.stack([data.test[i][0] for i in range(min(LATENCY_BATCH, len(data.test)))])
-    before = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    tasks, out = {}, {"tasks": {}, "base_macs": MacCounter(base, example).count(base)}
-    for job in results["jobs"]:
-        path = Path(job["output_dir"]) / "task.safetensors"
-        if job["adapter"] is None or not path.is_file():
-            continue
-        compact = build(base, Task.load(path))
-        tasks[job["method"]] = path
-        out["tasks"][job["method"]] = {
-            "label": job["label"],
-            "task_file": str(path),
-            "task_bytes": path.stat().st_size,
-            "compact_parameters": sum(p.numel() for p in compact.parameters()),
-            "macs": MacCounter(compact, example).count(compact),
-            **paired_latency(base, compact, example, repeats),
-        }
-    out["base_parameters"] = sum(p.numel() for p in base.parameters())
-    out["latency_batch"], out["latency_repeats"] = len(example), repeats
-    if len(tasks) >= 2:
-        out["bank"] = switch_tasks(base, tasks, example)
-    out["base_bit_identical"] = all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
-    return out
-
-
-@torch.no_grad()
-def paired_latency(base, model, x, repeats: int) -> dict:
-    """Forward time in ms of ``base`` and ``model`` on ``x``: median of ``repeats`` calls each,
-    timed alternately (so that load on a shared machine hits both alike), after warm-up."""
-    base.eval(), model.eval()
-    for _ in range(2):
-        base(x), model(x)
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for m, t in zip((base, model), times, strict=True):
-            t0 = time.perf_counter()
-            m(x)
-            t.append(1e3 * (time.perf_counter() - t0))
-    b, c = (sorted(t)[len(t) // 2] for t in times)
-    return {"latency_ms": round(c, 3), "base_latency_ms": round(b, 3)}
-
-
-def switch_tasks(base, tasks: dict[str, Path], x) -> dict:
-    """Serve ``tasks`` (name -> task file) from one ``TaskBank`` on ``base``: the first switch
-    (building the compact model) and the later, cached ones, timed; the served outputs compared
-    with a separately built compact model of the same task."""
-    from .export import Task, TaskBank, build
-
-    bank = TaskBank(base, cache_size=len(tasks))
-    first, later, diffs = {}, {n: [] for n in tasks}, {}
-    for name, path in tasks.items():
-        bank.add(name, path, overwrite=True)
-        t0 = time.perf_counter()
-        bank.builder.build(bank.task(name), verify=False)
-        first[name] = round(1e3 * (time.perf_counter() - t0), 2)
-    for _ in range(5):
-        for name in tasks:
-            t0 = time.perf_counter()
-            bank.model(name)
-            later[name].append(1e3 * (time.perf_counter() - t0))
-    with torch.no_grad():
-        for name, path in tasks.items():
-            own = build(base, Task.load(path), verify=False)(x)
-            diffs[name] = float((bank.model(name)(x) - own).abs().max())
-    return {
-        "first_switch_ms": first,
-        "cached_switch_ms": {n: round(sorted(t)[len(t) // 2], 4) for n, t in later.items()},
-        "max_abs_diff": diffs,
-        "outputs_equal": all(d <= 1e-5 for d in diffs.values()),
-    }
 
 
 # -- helpers ---------------------------------------------------------------------------------------

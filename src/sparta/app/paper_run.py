@@ -1,4 +1,4 @@
-"""Running the trajectories of :mod:`sparta.paper`: in this process or in spawned worker
+"""Running the trajectories of :mod:`sparta.app.paper`: in this process or in spawned worker
 processes (one intra-op thread each), each through :func:`sparta.train.run` with ``resume``,
 every failure reported in its outcome. (The split of the learned parameters into adapters and the
 rest, which the structural ceiling needs, is in every evaluation record the runner writes.)"""
@@ -11,15 +11,27 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..config import RunConfig
+from ..errors import ConfigError
 
-if TYPE_CHECKING:
-    from .paper import Job
+
+@dataclass
+class Job:
+    """One trajectory (planned by :func:`sparta.app.paper.plan`): the runner config and what
+    it stands for."""
+
+    key: str  # "<method>/<criterion>/s<seed>" (criterion "dense" for finetune)
+    method: str
+    criterion: str | None
+    seed: int
+    config: RunConfig
+    label: str = ""
+    rank: int | None = None
 
 
 _WORKER: dict = {}
@@ -37,7 +49,7 @@ def _init_worker(model, datasets, threads: int) -> None:
 
 def _run_job(job: Job, resume: bool = True) -> dict:
     """Run one trajectory in this process; the outcome as a plain dict (never raises)."""
-    from .train import run
+    from ..train import run
 
     started = time.perf_counter()
     outcome = {"key": job.key, "output_dir": job.config.output_dir}

@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 RESULT_FILE = "result.json"
 #: What identifies a row of the table: runs sharing these (and differing in seed) are averaged.

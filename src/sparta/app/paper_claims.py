@@ -1,4 +1,4 @@
-"""The paper's claims checked on aggregated rows (:func:`sparta.paper.aggregate`), in both
+"""The paper's claims checked on aggregated rows (:func:`sparta.app.paper.aggregate`), in both
 parameter accountings, and the structural ceiling of the parameter ratio on the network at hand.
 
 The paper (Table 1, ResNet-50): at 10% filter density SPLoRA is at least as accurate as

@@ -20,7 +20,7 @@ outcome (``status == "failed"`` with the error), never dropped silently. :func:`
 :func:`aggregate` (mean +- std over seeds) and :func:`claims` turn the outcomes into the table
 and the paper's claims checked on them, in both parameter accountings (``stored``: what a task
 file holds; ``paper``: Table 1's count, all norm affine parameters and the whole head);
-:mod:`sparta.paper_report` prints and plots them.
+:mod:`sparta.app.paper_report` prints and plots them.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import ConfigError, UnknownNameError
+from ..config import RunConfig
+from ..errors import ConfigError, UnknownNameError
 from .paper_claims import claim_lines, claims
-from .paper_run import run_jobs
+from .paper_run import Job, run_jobs
 
 __all__ = [
     "METHODS",
@@ -118,19 +118,6 @@ class Grid:
                     "step_fraction"
                 )
         return steps
-
-
-@dataclass
-class Job:
-    """One trajectory: the runner config and what it stands for."""
-
-    key: str  # "<method>/<criterion>/s<seed>" (criterion "dense" for finetune)
-    method: str
-    criterion: str | None
-    seed: int
-    config: RunConfig
-    label: str = ""
-    rank: int | None = None
 
 
 def paper_config(**overrides) -> RunConfig:

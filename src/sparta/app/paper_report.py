@@ -1,6 +1,6 @@
 """The paper's comparison shown: a table in Table 1's layout (rich and markdown) and Fig.-6-like
 plots (accuracy vs learned parameters, accuracy vs MFLOPs), from
-:func:`sparta.paper.aggregate`'s rows. Densities are filter densities throughout."""
+:func:`sparta.app.paper.aggregate`'s rows. Densities are filter densities throughout."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from .io import atomic_write
+from ..io import atomic_write
 
 PLOTS = ("accuracy_vs_learned.png", "accuracy_vs_mflops.png")
 BLOCK = ("acc %", "learned\n(paper)", "learned\n(stored)", "MFLOPs")
