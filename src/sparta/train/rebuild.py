@@ -17,7 +17,9 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ConfigError
+from ..export import Task, TaskBank
 from ..io import atomic_write
+from .checkpoint import seed_everything
 from .records import RESULT, TASK
 
 #: The file of a bank's folder that records its base options.
@@ -38,8 +40,7 @@ class BaseSpec:
     def create(self) -> nn.Module:
         """The base in eval mode, built as the run built it (seeded first, so a randomly
         initialised base draws the same weights)."""
-        from ..models import create
-        from .checkpoint import seed_everything
+        from ..models import create  # torchvision: imported only when a base is built
 
         seed_everything(self.seed)
         model = create(
@@ -161,8 +162,6 @@ def remember_base(directory: Path, spec: BaseSpec) -> bool:
 def bank_base(directory: Path, options: dict, task=None) -> BaseSpec:
     """The base of a bank: ``options`` over its ``bank.json``; the head size defaults to the
     recorded one, else to that of ``task`` or of the bank's first readable task."""
-    from ..export import Task
-
     directory = Path(directory)
     saved = saved_base(directory)
     if options.get("model") is None and not saved:
@@ -186,7 +185,5 @@ def bank_base(directory: Path, options: dict, task=None) -> BaseSpec:
 def open_bank(directory: Path, options: dict, task=None):
     """``(TaskBank(base, directory), spec)`` with the base rebuilt from ``options`` over the
     bank's ``bank.json`` (see :func:`bank_base`)."""
-    from ..export import TaskBank
-
     spec = bank_base(directory, options, task)
     return TaskBank(spec.create(), directory), spec
