@@ -57,13 +57,11 @@ from .taskfile import (
     VERSION,
     ArtifactError,
     check_tensors,
-    decode,
     digest,
     full_tensors,
-    header_length,
-    inspect,
     pack_masks,
-    read_file,
+    parse_task,
+    read_task,
     serialize,
 )
 from .taskfile import compact as _compact
@@ -130,17 +128,14 @@ class Task:
 
         Only a regular file of at most ``max_bytes`` is read, and its header and manifest are
         checked before the tensors are."""
-        return cls.from_bytes(read_file(path, max_bytes), str(path))
+        return cls(*read_task(path, max_bytes))
 
     @classmethod
     def from_bytes(cls, data: bytes, path: str = "<bytes>") -> Task:
         """The task in ``data`` (a task file's bytes), validated as :meth:`load` does."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise ArtifactError(f"expected the bytes of a task file, got {type(data).__name__}")
-        data = bytes(data)
-        n = header_length(data[:9], len(data), path)
-        manifest, _ = inspect(data[: 8 + n], len(data), path)
-        return cls(decode(data, manifest, path), manifest)
+        return cls(*parse_task(bytes(data), path))
 
 
 # -- compact storage of pruned channels ----------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool,
 )}  # fmt: skip
+_DTYPE_NAMES = set(_DTYPES)
 
 
 class ArtifactError(ConfigError):
@@ -84,19 +86,13 @@ def _schema_problem(m: dict) -> str | None:
     checks = [
         (isinstance(m["adapter"].get("name"), str), "adapter.name is not a string"),
         (isinstance(m["adapter"].get("options"), dict), "adapter.options is not a dict"),
-        (all(isinstance(n, str) for n in names), "adapted/head hold a non-string"),
+        (_all_type(names, str), "adapted/head hold a non-string"),
         (len(set(names)) == len(names), "a layer is listed twice in adapted/head"),
-        (
-            all(
-                isinstance(x, list) and len(x) == 2 and all(isinstance(s, str) for s in x)
-                for x in m["masked"]
-            ),
-            "masked is not a list of [module, tensor] names",
-        ),
+        (_pairs_ok(m["masked"]), "masked is not a list of [module, tensor] names"),
         (isinstance(m["base"].get("sha256"), str), "base.sha256 is not a string"),
         (
             isinstance(m["base"].get("tensors"), dict)
-            and all(isinstance(v, str) for v in m["base"]["tensors"].values()),
+            and _all_type(m["base"]["tensors"].values(), str),
             "base.tensors is not a dict of digests",
         ),
         (
@@ -110,10 +106,67 @@ def _schema_problem(m: dict) -> str | None:
         ),
     ]
     problem = next((why for ok, why in checks if not ok), None)
-    if problem is None:
-        bad = next((k for k, e in m["tensors"].items() if not _entry_ok(e)), None)
-        problem = None if bad is None else f"tensor entry {_short(bad)} is malformed"
+    if problem is None and not _entries_ok(list(m["tensors"].values())):
+        bad = next(k for k, e in m["tensors"].items() if not _entry_ok(e))
+        problem = f"tensor entry {_short(bad)} is malformed"
     return problem
+
+
+def _all_type(values, typ: type) -> bool:
+    """Every item of ``values`` is exactly a ``typ`` (one C-level pass: a manifest lists
+    hundreds of tensors, and per-item Python checks cost milliseconds)."""
+    return set(map(type, values)) <= {typ}
+
+
+def _pairs_ok(value) -> bool:
+    if not isinstance(value, list):
+        return False
+    if _all_type(value, list) and set(map(len, value)) <= {2}:
+        return _all_type(chain.from_iterable(value), str)
+    return all(
+        isinstance(x, list) and len(x) == 2 and all(isinstance(s, str) for s in x) for x in value
+    )
+
+
+def _entries_ok(entries: list) -> bool:
+    """:func:`_entry_ok` of every entry at once, in bulk passes; ``False`` when any entry might
+    fail it (the caller then finds which one, entry by entry). Never more lenient."""
+    if not _all_type(entries, dict):
+        return False
+    field = {k: [e.get(k) for e in entries] for k in ("kind", "shape", "dtype", "sha256")}
+    try:
+        ok = (
+            set(field["kind"]) <= set(KINDS)
+            and set(field["dtype"]) <= _DTYPE_NAMES
+            and {e.get("as", "bool") for e in entries} <= _DTYPE_NAMES
+            and {type(e.get("packed", False)) for e in entries} <= {bool}
+        )
+    except TypeError:  # an unhashable value
+        return False
+    stored = [e for e in entries if "stored" in e]
+    masks = [e for e in entries if e["kind"] == "mask"] if ok else []
+    return (
+        ok
+        and _all_type(field["sha256"], str)
+        and _shapes_ok(field["shape"])
+        and _shapes_ok([e["stored"] for e in stored])
+        and all(len(e["stored"]) == len(e["shape"]) for e in stored)
+        and all(e["dtype"] == "bool" and "stored" not in e for e in masks)
+        and all(e["kind"] == "mask" for e in entries if e.get("packed"))
+        and {type(e.get(k)) for e in entries for k in ("rows", "cols")} <= {str, type(None)}
+    )
+
+
+def _shapes_ok(shapes: list) -> bool:
+    """:func:`_shape_ok` of every item of ``shapes``, in bulk."""
+    if not _all_type(shapes, list) or max(map(len, shapes), default=0) > MAX_RANK:
+        return False
+    flat = list(chain.from_iterable(shapes))
+    return (
+        _all_type(flat, int)
+        and min(flat, default=0) >= 0
+        and max(map(math.prod, shapes), default=0) <= MAX_TENSOR_ELEMENTS
+    )
 
 
 def _check_adapter(adapter: dict, path: str) -> None:
@@ -195,13 +248,22 @@ def check_tensors(tensors: dict, manifest: dict, path) -> None:
                 f"task {str(path)!r}: tensor {key!r} holds NaN or infinite values; a task's "
                 "tensors must be finite (re-export it from a healthy model)"
             )
-    kept_indices(tensors, table, path)
+    check_fit(table, _mask_counts(tensors, table), path)
 
 
-def kept_indices(tensors: dict, table: dict, path) -> dict[str, Tensor]:
-    """``{mask key: indices of its kept entries}`` for the masks compact entries refer to;
-    checks that every compact entry fits them."""
-    kept: dict[str, Tensor] = {}
+def _mask_counts(tensors: dict, table: dict) -> dict[str, tuple[list[int], int]]:
+    """``{key: (shape, kept count)}`` of the bool masks among ``tensors``."""
+    return {
+        k: (list(t.shape), int(t.sum()))
+        for k, t in tensors.items()
+        if table.get(k, {}).get("kind") == "mask" and t.dtype == torch.bool
+    }
+
+
+def check_fit(table: dict, masks: dict[str, tuple], path) -> None:
+    """Every compact entry of ``table`` (one with a ``stored`` shape) refers to masks among
+    ``masks`` (``{key: (shape, kept count)}``) that fit its full shape, and stores exactly
+    the entries they keep."""
     for key, e in table.items():
         if "stored" not in e:
             continue
@@ -210,26 +272,27 @@ def kept_indices(tensors: dict, table: dict, path) -> dict[str, Tensor]:
             name = e.get(side)
             if name is None:
                 continue
-            mask = tensors.get(name)
-            if (
-                table.get(name, {}).get("kind") != "mask"
-                or mask is None
-                or mask.dtype != torch.bool
-            ):
+            if name not in masks or table.get(name, {}).get("kind") != "mask":
                 raise ArtifactError(f"task {str(path)!r}: {key!r} refers to no mask {name!r}")
-            if len(expected) <= axis or list(mask.shape) != [expected[axis]]:
+            shape, count = masks[name]
+            if len(expected) <= axis or list(shape) != [expected[axis]]:
                 raise ArtifactError(
                     f"task {str(path)!r}: mask {name!r} does not fit {key!r} {e['shape']}"
                 )
-            if name not in kept:
-                kept[name] = mask.nonzero().flatten()
-            expected[axis] = len(kept[name])
+            expected[axis] = count
         if e["stored"] != expected:
             raise ArtifactError(
                 f"task {str(path)!r}: {key!r} stores {e['stored']} entries, its masks keep "
                 f"{expected}"
             )
-    return kept
+
+
+def kept_indices(tensors: dict, table: dict, path) -> dict[str, Tensor]:
+    """``{mask key: indices of its kept entries}`` for the masks compact entries refer to;
+    checks that every compact entry fits them."""
+    check_fit(table, _mask_counts(tensors, table), path)
+    names = {e.get(side) for e in table.values() if "stored" in e for side in ("rows", "cols")}
+    return {n: tensors[n].nonzero().flatten() for n in sorted(names - {None})}
 
 
 def full_tensors(tensors: dict, table: dict, path) -> dict[str, Tensor]:

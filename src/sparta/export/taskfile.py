@@ -11,6 +11,7 @@ deterministic: the same task gives the same bytes in every process.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -18,7 +19,6 @@ import stat
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from torch import Tensor
 
 from .manifest import (  # noqa: F401  (re-exported: the names of the task file format)
@@ -32,6 +32,7 @@ from .manifest import (  # noqa: F401  (re-exported: the names of the task file 
     ArtifactError,
     _ints,
     _short,
+    check_fit,
     check_listed,
     check_manifest,
     check_tensors,
@@ -39,7 +40,9 @@ from .manifest import (  # noqa: F401  (re-exported: the names of the task file 
     digest,
     expand,
     full_tensors,
+    kept_indices,
 )
+from .taskbody import Span, decode_body
 
 MAX_FILE_BYTES = 2**30  # a task holds adapters, norms and a head: megabytes, not gigabytes
 MAX_HEADER_BYTES = 2**24
@@ -86,8 +89,10 @@ def pack_masks(tensors: dict[str, Tensor], manifest: dict) -> dict[str, Tensor]:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def read_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of task file ``path``, its size and header checked before the body is read."""
+def read_task(path, max_bytes: int = MAX_FILE_BYTES) -> tuple[dict[str, Tensor], dict]:
+    """``(tensors, manifest)`` of task file ``path``: its size and header are checked before
+    the body is read, the file is read once (straight into the tensors' buffer) and parsed
+    once, and every tensor is checked (:func:`decode_body`)."""
     if not isinstance(path, str | os.PathLike):
         raise ArtifactError(
             f"expected the path of a task file (str or pathlib.Path), got {type(path).__name__}"
@@ -99,28 +104,43 @@ def read_file(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ArtifactError(f"cannot open task file {name!r}: {reason}") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-            raise ArtifactError(
-                f"{name!r} is {kind} (a pipe, socket or device is never read); a task is one "
-                "regular .safetensors file"
-            )
-        if info.st_size > max_bytes:
-            raise ArtifactError(
-                f"task file {name!r} is {info.st_size:,} bytes, over the limit of {max_bytes:,}; "
-                "a task file holds adapters, norms and a head (pass max_bytes= to allow more)"
-            )
-        prefix = _read(fd, min(9, info.st_size), name)
-        n = header_length(prefix, info.st_size, name)
+        size = _checked_size(fd, name, max_bytes)
+        prefix = _read(fd, min(9, size), name)
+        n = header_length(prefix, size, name)
         prefix += _read(fd, 8 + n - len(prefix), name)
-        inspect(prefix, info.st_size, name)  # header and manifest, before the body
-        data = prefix + _read(fd, info.st_size - len(prefix), name)
+        manifest, layout = inspect(prefix, size, name)  # header and manifest, before the body
+        body = torch.empty(size - len(prefix), dtype=torch.uint8)
+        _read_into(fd, body.numpy(), name)
         if _read(fd, 1, name, exact=False):
             raise ArtifactError(f"task file {name!r} grew while it was read; try again")
     finally:
         os.close(fd)
-    return data
+    return decode_body(body, layout, manifest, name), manifest
+
+
+def parse_task(data: bytes, path: str = "<bytes>") -> tuple[dict[str, Tensor], dict]:
+    """``(tensors, manifest)`` of the task file bytes ``data``, checked as :func:`read_task`."""
+    n = header_length(data[:9], len(data), path)
+    manifest, layout = inspect(data[: 8 + n], len(data), path)
+    body = torch.empty(len(data) - 8 - n, dtype=torch.uint8)
+    body.numpy()[:] = np.frombuffer(data, np.uint8, offset=8 + n)
+    return decode_body(body, layout, manifest, path), manifest
+
+
+def _checked_size(fd: int, name: str, max_bytes: int) -> int:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise ArtifactError(
+            f"{name!r} is {kind} (a pipe, socket or device is never read); a task is one "
+            "regular .safetensors file"
+        )
+    if info.st_size > max_bytes:
+        raise ArtifactError(
+            f"task file {name!r} is {info.st_size:,} bytes, over the limit of {max_bytes:,}; "
+            "a task file holds adapters, norms and a head (pass max_bytes= to allow more)"
+        )
+    return info.st_size
 
 
 def _read(fd: int, n: int, name: str, exact: bool = True) -> bytes:
@@ -137,6 +157,20 @@ def _read(fd: int, n: int, name: str, exact: bool = True) -> bytes:
     if exact and left > 0:
         raise ArtifactError(f"task file {name!r} shrank while it was read; try again")
     return b"".join(chunks)
+
+
+def _read_into(fd: int, buffer: np.ndarray, name: str) -> None:
+    """Fill ``buffer`` from ``fd`` (no intermediate copy)."""
+    view, done = memoryview(buffer), 0
+    with io.FileIO(fd, closefd=False) as f:
+        try:
+            while done < len(view):
+                got = f.readinto(view[done : done + (1 << 24)])
+                if not got:
+                    raise ArtifactError(f"task file {name!r} shrank while it was read; try again")
+                done += got
+        except OSError as exc:
+            raise ArtifactError(f"cannot read task file {name!r}: {exc.strerror or exc}") from None
 
 
 def header_length(prefix: bytes, size: int, path: str) -> int:
@@ -166,9 +200,10 @@ def header_length(prefix: bytes, size: int, path: str) -> int:
     return n
 
 
-def inspect(prefix: bytes, size: int, path: str) -> tuple[dict, dict]:
-    """``(manifest, header entries)`` from the first ``8 + header length`` bytes of a file of
-    ``size`` bytes: everything is checked that can be without reading the tensors."""
+def inspect(prefix: bytes, size: int, path: str) -> tuple[dict, list[Span]]:
+    """``(manifest, layout)`` from the first ``8 + header length`` bytes of a file of ``size``
+    bytes: everything is checked that can be without reading the tensors. ``layout`` lists
+    where each tensor lies in the body (see :func:`_check_layout`)."""
     n = header_length(prefix, size, path)
     try:
         header = json.loads(prefix[8 : 8 + n].decode("utf-8"))
@@ -181,8 +216,7 @@ def inspect(prefix: bytes, size: int, path: str) -> tuple[dict, dict]:
             "sparta manifest), or it is corrupted"
         ) from None
     manifest = read_manifest(meta, path)
-    _check_layout(header, manifest, size - 8 - n, path)
-    return manifest, header
+    return manifest, _check_layout(header, manifest, size - 8 - n, path)
 
 
 def read_manifest(meta: dict, path: str) -> dict:
@@ -199,20 +233,22 @@ def read_manifest(meta: dict, path: str) -> dict:
     return manifest
 
 
-def _check_layout(header: dict, manifest: dict, body: int, path: str) -> None:
-    """The header's tensors are the manifest's, at its dtypes and shapes, and fill the body."""
+def _check_layout(header: dict, manifest: dict, body: int, path: str) -> list[Span]:
+    """The header's tensors are the manifest's, at its dtypes and shapes, and tile the body
+    exactly (no gap, no overlap). Returns their spans, in body order."""
     table = manifest["tensors"]
     check_listed(header, table, path)
-    spans = []
+    layout = []
     for key, h in header.items():
         e = table[key]
-        shape = (
-            [(math.prod(e["shape"]) + 7) // 8] if e.get("packed") else e.get("stored", e["shape"])
-        )
-        code = "U8" if e.get("packed") else _CODES[e["dtype"]]
-        offsets = h.get("data_offsets") if isinstance(h, dict) else None
+        packed = e.get("packed")
+        if packed:
+            shape, code = [(math.prod(e["shape"]) + 7) // 8], "U8"
+        else:
+            shape, code = e.get("stored", e["shape"]), _CODES[e["dtype"]]
+        offsets = h.get("data_offsets") if type(h) is dict else None
         if (
-            not isinstance(h, dict)
+            type(h) is not dict
             or h.get("dtype") != code
             or h.get("shape") != shape
             or not _ints(offsets)
@@ -221,11 +257,12 @@ def _check_layout(header: dict, manifest: dict, body: int, path: str) -> None:
         ):
             raise ArtifactError(
                 f"task {path!r}: tensor {key!r} is stored as {_short(h)}, the manifest says "
-                f"{shape} {e['dtype']}" + (" packed" if e.get("packed") else "")
+                f"{shape} {e['dtype']}" + (" packed" if packed else "")
             )
-        spans.append(offsets)
+        layout.append((offsets[0], offsets[1], key, e, shape))
+    layout.sort()
     end = 0
-    for start, stop in sorted(spans):
+    for start, stop, *_ in layout:
         if start != end:
             break
         end = stop
@@ -234,31 +271,4 @@ def _check_layout(header: dict, manifest: dict, body: int, path: str) -> None:
             f"task file {path!r} is truncated or corrupted: its tensors cover {end:,} of the "
             f"{body:,} bytes after the header (or overlap)"
         )
-
-
-def decode(data: bytes, manifest: dict, path: str) -> dict[str, Tensor]:
-    """The checked tensors of a file whose header :func:`inspect` accepted."""
-    try:
-        tensors = st_load(data)
-    except Exception as exc:  # safetensors reports damage with several exception types
-        raise ArtifactError(f"task file {path!r} is corrupted: {exc}") from None
-    tensors = _unpack_masks(tensors, manifest, path)
-    check_tensors(tensors, manifest, path)
-    return tensors
-
-
-def _unpack_masks(tensors: dict[str, Tensor], manifest: dict, path: str) -> dict[str, Tensor]:
-    out = dict(tensors)
-    for key, e in manifest["tensors"].items():
-        t = tensors.get(key)
-        if t is None or not e.get("packed"):
-            continue
-        n = math.prod(e["shape"])
-        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != (n + 7) // 8:
-            raise ArtifactError(
-                f"task {path!r}: packed mask {key!r} holds {list(t.shape)} {t.dtype}, expected "
-                f"[{(n + 7) // 8}] uint8 bits for shape {e['shape']}"
-            )
-        bits = np.unpackbits(t.numpy(), count=n).astype(bool).reshape(e["shape"])
-        out[key] = torch.from_numpy(bits)
-    return out
+    return layout
