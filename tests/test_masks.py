@@ -14,8 +14,8 @@ import sparta
 from sparta.adapters.splopa import SPLoPA
 from sparta.export import Builder
 from sparta.masks import alive_units, resolve_mask
-from sparta.pruning.blocks import _silenced_units, promote_dead_units
 from sparta.pruning.groups import _transformer_groups
+from sparta.pruning.promotion import _silenced_units, promote_dead_units
 from sparta.pruning.pruner import Pruner
 from tiny_models import TINY_MODELS, ResidualNet, perturb, tiny_bert
 

@@ -35,7 +35,6 @@ inside ``nn.MultiheadAttention`` parametrisations are left alone).
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -43,153 +42,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..adapters.layer import AdaptedLayer
 from ..adapters.splopa import SPLoPA
 from ..errors import ConfigError
-from ..masks import alive_units, ensure_masks, resolve_mask
-from .block_criteria import BlockLayer, PrunerHook, get_block_criterion
+from ..masks import alive_units
+from .block_criteria import PrunerHook, get_block_criterion
+from .block_units import block_units, splopa_layers, structured_units
 from .checks import bad_count, check_int, check_weights, finite, nonfinite
-from .groups import Group, _transformer_groups
+from .groups import _transformer_groups
+from .promotion import promote_dead_units
 from .schedules import Schedule, get_schedule, level_at
 
 GRANULARITIES = ("blocks", "heads", "neurons")
-
-
-# -- structure: which blocks make a unit (a block, a head, a run of FFN neurons) -------------------
-@dataclass
-class _Units:
-    unit_of: Tensor  # (entries,) unit of each (unit, block) pair
-    block_of: Tensor  # (entries,) flat block index
-    group_of: list[int]  # per unit: index into names
-    names: list[str]  # the groups: layers, attention modules or FFNs
-    consumer: Tensor  # (entries,) bool: the block takes the unit's output (a column block)
-
-
-def _block_units(layers: list[BlockLayer]) -> _Units:
-    total = sum(lay.count for lay in layers)
-    group_of = [i for i, lay in enumerate(layers) for _ in range(lay.count)]
-    index = torch.arange(total)
-    return _Units(index, index, group_of, [lay.name for lay in layers], index >= 0)
-
-
-def _structured_units(layers: list[BlockLayer], groups: list[Group], kinds: set[str]) -> _Units:
-    by_name = {lay.name: lay for lay in layers}
-    unit_of, block_of, group_of, names, consumer = [], [], [], [], []
-    for g in (g for g in groups if g.kind in kinds):
-        width = len(g.members[0].idxs)
-        run = width // g.size  # head dim (heads) or 1 (neurons)
-        for m in g.members:
-            if m.module not in by_name:
-                raise ConfigError(
-                    f"granularity {g.kind!r} needs every layer of {g.name!r} adapted with "
-                    f"splopa; {m.module!r} is not"
-                )
-            p, q = by_name[m.module].adapter.block
-            run = math.lcm(run, p if m.site == "out" else q)
-        if width % run:
-            raise ConfigError(f"{g.name!r}: blocks straddle its {g.kind}; choose another block")
-        for unit in range(width // run):
-            first = len(group_of)
-            for m in g.members:
-                lay = by_name[m.module]
-                rows, cols = lay.adapter.mask_block.shape
-                grid = torch.zeros(rows, cols, dtype=torch.bool)
-                p, q = lay.adapter.block
-                if m.site == "out":
-                    grid[unit * run // p : (unit + 1) * run // p] = True
-                else:
-                    grid[:, unit * run // q : (unit + 1) * run // q] = True
-                idx = grid.flatten().nonzero().flatten() + lay.offset
-                block_of.append(idx)
-                unit_of.append(torch.full_like(idx, first))
-                consumer.append(torch.full_like(idx, m.site == "in", dtype=torch.bool))
-            group_of.append(len(names))
-        names.append(g.name)
-    if not names:
-        raise ConfigError(f"found no Hugging Face {' or '.join(sorted(kinds))} to prune")
-    return _Units(torch.cat(unit_of), torch.cat(block_of), group_of, names, torch.cat(consumer))
-
-
-# -- promotion: emptied heads and neurons become dead channels -----------------------------------
-def _alive_lines(module: nn.Module, dim: int) -> Tensor:
-    """Bool: rows (dim 0) or columns (dim 1) of the effective weight with a kept entry."""
-    if isinstance(module, AdaptedLayer):
-        ad = module.adapter
-        mask = ad.mask_out if dim == 0 else ad.mask_in
-        if isinstance(ad, SPLoPA):
-            live = ad._live_blocks().any(1 - dim)
-            return mask.bool() & live.repeat_interleave(ad.block[dim])
-        other = ad.mask_in if dim == 0 else ad.mask_out
-        return mask.bool() & bool(other.any())
-    mask = ensure_masks(module, create=False)[dim]
-    width = module.weight.shape[dim]
-    return torch.ones(width, dtype=torch.bool) if mask is None else mask.bool()
-
-
-def _silent_rows(module: nn.Module, rows: Tensor) -> bool:
-    """Whether rows ``rows`` of ``module`` output exact zeros (no kept weight, zero bias)."""
-    if not isinstance(module, AdaptedLayer) or bool(_alive_lines(module, 0)[rows].any()):
-        return False
-    bias = module.base.bias
-    return bias is None or bool((bias.detach()[rows] * module.mask_out[rows] == 0).all())
-
-
-def _silenced_units(model: nn.Module, group: Group, modules: dict) -> Tensor:
-    """Units of a heads/neurons group that contribute exactly nothing to the output under the
-    *block* masks: the candidates for promotion.
-
-    Not a second definition of "alive" (that is :func:`sparta.masks.alive_units`, read from
-    the channel masks alone): a unit silenced here may still have every channel-mask entry set,
-    because its zeros come from the blocks (its consumer columns have no live block, or its
-    value / intermediate rows have none and a zero bias). :func:`promote_dead_units` writes
-    this fact into the channel masks; from then on ``alive_units`` reads these units as dead,
-    and that is what the compact build removes."""
-    consumer = next(m for m in group.members if m.site == "in")
-    producers = [m for m in group.members if m.site == "out"]
-    cols = _alive_lines(modules[consumer.module], 1)[consumer.idxs].cpu()
-    alive = torch.zeros(group.size, dtype=torch.bool).index_put_(
-        (consumer.units,), cols, accumulate=True
-    )
-    # A head whose value rows are silent outputs softmax @ 0 = 0; an FFN neuron with silent
-    # rows outputs act(0), zero for ReLU/GELU. Query and key rows alone do not silence a head.
-    silent_site = producers[-1] if group.kind == "heads" else producers[0]
-    silent_ok = group.kind == "heads" or _act_zero_at_zero(modules, group.name)
-    dead = (~alive).nonzero().flatten().tolist()
-    if silent_ok:
-        owner = modules[silent_site.module]
-        for unit in alive.nonzero().flatten().tolist():
-            if _silent_rows(owner, silent_site.idxs[silent_site.units == unit]):
-                dead.append(unit)
-    return torch.tensor(sorted(dead), dtype=torch.long)
-
-
-def _act_zero_at_zero(modules: dict, ffn_name: str) -> bool:
-    act = getattr(modules.get(ffn_name), "intermediate_act_fn", None)
-    if act is None:
-        return False
-    with torch.no_grad():
-        return bool(act(torch.zeros(1)) == 0)
-
-
-def promote_dead_units(model: nn.Module, groups: list[Group] | None = None) -> dict[str, int]:
-    """Clear the channel masks of every Hugging Face head and FFN neuron of ``model`` whose
-    contribution is already exactly zero (its consumer columns are all pruned, or its value /
-    intermediate rows are pruned with zero bias), so compaction removes it. Changes no output.
-    Returns ``{group name: units newly cleared}``."""
-    groups = _transformer_groups(model) if groups is None else groups
-    modules = dict(model.named_modules())
-    done = {}
-    with torch.no_grad():
-        for g in (g for g in groups if g.kind in ("heads", "neurons")):
-            dead = _silenced_units(model, g, modules)
-            fresh = int((alive_units(model, g) & torch.isin(torch.arange(g.size), dead)).sum())
-            if not fresh:
-                continue
-            for m in g.members:
-                mask = resolve_mask(model, m.module, m.site)
-                mask[m.idxs[torch.isin(m.units, dead)].to(mask.device)] = 0
-            done[g.name] = fresh
-    return done
 
 
 # -- the pruner ----------------------------------------------------------------------------------
@@ -259,13 +122,13 @@ class BlockPruner:
         self.total_steps, self.warmup, self.cooldown = total_steps, warmup_steps, cooldown_steps
         self.schedule = get_schedule(schedule)
         level_at(1, total_steps, self.target, self.schedule, warmup_steps, cooldown_steps)
-        self.layers = _splopa_layers(model)
+        self.layers = splopa_layers(model)
         self.groups = _transformer_groups(model)
         self._structured = kinds != {"blocks"}
         if kinds == {"blocks"}:
-            self.units = _block_units(self.layers)
+            self.units = block_units(self.layers)
         else:
-            self.units = _structured_units(self.layers, self.groups, kinds)
+            self.units = structured_units(self.layers, self.groups, kinds)
         self._scope = torch.zeros(sum(lay.count for lay in self.layers), dtype=torch.bool)
         self._scope[self.units.block_of] = True
         self._warn_unreachable()
@@ -471,18 +334,3 @@ class BlockPruner:
             now -= float(cost[i])
             kept[group[i]] -= 1
         return chosen
-
-
-def _splopa_layers(model: nn.Module) -> list[BlockLayer]:
-    layers, offset = [], 0
-    for name, m in model.named_modules():
-        if isinstance(m, AdaptedLayer) and isinstance(m.adapter, SPLoPA):
-            if isinstance(m.base, nn.Linear):
-                layers.append(BlockLayer(name, m, offset))
-                offset += layers[-1].count
-    if not layers:
-        raise ConfigError(
-            "BlockPruner needs a model wrapped with the 'splopa' adapter "
-            "(sparta.wrap(model, 'splopa', block=...)); this one has no SPLoPA-adapted Linear"
-        )
-    return layers

@@ -10,7 +10,7 @@ a scoring batch become one clear :class:`~sparta.errors.ConfigError` naming the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -191,3 +191,34 @@ def check_batches(batches, loss_fn) -> Iterable:
             f"got {type(batches).__name__}"
         )
     return iter(batches)
+
+
+def check_given_scores(scores, groups) -> dict[str, Tensor]:
+    """Scores from the caller (``Pruner.step(scores)``) as float64 tensors, checked to hold one
+    number per unit of every group of ``groups``."""
+    if not isinstance(scores, Mapping):
+        raise ConfigError(
+            f"scores must be a dict {{group name: one score per unit}}, got {type(scores).__name__}"
+        )
+    out = {}
+    for k, v in scores.items():
+        try:
+            out[k] = torch.as_tensor(v).detach().double().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(
+                f"scores[{k!r}] must be numbers, one per unit, got {type(v).__name__}"
+            ) from None
+    expected = {g.name: g.size for g in groups}
+    wrong = sorted(set(expected) ^ set(out))
+    wrong += [k for k in expected if k in out and tuple(out[k].shape) != (expected[k],)]
+    if wrong:
+        detail = ", ".join(
+            f"{k!r}: expected {expected[k] if k in expected else 'no entry'}, got "
+            + (str(tuple(out[k].shape)) if k in out else "none")
+            for k in wrong[:5]
+        )
+        raise ConfigError(
+            f"scores must give one score per unit of every group ({len(expected)} groups); "
+            f"got {len(out)} entries ({detail})"
+        )
+    return out

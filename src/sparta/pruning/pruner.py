@@ -9,7 +9,7 @@ writes zeros into masks, and never writes a one, so pruned channels cannot regro
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -22,7 +22,14 @@ from ..masks import alive_units, attention_kept, kept_weights, resolve_mask
 from ..measure import MacCounter, attention_macs
 from ..registry import require_modules
 from ..utils import NORMS
-from .checks import check_batches, check_int, check_scores, check_weights
+from . import selection
+from .checks import (
+    check_batches,
+    check_given_scores,
+    check_int,
+    check_scores,
+    check_weights,
+)
 from .groups import Group, check_inputs, find_groups
 from .importance import get_criterion
 from .schedules import Levels, Schedule
@@ -165,7 +172,7 @@ class Pruner:
         members = {m.module for g in self.groups for m in g.members}
         check_weights(self.model, members, f"criterion {self.criterion_name!r}")
         given = scores is not None
-        scores = self._given(scores) if given else self.importance()
+        scores = check_given_scores(scores, self.groups) if given else self.importance()
         check_scores(scores, self.criterion_name, given)
         alive = self._alive()
         chosen = self._select(level, scores, alive)
@@ -185,36 +192,6 @@ class Pruner:
         self.history.append(record)
         self.reset_scores()
         return record
-
-    def _given(self, scores) -> dict[str, Tensor]:
-        """Scores from the caller, checked to hold one number per unit of every group."""
-        if not isinstance(scores, Mapping):
-            raise ConfigError(
-                "scores must be a dict {group name: one score per unit}, got "
-                f"{type(scores).__name__}"
-            )
-        out = {}
-        for k, v in scores.items():
-            try:
-                out[k] = torch.as_tensor(v).detach().double().cpu()
-            except (TypeError, ValueError, RuntimeError):
-                raise ConfigError(
-                    f"scores[{k!r}] must be numbers, one per unit, got {type(v).__name__}"
-                ) from None
-        expected = {g.name: g.size for g in self.groups}
-        wrong = sorted(set(expected) ^ set(out))
-        wrong += [k for k in expected if k in out and tuple(out[k].shape) != (expected[k],)]
-        if wrong:
-            detail = ", ".join(
-                f"{k!r}: expected {expected[k] if k in expected else 'no entry'}, got "
-                + (str(tuple(out[k].shape)) if k in out else "none")
-                for k in wrong[:5]
-            )
-            raise ConfigError(
-                f"scores must give one score per unit of every group ({len(expected)} groups); "
-                f"got {len(out)} entries ({detail})"
-            )
-        return out
 
     def reset_scores(self) -> None:
         """Forget accumulated scores (done after every step: each step scores afresh)."""
@@ -339,78 +316,23 @@ class Pruner:
         )
 
     # -- selection ------------------------------------------------------------------------------
-    def _order(self, scores: dict[str, Tensor], alive: dict[str, Tensor]) -> list[tuple[str, int]]:
-        """Alive units, least important first: scores normalised per group to unit root mean
-        square (Molchanov et al. 2017 normalise by the L2 norm; dividing by the RMS instead
-        keeps groups of different sizes comparable, else a 12-head group could never compete
-        with a 3072-neuron one), compared across groups (global) or as within-group quantiles
-        (local)."""
-        keys: list[tuple[float, str, int]] = []
-        for g in self.groups:
-            s = scores[g.name]
-            if s.shape != (g.size,):
-                raise ConfigError(
-                    f"criterion returned {tuple(s.shape)} scores for group {g.name!r} of {g.size}"
-                )
-            idx = alive[g.name].nonzero().flatten()
-            norm = s / (s.norm() / g.size**0.5 + 1e-12)
-            if self.ranking == "local":
-                ranks = torch.argsort(torch.argsort(norm[idx]))
-                values = (ranks.double() + 1) / max(len(idx), 1)
-            else:
-                values = norm[idx]
-            keys += [(v, g.name, u) for v, u in zip(values.tolist(), idx.tolist())]
-        keys.sort()
-        return [(name, unit) for _, name, unit in keys]
-
     def _select(self, level: float, scores, alive) -> dict[str, Tensor]:
-        order = self._order(scores, alive)
-        keep_min = {g.name: self._floor(g) for g in self.groups}
-        kept = {name: int(a.sum()) for name, a in alive.items()}
-        candidates = []
-        for name, unit in order:  # respect the per-group minimum in ranking order
-            if kept[name] > keep_min[name]:
-                candidates.append((name, unit))
-                kept[name] -= 1
-        level_after = self._prefix_levels(candidates)
-        lo, hi = 0, len(candidates)
-        while lo < hi:  # smallest prefix of candidates that reaches the level
-            mid = (lo + hi) // 2
-            if level_after(mid) <= level + 1e-9:
-                hi = mid
-            else:
-                lo = mid + 1
-        chosen = self._by_group(candidates[:lo])
+        ranked = selection.order(self.groups, scores, alive, self.ranking)
+        floors = {g.name: self._floor(g) for g in self.groups}
+        units = selection.candidates(ranked, alive, floors)
+        n = selection.shortest_prefix(len(units), level, self._prefix_levels(units))
+        chosen = self._by_group(units[:n])
         if self.round_to:
-            chosen = self._round(chosen, alive, order)
+            chosen = selection.round_groups(
+                self.groups, chosen, alive, ranked, floors, self.round_to
+            )
         return chosen
 
     def _floor(self, g: Group) -> int:
-        floor = min(self.min_channels, g.size)
-        if self.round_to:
-            floor = max(floor, min(self.round_to, g.size))
-        return floor
+        return selection.floor(g, self.min_channels, self.round_to)
 
     def _by_group(self, units: list[tuple[str, int]]) -> dict[str, Tensor]:
-        out: dict[str, list[int]] = {g.name: [] for g in self.groups}
-        for name, unit in units:
-            out[name].append(unit)
-        return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in out.items()}
-
-    def _round(self, chosen, alive, order) -> dict[str, Tensor]:
-        """Adjust each group so that it keeps a multiple of ``round_to`` units."""
-        result = {}
-        by_group: dict[str, list[int]] = {}
-        for name, unit in order:
-            by_group.setdefault(name, []).append(unit)
-        for g in self.groups:
-            ranked = by_group.get(g.name, [])  # alive units, least important first
-            n_alive = int(alive[g.name].sum())
-            keep = n_alive - len(chosen[g.name])
-            target = max(self._floor(g), int(round(keep / self.round_to)) * self.round_to)
-            target = min(target, n_alive)
-            result[g.name] = torch.tensor(sorted(ranked[: n_alive - target]), dtype=torch.long)
-        return result
+        return selection.by_group(self.groups, units)
 
     def _level_after(self, units: list[tuple[str, int]]) -> float:
         """The level reached if ``units`` (``(group name, unit)`` pairs) were pruned now."""
