@@ -14,9 +14,7 @@ stderr; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import difflib
 import json
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +24,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from torch import nn
 
-from .. import SpartaError, __version__, get_adapter, learned_parameters, list_adapters, wrap
+from .. import SpartaError, __version__, get_adapter, list_adapters
 from ..app.demo import DEMO_WORKERS
-from ..errors import ConfigError, SkippedLayerWarning
+from ..app.inspection import adapter_options, inspect_summary
 
 app = typer.Typer(
     name="sparta",
@@ -41,9 +38,6 @@ app = typer.Typer(
 )
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
-
-#: Shown when a model name has no close match (a few families, not the whole list).
-EXAMPLE_MODELS = ("resnet50", "vit_b_16", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")
 
 
 @contextmanager
@@ -97,60 +91,6 @@ def adapters_command() -> None:
 
 
 # -- sparta inspect ------------------------------------------------------------------------------
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """A torchvision classification model with random weights (nothing is downloaded)."""
-    import torchvision
-
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-        raise ConfigError(f"num-classes must be a positive integer, got {num_classes!r}")
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.5)
-        hint = (
-            f"close names: {', '.join(close)}"
-            if close
-            else f"for example {', '.join(EXAMPLE_MODELS)} ({len(known)} known)"
-        )
-        raise ConfigError(f"unknown torchvision classification model {name!r}; {hint}")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-
-
-def _adapter_options(adapter: str, rank: int, rank_given: bool) -> dict:
-    """Options for ``wrap``: ``rank`` only for adapters that take one."""
-    cls = get_adapter(adapter)
-    if "rank" in cls.option_names():
-        return cls.resolve_options({"rank": rank})
-    if rank_given:
-        stderr.print(f"note: adapter {adapter!r} has no rank option; --rank ignored")
-    return cls.resolve_options({})
-
-
-def inspect_summary(
-    name: str, num_classes: int, adapter: str, options: dict, include, exclude
-) -> dict:
-    """Wrap ``name`` and count what the task learns against full fine-tuning."""
-    base = build_model(name, num_classes)
-    with warnings.catch_warnings():
-        # Skipped layers are part of the report printed below; no need to warn twice.
-        warnings.simplefilter("ignore", SkippedLayerWarning)
-        adapted = wrap(base, adapter, include=include, exclude=exclude, **options)
-    total = sum(p.numel() for p in base.parameters())
-    learned = learned_parameters(adapted)
-    return {
-        "model": name,
-        "num_classes": num_classes,
-        "adapter": adapter,
-        "options": options,
-        "params": {
-            "base_total": total,
-            "learned": learned,
-            "full_finetune": total,
-            "learned_vs_full": learned / total,
-        },
-        "report": adapted.sparta_report.to_dict(),
-    }
-
-
 def _print_summary(summary: dict) -> None:
     report, params = summary["report"], summary["params"]
     options = ", ".join(f"{k}={v!r}" for k, v in summary["options"].items())
@@ -218,7 +158,9 @@ def inspect_command(
     source = ctx.get_parameter_source("rank")  # typer vendors click: compare by name
     rank_given = source is not None and source.name == "COMMANDLINE"
     with user_errors():
-        options = _adapter_options(adapter, rank, rank_given)
+        options, takes_rank = adapter_options(adapter, rank)
+        if rank_given and not takes_rank:
+            stderr.print(f"note: adapter {adapter!r} has no rank option; --rank ignored")
         summary = inspect_summary(
             model, num_classes, adapter, options, include or None, exclude or None
         )
