@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sparta.cli import app
-from sparta.cli.runs import build_config, parse_args
-from sparta.config import GridConfig, RunConfig
+from sparta.cli.runs import parse_args
+from sparta.config import GridConfig, RunConfig, resolve_config
 from test_cli import _one_red_line
 
 runner = CliRunner()
@@ -115,9 +115,9 @@ def test_parse_args_converts_by_field_type():
         "round_to": 8,
     }
     assert grid == {"seeds": [0, 1]}
-    config = build_config(None, {"steps": 3}, {"densities": [0.5, 0.1]})
+    config = resolve_config(None, {"steps": 3}, {"densities": [0.5, 0.1]})
     assert isinstance(config, GridConfig) and len(config.runs()) == 2
-    assert isinstance(build_config(None, {"seed": 2}, {}), RunConfig)
+    assert isinstance(resolve_config(None, {"seed": 2}, {}), RunConfig)
 
 
 def test_every_config_field_is_a_flag_in_the_help():

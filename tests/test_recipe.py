@@ -18,8 +18,8 @@ import sparta
 from sparta.adapters import get_adapter, list_adapters
 from sparta.adapters.base import Adapter
 from sparta.cli import app
-from sparta.cli.runs import build_config, parse_args
-from sparta.config import GridConfig, RunConfig, load_config, save_config
+from sparta.cli.runs import parse_args
+from sparta.config import GridConfig, RunConfig, load_config, resolve_config, save_config
 from sparta.errors import ConfigError, UnknownNameError
 from sparta.train import (
     CHECKPOINT,
@@ -144,13 +144,15 @@ def test_grid_with_the_recipe_derives_steps_per_density(tmp_path):
 
 def test_cli_recipe_flag_and_file(tmp_path):
     path, overrides, grid = parse_args(["--recipe", "paper", "--lr", "0.2", "--target", "0.3"])
-    c = build_config(path, overrides, grid)
+    c = resolve_config(path, overrides, grid)
     assert (c.recipe, c.lr, c.lr_schedule, c.steps) == ("paper", 0.2, "step", 14)
     # recipe first, then the file's keys, then the other flags
     (tmp_path / "c.yaml").write_text("lr: 0.3\nepochs: 2\n")
-    c = build_config(*parse_args([str(tmp_path / "c.yaml"), "--recipe", "paper", "--epochs", "5"]))
+    c = resolve_config(
+        *parse_args([str(tmp_path / "c.yaml"), "--recipe", "paper", "--epochs", "5"])
+    )
     assert (c.lr, c.epochs, c.optimizer, c.weight_decay) == (0.3, 5, "sgd", 5e-4)
-    c = build_config(*parse_args(["--recipe", "paper", "--steps", "2"]))
+    c = resolve_config(*parse_args(["--recipe", "paper", "--steps", "2"]))
     assert (c.steps, c.step_fraction) == (2, None)
     result = CliRunner().invoke(app, ["run", "--recipe", "nope"])
     assert result.exit_code == 2 and "unknown recipe 'nope'" in result.output

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import GRID_KEYS, GridConfig, RunConfig, config_from_dict, read_config_file, recipes
+from ..config import GRID_KEYS, GridConfig, RunConfig, recipes, resolve_config
 from ..errors import ConfigError
 from . import app, stderr, stdout, user_errors
 
@@ -208,22 +208,6 @@ def parse_args(args: list[str]) -> tuple[str | None, dict, dict]:
     return config, overrides, grid
 
 
-def build_config(path: str | None, overrides: dict, grid: dict) -> RunConfig | GridConfig:
-    """The config file (:func:`~sparta.config.load_config`) or the defaults, with ``overrides``
-    applied to the (base) run and ``grid`` lists replacing the file's. A ``recipe`` among the
-    overrides comes first: recipe, then the file's keys, then the other flags."""
-    data = read_config_file(path) if path is not None else {}
-    overrides = dict(overrides)
-    if "recipe" in overrides:
-        data = {**data, "recipe": overrides.pop("recipe")}
-    config = config_from_dict(data)
-    if isinstance(config, GridConfig):
-        lists = {k: getattr(config, k) for k in GRID_KEYS} | grid
-        return GridConfig(base=config.base.replace(**overrides), **lists)
-    config = config.replace(**overrides)
-    return GridConfig(base=config, **grid) if grid else config
-
-
 # -- sparta run ---------------------------------------------------------------------------------
 RUN_HELP = f"""Train, prune and export: one run, or a grid of runs one after another.
 
@@ -291,7 +275,7 @@ def run_command(
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone prints
     with user_errors():
         path, overrides, grid = parse_args(list(ctx.args))
-        config = build_config(path, overrides, grid)
+        config = resolve_config(path, overrides, grid)
         configs = config.runs() if isinstance(config, GridConfig) else [config]
         results = []
         for index, one in enumerate(configs, 1):

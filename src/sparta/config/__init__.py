@@ -19,7 +19,13 @@ The package: :mod:`~sparta.config.run` (the two dataclasses), :mod:`~sparta.conf
 ``sparta.config``.
 """
 
-from .files import config_from_dict, load_config, read_config_file, save_config
+from .files import (
+    config_from_dict,
+    load_config,
+    read_config_file,
+    resolve_config,
+    save_config,
+)
 from .recipes import PAPER, RECIPES, Recipe, get_recipe, recipes
 from .run import (
     BASELINE_METHODS,
@@ -49,5 +55,6 @@ __all__ = [
     "methods",
     "read_config_file",
     "recipes",
+    "resolve_config",
     "save_config",
 ]

@@ -59,6 +59,25 @@ def config_from_dict(data: dict) -> RunConfig | GridConfig:
     return RunConfig.from_dict(data)
 
 
+def resolve_config(
+    path=None, overrides: dict | None = None, grid: dict | None = None
+) -> RunConfig | GridConfig:
+    """The config file at ``path`` (:func:`load_config`) or the defaults, with ``overrides``
+    applied to the (base) run and ``grid`` lists replacing the file's (as ``sparta run CONFIG
+    --field value`` does). A ``recipe`` among the overrides comes first: recipe, then the
+    file's keys, then the other overrides."""
+    data = read_config_file(path) if path is not None else {}
+    overrides, grid = dict(overrides or {}), dict(grid or {})
+    if "recipe" in overrides:
+        data = {**data, "recipe": overrides.pop("recipe")}
+    config = config_from_dict(data)
+    if isinstance(config, GridConfig):
+        lists = {k: getattr(config, k) for k in GRID_KEYS} | grid
+        return GridConfig(base=config.base.replace(**overrides), **lists)
+    config = config.replace(**overrides)
+    return GridConfig(base=config, **grid) if grid else config
+
+
 def save_config(config: RunConfig | GridConfig, path) -> Path:
     """Write ``config`` as YAML, TOML or JSON (by extension). ``None`` values are left out (they
     are the defaults of every optional field), so loading the file gives back ``config``; a
