@@ -18,7 +18,7 @@ from rich.progress import track
 from rich.table import Table
 
 from ..errors import ConfigError
-from . import app, stderr, user_errors
+from .console import app, stderr, user_errors
 from .options import (
     CheckpointOpt,
     ClassesOpt,

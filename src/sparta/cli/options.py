@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from . import stdout
+from .console import stdout
 
 ModelOpt = Annotated[
     str | None,

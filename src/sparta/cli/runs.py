@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..config import GRID_KEYS, GridConfig, RunConfig, recipes, resolve_config
 from ..errors import ConfigError
-from . import app, stderr, stdout, user_errors
+from .console import app, stderr, stdout, user_errors
 
 #: What each RunConfig field means, for ``sparta run --help``. A field's own ``help`` metadata
 #: wins; a field in neither place is still listed, with its type, range and default.

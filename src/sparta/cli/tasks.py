@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import app, stderr, stdout, user_errors
+from .console import app, stderr, stdout, user_errors
 from .options import (
     CheckpointOpt,
     ClassesOpt,
