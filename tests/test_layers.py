@@ -54,7 +54,6 @@ IN_PROGRESS: dict[str, str] = {}
 INNER_CYCLES_IN_PROGRESS: dict[str, str] = {
     "export": "apply -> artifact -> fingerprint -> artifact (engineer 'plan', issue #13)",
     "data": "datasets <-> idx (a lazy import inside a function)",
-    "cli": "the Typer app in cli/__init__ is imported back by the command modules",
 }
 
 
