@@ -23,10 +23,10 @@ from ..inputs import describe
 from ..masks import can_mask
 from ..utils import call, evaluating
 from ..wrap import fuse
+from . import tracing
 from .conv_groups import merge_conv_groups
 from .coupled import Group, GroupList, Member
 from .fused_heads import fused_heads, is_fused_attention
-from .tracing import all_closures, build_graph
 
 
 def check_inputs(model: nn.Module, example_inputs) -> None:
@@ -118,10 +118,10 @@ def _traced_groups(model, example_inputs, ignored: set[str], notes: list[str]) -
     proxy = _plain_proxy(model)
     names = {m: n for n, m in proxy.named_modules()}
     real = dict(model.named_modules())
-    graph = build_graph(proxy, example_inputs)
+    graph = tracing.build_graph(proxy, example_inputs)  # looked up per call: tests patch it
     ignored_modules = [m for m, n in names.items() if n in ignored]
     groups = []
-    for root, items in all_closures(graph, ignored_modules, notes, names):
+    for root, items in tracing.all_closures(graph, ignored_modules, notes, names):
         group = _convert(graph, root, items, names, real)
         if isinstance(group, str):
             notes.append(group)
