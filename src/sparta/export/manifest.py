@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from itertools import chain
+from itertools import chain, repeat
 
 import torch
 from torch import Tensor
@@ -129,31 +129,53 @@ def _pairs_ok(value) -> bool:
 
 
 def _entries_ok(entries: list) -> bool:
-    """:func:`_entry_ok` of every entry at once, in bulk passes; ``False`` when any entry might
-    fail it (the caller then finds which one, entry by entry). Never more lenient."""
+    """:func:`_entry_ok` of every entry at once, in C-level passes (``map``, ``set``, ``zip``):
+    ``False`` when any entry might fail it (the caller then finds which one, entry by entry).
+    Never more lenient than :func:`_entry_ok`."""
     if not _all_type(entries, dict):
         return False
-    field = {k: [e.get(k) for e in entries] for k in ("kind", "shape", "dtype", "sha256")}
-    try:
-        ok = (
-            set(field["kind"]) <= set(KINDS)
-            and set(field["dtype"]) <= _DTYPE_NAMES
-            and {e.get("as", "bool") for e in entries} <= _DTYPE_NAMES
-            and {type(e.get("packed", False)) for e in entries} <= {bool}
+    shapes = _field(entries, "shape")
+    stored = [(e["stored"], e.get("shape")) for e in entries if "stored" in e]
+    try:  # the few distinct (kind, dtype, as, packed, stored?) combinations, checked once each
+        combos = set(
+            zip(
+                _field(entries, "kind"),
+                _field(entries, "dtype"),
+                _field(entries, "as", "bool"),
+                _field(entries, "packed", False),
+                map(dict.__contains__, entries, repeat("stored")),
+            )
         )
     except TypeError:  # an unhashable value
         return False
-    stored = [e for e in entries if "stored" in e]
-    masks = [e for e in entries if e["kind"] == "mask"] if ok else []
     return (
-        ok
-        and _all_type(field["sha256"], str)
-        and _shapes_ok(field["shape"])
-        and _shapes_ok([e["stored"] for e in stored])
-        and all(len(e["stored"]) == len(e["shape"]) for e in stored)
-        and all(e["dtype"] == "bool" and "stored" not in e for e in masks)
-        and all(e["kind"] == "mask" for e in entries if e.get("packed"))
-        and {type(e.get(k)) for e in entries for k in ("rows", "cols")} <= {str, type(None)}
+        all(_combo_ok(*c) for c in combos)
+        and _all_type(_field(entries, "packed", False), bool)  # True == 1 in a set: types too
+        and _all_type(_field(entries, "sha256"), str)
+        and set(map(type, _field(entries, "rows"))) <= _NAME_TYPES
+        and set(map(type, _field(entries, "cols"))) <= _NAME_TYPES
+        and _shapes_ok(shapes)
+        and _shapes_ok([s for s, _ in stored])
+        and all(len(s) == len(full) for s, full in stored)
+    )
+
+
+_NAME_TYPES = {str, type(None)}
+
+
+def _field(entries: list[dict], key: str, default=None) -> list:
+    return list(map(dict.get, entries, repeat(key), repeat(default)))
+
+
+def _combo_ok(kind, dtype, as_, packed, stored: bool) -> bool:
+    return (
+        kind in KINDS
+        and isinstance(dtype, str)
+        and dtype in _DTYPES
+        and isinstance(as_, str)
+        and as_ in _DTYPES
+        and (not packed or kind == "mask")
+        and (kind != "mask" or (dtype == "bool" and not stored))
     )
 
 

@@ -141,10 +141,19 @@ def _unpack(raw: np.ndarray, spans: list[Span], path: str) -> tuple[dict, dict]:
         starts = np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()
     sizes = [math.prod(s[3]["shape"]) for s in spans]
     _check_digests(spans, [bits[o : o + n] for o, n in zip(starts, sizes)], path)
-    total = np.zeros(len(bits) + 1, dtype=np.int64)
-    np.cumsum(bits, out=total[1:])
-    begin = np.asarray(starts, dtype=np.int64)
-    counts = (total[begin + np.asarray(sizes, dtype=np.int64)] - total[begin]).tolist()
+    counts = _counts(bits, starts, sizes)
     flags = torch.from_numpy(bits).view(torch.bool)
     masks = _views(flags, [(o, s[2], s[3]["shape"]) for s, o in zip(spans, starts)])
     return masks, {s[2]: c for s, c in zip(spans, counts)}
+
+
+def _counts(bits: np.ndarray, starts: list[int], sizes: list[int]) -> list[int]:
+    """The ones in ``bits[start : start + size]`` for each pair, in one ``reduceat`` pass (it
+    sums between consecutive indices: the odd slots, between masks, are dropped; an empty
+    slice gives the element at its index, hence the zero-size case)."""
+    size = np.asarray(sizes, dtype=np.int64)
+    begin = np.asarray(starts, dtype=np.int64)
+    edges = np.stack([begin, begin + size], axis=1).reshape(-1)
+    padded = np.concatenate((bits, np.zeros(1, dtype=bits.dtype)))  # every edge an index
+    sums = np.add.reduceat(padded, edges, dtype=np.int64)[::2]
+    return np.where(size == 0, 0, sums).tolist()

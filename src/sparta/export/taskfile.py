@@ -16,6 +16,7 @@ import json
 import math
 import os
 import stat
+from itertools import chain
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ from .manifest import (  # noqa: F401  (re-exported: the names of the task file 
     STATS,
     VERSION,
     ArtifactError,
+    _all_type,
+    _field,
     _ints,
     _short,
     check_fit,
@@ -235,32 +238,33 @@ def read_manifest(meta: dict, path: str) -> dict:
 
 def _check_layout(header: dict, manifest: dict, body: int, path: str) -> list[Span]:
     """The header's tensors are the manifest's, at its dtypes and shapes, and tile the body
-    exactly (no gap, no overlap). Returns their spans, in body order."""
+    exactly (no gap, no overlap). Returns their spans, in body order. Checked in bulk passes
+    (whole-list comparisons); the entry-by-entry loop runs only to name what is wrong."""
     table = manifest["tensors"]
     check_listed(header, table, path)
-    layout = []
-    for key, h in header.items():
-        e = table[key]
-        packed = e.get("packed")
-        if packed:
-            shape, code = [(math.prod(e["shape"]) + 7) // 8], "U8"
-        else:
-            shape, code = e.get("stored", e["shape"]), _CODES[e["dtype"]]
-        offsets = h.get("data_offsets") if type(h) is dict else None
-        if (
-            type(h) is not dict
-            or h.get("dtype") != code
-            or h.get("shape") != shape
-            or not _ints(offsets)
-            or len(offsets) != 2
-            or offsets[1] - offsets[0] != math.prod(shape) * _SIZES[code]
-        ):
-            raise ArtifactError(
-                f"task {path!r}: tensor {key!r} is stored as {_short(h)}, the manifest says "
-                f"{shape} {e['dtype']}" + (" packed" if packed else "")
-            )
-        layout.append((offsets[0], offsets[1], key, e, shape))
-    layout.sort()
+    keys, found = list(header), list(header.values())
+    entries = [table[k] for k in keys]
+    shapes = [  # as in the file: the kept entries, or the packed bytes of a mask
+        [(math.prod(e["shape"]) + 7) // 8] if e.get("packed") else e.get("stored", e["shape"])
+        for e in entries
+    ]
+    codes = ["U8" if e.get("packed") else _CODES[e["dtype"]] for e in entries]
+    offsets = _field(found, "data_offsets") if _all_type(found, dict) else []
+    if not (
+        offsets
+        and _field(found, "dtype") == codes
+        and _field(found, "shape") == shapes
+        and _all_type(offsets, list)
+        and set(map(len, offsets)) <= {2}
+        and _all_type(flat := list(chain.from_iterable(offsets)), int)
+        and min(flat, default=0) >= 0
+        and [b - a for a, b in offsets] == [math.prod(s) * _SIZES[c] for s, c in zip(shapes, codes)]
+    ):
+        for key, h, e, shape, code in zip(keys, found, entries, shapes, codes):
+            _check_entry(key, h, e, shape, code, path)  # raises for the first bad entry
+        if found:  # never reached (the bulk checks are the entry checks); never trust it
+            raise ArtifactError(f"task {path!r}: its safetensors header is malformed")
+    layout = sorted(zip([o[0] for o in offsets], [o[1] for o in offsets], keys, entries, shapes))
     end = 0
     for start, stop, *_ in layout:
         if start != end:
@@ -272,3 +276,19 @@ def _check_layout(header: dict, manifest: dict, body: int, path: str) -> list[Sp
             f"{body:,} bytes after the header (or overlap)"
         )
     return layout
+
+
+def _check_entry(key: str, h, e: dict, shape: list[int], code: str, path: str) -> None:
+    offsets = h.get("data_offsets") if isinstance(h, dict) else None
+    if (
+        not isinstance(h, dict)
+        or h.get("dtype") != code
+        or h.get("shape") != shape
+        or not _ints(offsets)
+        or len(offsets) != 2
+        or offsets[1] - offsets[0] != math.prod(shape) * _SIZES[code]
+    ):
+        raise ArtifactError(
+            f"task {path!r}: tensor {key!r} is stored as {_short(h)}, the manifest says "
+            f"{shape} {e['dtype']}" + (" packed" if e.get("packed") else "")
+        )
