@@ -24,6 +24,7 @@ from .errors import (
 from .export import ArtifactError, Task, TaskBank, build, export, report
 from .measure import MacCounter, learned_parameters
 from .pruning import Pruner, StepRecord, Target
+from .runtime import Deployed, deploy
 from .wrap import SkippedLayer, WrapReport, fuse, wrap
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "Adapter",
     "ArtifactError",
     "ConfigError",
+    "Deployed",
     "MacCounter",
     "NonFiniteError",
     "NotAdaptableError",
@@ -50,6 +52,7 @@ __all__ = [
     "WrapReport",
     "__version__",
     "build",
+    "deploy",
     "export",
     "fuse",
     "get_adapter",
