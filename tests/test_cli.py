@@ -18,8 +18,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 import sparta
-from sparta.cli import app
 from sparta.app.demo import run_demo
+from sparta.cli import app
 
 runner = CliRunner()
 
@@ -198,3 +198,100 @@ def _without_timings(tree):
     if isinstance(tree, list):
         return [_without_timings(v) for v in tree]
     return tree
+
+
+# -- sparta bench --runtime, and the base rebuilt behind eval / bench / tasks ---------------------
+@pytest.fixture(scope="module")
+def digits_task(tmp_path_factory):
+    """A pruned SPLoRA task on the seed-0 random digits_cnn base, saved to a file."""
+    import torch
+
+    from sparta.train.rebuild import BaseSpec
+
+    base = BaseSpec(model="digits_cnn", num_classes=10).create()
+    model = sparta.wrap(base, "splora", rank=2)
+    sparta.Pruner(model, torch.randn(2, 1, 8, 8), criterion="l1", target=0.5).step()
+    path = tmp_path_factory.mktemp("bench") / "task.safetensors"
+    sparta.export(model.eval()).save(path)
+    return path
+
+
+def _ort_ready() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx", "onnxscript"))
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        "torchscript",
+        pytest.param(
+            "onnxruntime", marks=pytest.mark.skipif(not _ort_ready(), reason="onnx extra")
+        ),
+    ],
+)
+def test_bench_runtime_deploys_both_models_and_keeps_their_counts(
+    digits_task, runtime, monkeypatch
+):
+    import sparta.train.compare
+
+    deployed = []
+    real = sparta.train.compare.deploy
+
+    def spy(model, inputs, runtime="eager", **kw):
+        served = real(model, inputs, runtime=runtime, **kw)
+        deployed.append((runtime, tuple(inputs.shape), served.error))
+        return served
+
+    monkeypatch.setattr(sparta.train.compare, "deploy", spy)
+    common = ["bench", str(digits_task), "--model", "digits_cnn", "--batch-size", "3"]
+    common += ["--repeats", "2", "--warmup", "1", "--device", "cpu", "--json"]
+    eager = json.loads(runner.invoke(app, common).stdout)
+    assert eager["runtime"] == "eager" and deployed == []  # the default times the models as built
+    result = runner.invoke(app, [*common, "--runtime", runtime])
+    assert result.exit_code == 0, result.output
+    served = json.loads(result.stdout)
+    # base and compact, each served by the runtime and checked on the benchmark batch
+    assert [(r, s) for r, s, _ in deployed] == [(runtime, (3, 1, 8, 8))] * 2
+    assert all(error is not None and error <= 1e-4 for *_, error in deployed)
+    assert served["runtime"] == runtime
+    assert served["macs"] == eager["macs"] and served["params"] == eager["params"]
+    assert served["macs"]["compact"] < served["macs"]["base"]
+    assert served["latency_ms"]["base"] > 0 and served["latency_ms"]["compact"] > 0
+
+
+def test_bench_unknown_runtime_is_one_line(digits_task):
+    args = ["bench", str(digits_task), "--model", "digits_cnn", "--runtime", "tensorrt"]
+    line = _one_red_line(runner.invoke(app, [*args, "--repeats", "1", "--device", "cpu"]))
+    assert "tensorrt" in line and "onnxruntime" in line
+
+
+def test_base_options_win_over_the_run_config_and_the_head_sets_the_classes(digits_task):
+    from sparta.train.rebuild import resolve_base
+
+    task = sparta.Task.load(digits_task)
+    run = {"model": "resnet18", "weights": "DEFAULT", "cifar_stem": True, "seed": 4, "lr": 0.1}
+    spec = resolve_base(run, {"model": "digits_cnn", "weights": None, "seed": 0}, task)
+    assert (spec.model, spec.weights, spec.cifar_stem, spec.seed) == (
+        "digits_cnn",
+        "DEFAULT",
+        True,
+        0,
+    )
+    assert spec.num_classes == 10  # from the task's head: the run config has no head size
+    with pytest.raises(sparta.ConfigError, match="--model is required"):
+        resolve_base({}, {"seed": 1})
+    with pytest.raises(sparta.ConfigError, match="unknown base options.*'lr'"):
+        resolve_base(run, {"lr": 0.1})
+
+
+def test_an_unreadable_run_result_is_ignored_with_a_warning(tmp_path):
+    from sparta.train.rebuild import run_accuracy, run_config
+
+    task = tmp_path / "task.safetensors"
+    (tmp_path / "result.json").write_text('{"config": {"model": "digits_cnn"}, "final": {"accur')
+    with pytest.warns(UserWarning, match="ignoring unreadable"):
+        assert run_config(task) == {}
+    (tmp_path / "result.json").write_text('{"config": {"seed": 3}, "final": {"accuracy": 0.5}}')
+    assert run_config(task) == {"seed": 3} and run_accuracy(task) == 0.5

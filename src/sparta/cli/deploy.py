@@ -141,15 +141,26 @@ def bench_command(
     ] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed calls of each model.")] = 50,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls of each model first.")] = 5,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="Where the two models run: eager (PyTorch, the models as built), torchscript "
+            "or onnxruntime (each model served by sparta.deploy, checked against it first; "
+            "onnxruntime needs pip install 'sparta[onnx]')."
+        ),
+    ] = "eager",
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """MACs, parameters and latency of the base against the task's compact model.
 
     Latency is the median over --repeats forward passes, base and compact timed in turn
-    (interleaved) in eval mode without autograd.
+    (interleaved) in eval mode without autograd, in the --runtime chosen; MACs and parameters
+    are the models' own.
 
     Example: `sparta bench runs/digits --batch-size 1 --repeats 100`
+
+    Example: `sparta bench runs/digits --batch-size 32 --runtime onnxruntime`
     """
     from ..export import Task, build
     from ..train.compare import compare, task_batch
@@ -167,7 +178,7 @@ def bench_command(
             compact = build(base, loaded)
         inputs = task_batch(loaded, batch_size, image_size).to(dev)
         measured = compare(
-            base.to(dev), compact.to(dev), inputs, repeats, warmup, progress=_bar("timing")
+            base.to(dev), compact.to(dev), inputs, repeats, warmup, _bar("timing"), runtime
         )
     data = {"task": str(path), "inputs": list(inputs.shape), "device": str(dev), **measured}
     _print_bench(data, repeats, as_json)
@@ -175,7 +186,8 @@ def bench_command(
 
 def _print_bench(data: dict, repeats: int, as_json: bool) -> None:
     params, macs, ms = data["params"], data["macs"], data["latency_ms"]
-    table = Table(title=f"{escape(data['task'])}: batch {data['inputs']} on {data['device']}")
+    where = data["device"] if data["runtime"] == "eager" else f"{data['device']}, {data['runtime']}"
+    table = Table(title=f"{escape(data['task'])}: batch {data['inputs']} on {where}")
     for column in ("", "base", "compact", "base / compact"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row(
