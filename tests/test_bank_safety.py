@@ -68,16 +68,19 @@ def test_a_failing_task_is_never_registered_and_leaves_no_file(residual, tmp_pat
     with pytest.raises(SpartaError, match=r"cannot run on .*\[2, 3, 9, 9\]"):
         bank.add("bad", bad)
     # 2. The compact model does not reproduce the masked one (a build bug, simulated).
-    compact = importlib.import_module("sparta.export.compact")
-    real_fill = compact._fill
+    # The task carries a plan (format 3): the build slices the base, then checks its output
+    # against the one recorded at export.
+    assert tasks["a"].plan is not None
+    planner = importlib.import_module("sparta.export.from_plan").PlanBuilder
+    real_build = planner.build
 
-    def broken_fill(skeleton, model, cuts):
-        done = real_fill(skeleton, model, cuts)
+    def broken_build(self, task, path="<task>"):
+        model, report = real_build(self, task, path)
         with torch.no_grad():
-            skeleton.fc.weight.mul_(1.5)
-        return done
+            model.fc.weight.mul_(1.5)
+        return model, report
 
-    monkeypatch.setattr(compact, "_fill", broken_fill)
+    monkeypatch.setattr(planner, "build", broken_build)
     with pytest.raises(ArtifactError, match=r"'wrong' failed verification.*differs"):
         bank.add("wrong", tasks["a"])
     monkeypatch.undo()
@@ -109,15 +112,14 @@ def _set_image(manifest: dict, size: int) -> None:
 
 def test_verify_happens_once_at_add(residual, tmp_path, monkeypatch):
     base, tasks, x = residual
-    build_module = importlib.import_module("sparta.export.build")
     calls = []
-    real = build_module.build_compact
+    real = Builder.build
 
-    def counting(*args, **kwargs):
-        calls.append(args[3] if len(args) > 3 else kwargs.get("verify"))
-        return real(*args, **kwargs)
+    def counting(self, task, verify=True):
+        calls.append(verify)
+        return real(self, task, verify=verify)
 
-    monkeypatch.setattr(build_module, "build_compact", counting)
+    monkeypatch.setattr(Builder, "build", counting)
     bank = TaskBank(base, tmp_path / "bank", cache_size=1)
     bank.add("a", tasks["a"])
     bank.add("b", tasks["b"])
@@ -149,7 +151,8 @@ def test_a_task_storing_fewer_tensors_never_sees_another_tasks_values(residual):
     trainable tensor (e.g. trained without norms) must find the base's value, not the
     previous task's."""
     base, tasks, x = residual
-    full = tasks["a"]
+    planned = tasks["a"]
+    full = planned.without_plan()  # the graph path, with its reused masked models
     key = "bn.parametrizations.bias.original"
     manifest = json.loads(json.dumps(full.manifest))
     del manifest["tensors"][key]
@@ -160,6 +163,14 @@ def test_a_task_storing_fewer_tensors_never_sees_another_tasks_values(residual):
             got = run(builder.build(task)[0], x)
             assert rel_diff(got, run(apply_task(base, task).eval(), x)) < 1e-5
         assert rel_diff(run(builder.build(fewer)[0], x), run(builder.build(full)[0], x)) > 1e-4
+        # The plan path reads the base's value too; its recorded output is the full task's.
+        manifest = json.loads(json.dumps(planned.manifest))
+        del manifest["tensors"][key]
+        fewer_planned = Task(dict(fewer.tensors), manifest)
+        got = run(builder.build(fewer_planned, verify=False)[0], x)
+        assert rel_diff(got, run(apply_task(base, fewer).eval(), x)) < 1e-5
+        with pytest.raises(SpartaError, match="differs from the one recorded at export"):
+            builder.build(fewer_planned, verify=True)
     # An adapter tensor cannot be absent: it would keep a random initial value.
     key = "branch.adapter.B"
     manifest = json.loads(json.dumps(full.manifest))
@@ -168,6 +179,11 @@ def test_a_task_storing_fewer_tensors_never_sees_another_tasks_values(residual):
     for make in (lambda: builder.build(no_adapter), lambda: apply_task(base, no_adapter)):
         with pytest.raises(ArtifactError, match=r"missing .*adapter tensors \['branch.adapter.B'"):
             make()
+    manifest = json.loads(json.dumps(planned.manifest))
+    del manifest["tensors"][key]
+    no_adapter = Task({k: v for k, v in planned.tensors.items() if k != key}, manifest)
+    with pytest.raises(ArtifactError, match=r"adapter tensors \['A'.*holds \['A', 'B'"):
+        builder.build(no_adapter, verify=False)
 
 
 # -- a bank with bad files ---------------------------------------------------------------------

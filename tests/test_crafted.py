@@ -28,7 +28,7 @@ from torch import nn
 from sparta.errors import SpartaError
 from sparta.export import Builder, Task, TaskBank, apply_task, export
 from sparta.export.artifact import CHECKSUM_KEY, MANIFEST_KEY, _pack_masks
-from sparta.export.taskfile import _DTYPES, digest, serialize
+from sparta.export.taskfile import _DTYPES, VERSION, digest, serialize
 from test_artifact import build as artifact_task
 from test_build import make_task, rel_diff, run
 from test_train import one_thread  # noqa: F401  (autouse: one thread, restored after)
@@ -296,7 +296,8 @@ def m_base(m, raw, src, rng):
 
 def m_version(m, raw, src, rng):
     if rng.random() < 0.5:
-        m["version"] = rng.choice([0, -1, 3, "2", 2.0, None, True])
+        # 2 or 1: a plan in an older format; VERSION + 1: a future one
+        m["version"] = rng.choice([0, -1, 1, 2, VERSION + 1, "2", 2.0, None, True])
     else:
         m["format"] = rng.choice(["sparta.Task", "other", None, 3])
 

@@ -153,6 +153,24 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         return self.mask_out[rows].view(-1, 1) * self.mask_in[cols].view(1, -1)
 
     @classmethod
+    def view(cls, out_features: int, in_features: int, groups: int, options: dict, tensors: dict):
+        """An adapter reading ``tensors`` (its parameters and masks by name; options resolved
+        by :meth:`resolve_options`) for its maths only (``delta_at``, ``mask_at``,
+        ``mask_matrix``): no module set-up, no initialisation, nothing registered. Used to fuse
+        a task's stored tensors into a compact model without building the task model; never
+        call, train or save it. Families whose attributes differ from their options override
+        :meth:`view_options`."""
+        adapter = object.__new__(cls)
+        attrs = {"out_features": out_features, "in_features": in_features, "groups": groups}
+        adapter.__dict__.update(attrs, **cls.view_options(options), **tensors)
+        return adapter
+
+    @classmethod
+    def view_options(cls, options: dict) -> dict:
+        """The attributes :meth:`view` sets from resolved ``options`` (by default the same)."""
+        return dict(options)
+
+    @classmethod
     def new_context(cls):
         """State shared by the adapters of one wrapped model (passed to each constructor as
         ``context=``), or ``None``: adapters that share nothing need none."""

@@ -141,6 +141,11 @@ class SPLoPA(Adapter):
         return U, V
 
     @classmethod
+    def view_options(cls, options: dict) -> dict:
+        p, q = _block_shape(options["block"])
+        return {**options, "block": (p, q), "prototypes": min(options["prototypes"], p * q)}
+
+    @classmethod
     def new_context(cls) -> PrototypeBank:
         """A fresh bank for one model's adapters (what ``context=`` takes)."""
         return PrototypeBank()

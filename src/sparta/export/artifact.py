@@ -14,7 +14,10 @@ This module holds the :class:`Task` and :func:`export`; reading and checking fil
 (:func:`apply_task`) in :mod:`.apply`. Their public names are importable from here too.
 
 Format history: version 1 stored masks as one byte per channel and BatchNorm statistics in full;
-version 2 packs masks into bits and stores statistics of kept channels only. Both are read.
+version 2 packs masks into bits and stores statistics of kept channels only; version 3 adds the
+compact plan (:mod:`.plan`), so a build slices the base without tracing. All are read; a task
+that cannot carry a plan (no recorded inputs, or a model only the traced graph can cut) is
+written as version 2.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from .fingerprint import (
     check_base,
     fingerprint,
 )
+from .make_plan import plan_of
 from .taskfile import (
     _DTYPES,
     CHECKSUM_KEY,
@@ -94,6 +98,18 @@ class Task:
     @property
     def fingerprint(self) -> str:
         return self.manifest["base"]["sha256"]
+
+    @property
+    def plan(self) -> dict | None:
+        """The compact plan (format version 3; see :mod:`sparta.export.plan`), or ``None``."""
+        return self.manifest.get("plan")
+
+    def without_plan(self) -> Task:
+        """The same task as a version 2 task (no plan): it builds from the traced graph, as
+        files written before plans did (for comparisons with the older format)."""
+        manifest = {k: v for k, v in self.manifest.items() if k != "plan"}
+        manifest["version"] = min(manifest["version"], 2)
+        return Task(dict(self.tensors), manifest)
 
     def full_tensors(self) -> dict[str, Tensor]:
         """Tensors at the model's shapes (entries of pruned channels, not stored, as zeros);
@@ -230,7 +246,11 @@ def export(model: nn.Module, example_inputs=None) -> Task:
     if spec is not None:
         manifest["inputs"] = spec
     json.dumps(manifest)  # options must be JSON data; fail here, not at save time
-    return Task(tensors, manifest)
+    task = Task(tensors, {**manifest, "version": 2})
+    plan = plan_of(model, task)  # verified against the masked model here, once
+    if plan is not None:
+        task = Task(tensors, {**manifest, "plan": plan})
+    return task
 
 
 def _spec_to_record(example_inputs, model: nn.Module) -> dict | None:

@@ -1,10 +1,13 @@
 """``sparta.build(base, task)``: a task's deployable model, compact and fused, in one call.
 
-The steps: check the base's fingerprint, rebuild the masked task model on the base, bake the
-adapters into the weights and cut every dead channel (``build_compact``). What depends on the
-base alone, its tensor digests and its coupled channel groups, is computed once per
-:class:`Builder` and reused for every task, which is what makes switching tasks in a
-:class:`~sparta.TaskBank` cheap.
+A version 3 task carries its compact plan (:mod:`.plan`): check the base's fingerprint, then
+slice the base's tensors as the plan says with the adapters fused in (:mod:`.from_plan`): no
+wrap, no task model, no graph trace. Older tasks (and those exported without a plan) take the
+graph path: rebuild the masked task model on the base, trace its coupled channel groups, bake
+the adapters into the weights and cut every dead channel (``build_compact``). What depends on
+the base alone (its tensor digests, modules, groups) is computed once per :class:`Builder` and
+reused for every task, which is what makes switching tasks in a :class:`~sparta.TaskBank`
+cheap.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from ..utils import call
 from .apply import _load as load_task
 from .apply import storages, task_model
 from .artifact import Task
-from .compact import CompactReport, build_compact
+from .compact import CompactReport, _output, build_compact
 from .fingerprint import _combine, _is_wrapped, base_digests
+from .from_plan import PlanBuilder, skeleton
+from .plan import compare_check
 from .taskfile import ArtifactError, check_manifest
 
 
@@ -55,6 +60,7 @@ class Builder:
         self._combined: dict[tuple, str] = {}
         self._protected: set[int] | None = None
         self._runs: set[str] = set()  # input specs the base is known to accept
+        self._planner: PlanBuilder | None = None
 
     def check(self, task: Task) -> None:
         """Raise :class:`ArtifactError` unless ``task`` was trained on this base.
@@ -162,16 +168,56 @@ class Builder:
     def build(self, task: Task, verify: bool = True) -> tuple[nn.Module, CompactReport]:
         """``(compact model, report)`` for ``task``; see :func:`build`."""
         self.check(task)
+        if self._protected is None:
+            self._protected = storages(self.base)
+        if task.plan is not None:
+            model, report = self._from_plan(task, verify)
+        else:
+            model, report = self._from_graph(task, verify)
+        if storages(model) & self._protected:  # never expected: the last line of defence
+            raise SpartaError("the compact model shares storage with the base; refused")
+        return model, report
+
+    def _from_plan(self, task: Task, verify: bool) -> tuple[nn.Module, CompactReport]:
+        """A version 3 task: slices of the base as its plan says (no wrap, no trace); with
+        ``verify``, one forward on the probe inputs against the output recorded at export."""
+        if self.example_inputs is not None:  # not needed here, but must be a batch it takes
+            self._check_runs(self.example_inputs, "example_inputs")
+        spec = task.manifest.get("inputs")
+        if verify and spec is None:  # nothing recorded to check on: check on the masked model
+            if self.example_inputs is None:
+                raise ConfigError(
+                    "this task records no input shapes to verify its compact plan on; pass "
+                    "example_inputs=<a batch> (checked against the masked task model) or "
+                    "verify=False"
+                )
+            return self._from_graph(task, verify)
+        if self._planner is None:
+            self._planner = PlanBuilder(self.base)
+        model, report = self._planner.build(task)
+        if verify:
+            inputs = make_inputs(spec, seed=0, device=module_device(self.base))
+            self._check_runs(inputs, "the input shapes the task records")
+            try:
+                out = _output(model, inputs)
+            except Exception as exc:  # the base runs on them: the plan does not fit the base
+                raise ArtifactError(
+                    f"the compact model built from the task's plan cannot run on the task's "
+                    f"probe inputs ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+                    "the plan does not fit this base"
+                ) from exc
+            compare_check(task.plan["check"], out)
+        return model, report
+
+    def _from_graph(self, task: Task, verify: bool) -> tuple[nn.Module, CompactReport]:
+        """An older task (no plan): the masked task model, its traced groups, then the cut."""
         inputs = self.inputs(task)
         masked = self.task_model(task)
         groups = self.groups(task, inputs, masked)
         structure = self._structure.setdefault(id(groups), {})
-        model, report = build_compact(
+        return build_compact(
             masked, groups, inputs, verify, skeleton=skeleton(self.base), structure=structure
         )
-        if storages(model) & self._protected:  # never expected: the last line of defence
-            raise SpartaError("the compact model shares storage with the base; refused")
-        return model, report
 
 
 def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True) -> nn.Module:
@@ -195,25 +241,3 @@ def _describe(spec) -> str:
     if "tuple" in spec:
         return "(" + ", ".join(_describe(x) for x in spec["tuple"]) + ")"
     return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in spec["dict"].items()) + "}"
-
-
-def skeleton(base: nn.Module) -> nn.Module:
-    """A copy of ``base``'s modules that shares its tensors (to be replaced, never written):
-    new module objects and new containers (dicts, lists, sets), nothing deeper. Much cheaper
-    than ``copy.deepcopy``, which also walks every tensor."""
-    memo: dict[int, nn.Module] = {}
-
-    def clone(module: nn.Module) -> nn.Module:
-        if id(module) in memo:  # a module reachable by two paths stays one module
-            return memo[id(module)]
-        new = object.__new__(type(module))
-        state = dict(vars(module))
-        for key, value in state.items():
-            if isinstance(value, dict | list | set):
-                state[key] = value.copy()
-        memo[id(module)] = new
-        state["_modules"] = {k: None if m is None else clone(m) for k, m in module._modules.items()}
-        new.__dict__.update(state)
-        return new
-
-    return clone(base)

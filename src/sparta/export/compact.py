@@ -26,7 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..adapters.base import Adapter
 from ..adapters.layer import AdaptedLayer
 from ..errors import ConfigError, SpartaError
-from ..masks import NORMS, resolve_mask
+from ..masks import NORMS, alive_units
 from ..pruning.conv_groups import grouped
 from ..pruning.fused_heads import set_heads
 from ..pruning.groups import Group
@@ -79,6 +79,7 @@ def build_compact(
     inplace: bool = False,
     skeleton: nn.Module | None = None,
     structure: dict | None = None,
+    record: dict | None = None,
 ) -> tuple[nn.Module, CompactReport]:
     """A new plain model computing what pruned ``model`` computes, with dead units removed.
 
@@ -95,6 +96,10 @@ def build_compact(
             fusing ``model`` (which then stays usable; see ``Builder``).
         structure: with ``skeleton``, a dict the caller keeps for this ``model`` and ``groups``:
             what depends on their structure only is computed once and kept there.
+        record: a dict that receives what was removed, for the task's compact plan
+            (``export.make_plan``): ``cuts`` (``{(layer, site): removed indices}``, ``None``
+            when torch-pruning had to trace), ``channel`` and ``sliced`` (``(group, removed
+            units)`` pairs).
 
     Returns ``(compact_model, report)``.
     """
@@ -104,7 +109,7 @@ def build_compact(
         raise TypeError(f"build_compact expects a torch.nn.Module, got {type(model).__name__}")
     if verify and example_inputs is None:
         raise ConfigError("build_compact(verify=True) needs example_inputs to compare outputs")
-    dead_units = [_dead_units(model, g) for g in groups]  # read the masks before fusing
+    dead_units = [(~alive_units(model, g)).nonzero().flatten() for g in groups]  # before fusing
     want = _output(model, example_inputs) if verify else None
     work = model if inplace or skeleton is not None else copy.deepcopy(model)
     known = structure if structure is not None and skeleton is not None else {}
@@ -129,6 +134,8 @@ def build_compact(
             (channel_plans if g.kind == "channels" else sliced_plans).append((g, removed))
     removed_entries = _removed_entries(channel_plans + sliced_plans)
     cuts = _cuts(work, channel_plans, removed_entries)
+    if record is not None:
+        record.update(cuts=cuts, channel=channel_plans, sliced=sliced_plans)
     if skeleton is not None:  # filled from the task model, which stays as it is
         done, plain = _fill(skeleton, work, cuts), skeleton
     else:  # adapted layers: cut first, then fuse only the kept weights
@@ -215,19 +222,7 @@ def _plain_flags(model: nn.Module) -> dict[str, bool]:
     return flags
 
 
-# -- which units are dead ----------------------------------------------------------------------
-def _dead_units(model: nn.Module, group: Group) -> Tensor:
-    """Units none of whose produced entries survive the masks (as ``Pruner._alive``)."""
-    alive = torch.zeros(group.size, dtype=torch.bool)
-    for m in group.outputs() or group.members:
-        mask = resolve_mask(model, m.module, m.site, create=False)
-        if mask is None:  # never masked: everything alive
-            alive[m.units] = True
-        else:
-            alive.index_put_((m.units,), mask[m.idxs].bool().cpu(), accumulate=True)
-    return (~alive).nonzero().flatten()
-
-
+# -- groups kept dense -------------------------------------------------------------------------------
 def _dense_reason(plain: nn.Module, group: Group) -> str | None:
     modules = {m.module: _layer(plain.get_submodule(m.module)) for m in group.members}
     if any(isinstance(m, nn.MultiheadAttention) for m in modules.values()):

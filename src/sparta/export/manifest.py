@@ -18,9 +18,10 @@ from torch import Tensor
 from ..adapters.base import get_adapter
 from ..errors import ConfigError, SpartaError
 from ..inputs import spec_problem
+from .plan import plan_problem
 
 FORMAT = "sparta.task"
-VERSION = 2
+VERSION = 3
 MANIFEST_KEY = "sparta.manifest"
 CHECKSUM_KEY = "sparta.manifest.sha256"
 STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -78,6 +79,8 @@ def check_manifest(m, path: str) -> None:
         raise ArtifactError(
             f"task file {path!r}: manifest field 'inputs' is not a usable input spec ({problem})"
         )
+    if (m["version"] >= 3 or "plan" in m) and (problem := plan_problem(m, m["version"])):
+        raise ArtifactError(f"task file {path!r}: its compact plan is malformed ({problem})")
     _check_adapter(m["adapter"], path)
 
 
