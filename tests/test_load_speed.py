@@ -205,6 +205,7 @@ def test_version_1_bool_masks_load_and_a_bool_byte_above_1_is_refused(saved):
     task, data = saved
     stored, manifest = _parts(data)
     manifest["version"] = 1
+    manifest.pop("plan", None)  # plans are version 3
     for key, e in manifest["tensors"].items():
         if e.pop("packed", False):  # one byte per channel, as version 1 wrote masks
             stored[key] = task.tensors[key].clone()

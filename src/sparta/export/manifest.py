@@ -310,39 +310,3 @@ def check_fit(table: dict, masks: dict[str, tuple], path) -> None:
                 f"task {str(path)!r}: {key!r} stores {e['stored']} entries, its masks keep "
                 f"{expected}"
             )
-
-
-def kept_indices(tensors: dict, table: dict, path) -> dict[str, Tensor]:
-    """``{mask key: indices of its kept entries}`` for the masks compact entries refer to;
-    checks that every compact entry fits them."""
-    check_fit(table, _mask_counts(tensors, table), path)
-    names = {e.get(side) for e in table.values() if "stored" in e for side in ("rows", "cols")}
-    return {n: tensors[n].nonzero().flatten() for n in sorted(names - {None})}
-
-
-def full_tensors(tensors: dict, table: dict, path) -> dict[str, Tensor]:
-    """The task's tensors at full size, entries of pruned channels as zeros."""
-    kept = kept_indices(tensors, table, path)
-    out = {}
-    for key, t in tensors.items():
-        e = table[key]
-        if "stored" in e:
-            rows, cols = (kept.get(e.get(side)) for side in ("rows", "cols"))
-            t = expand(t, e["shape"], rows, cols)
-        out[key] = t
-    return out
-
-
-def compact(t: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
-    if rows is not None:
-        t = t[rows]
-    return t if cols is None else t[:, cols]
-
-
-def expand(t: Tensor, shape: list[int], rows: Tensor | None, cols: Tensor | None) -> Tensor:
-    """Inverse of :func:`compact`, pruned entries as zeros (``rows``/``cols``: kept indices)."""
-    if cols is not None:
-        t = torch.zeros(t.shape[0], *shape[1:], dtype=t.dtype).index_copy_(1, cols, t)
-    if rows is not None:
-        t = torch.zeros(shape, dtype=t.dtype).index_copy_(0, rows, t)
-    return t

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .kept import compact, expand, full_tensors, kept_indices  # noqa: F401  (re-exported)
 from .manifest import (  # noqa: F401  (re-exported: the names of the task file format)
     _DTYPES,
     CHECKSUM_KEY,
@@ -39,11 +40,7 @@ from .manifest import (  # noqa: F401  (re-exported: the names of the task file 
     check_listed,
     check_manifest,
     check_tensors,
-    compact,
     digest,
-    expand,
-    full_tensors,
-    kept_indices,
 )
 from .taskbody import Span, decode_body
 
