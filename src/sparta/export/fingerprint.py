@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -17,8 +17,15 @@ from ..errors import ConfigError
 from ..masks import ChannelMask
 from .taskfile import STATS, ArtifactError, digest
 
-if TYPE_CHECKING:
-    from .artifact import Task
+
+class _Task(Protocol):
+    """What :func:`check_base` reads of a :class:`~sparta.export.artifact.Task` (named, not
+    imported: the artifact module imports this one)."""
+
+    manifest: dict
+
+    @property
+    def fingerprint(self) -> str: ...
 
 
 # -- classifying a wrapped model's tensors -------------------------------------------------------
@@ -151,7 +158,7 @@ def _combine(digests: dict[str, str], model: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_base(base: nn.Module, task: Task) -> None:
+def check_base(base: nn.Module, task: _Task) -> None:
     """Raise :class:`ArtifactError` unless ``base`` is the base ``task`` was trained on."""
     expected = task.manifest["base"]["tensors"]
     actual = base_digests(base, list(expected))
