@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import gc
 
 import numpy as np
 import torch
@@ -71,6 +72,20 @@ class PlanBuilder:
         self._adapted_ok: set[tuple] = set()
 
     def build(self, task, path: str = "<task>") -> tuple[nn.Module, CompactReport]:
+        """``(compact model, report)`` of ``task`` (a version 3 task whose fingerprint the
+        caller checked). The cyclic garbage collector is paused meanwhile: a build creates a
+        few thousand small objects, and its collections (which walk every live object,
+        the base's included) would cost more than the build itself; it is restored after."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.no_grad():
+                return self._build(task, path)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _build(self, task, path: str) -> tuple[nn.Module, CompactReport]:
         plan = task.manifest["plan"]
         job = _Job(self, task, path)
         cuts = job.cuts(plan)
@@ -138,9 +153,11 @@ class PlanBuilder:
                 f"in this base (differing: {wrong[:3]})"
             )
 
-    def adapter_shapes(self, cls, out: int, inp: int, groups: int, options: dict) -> dict:
+    def adapter_shapes(
+        self, cls, out: int, inp: int, groups: int, options: dict, label: str
+    ) -> dict:
         """``{tensor name: shape}`` an adapter of this geometry holds (built once, on meta)."""
-        key = (cls, out, inp, groups, repr(sorted(options.items())))
+        key = (cls, out, inp, groups, label)  # label: the options, as text
         if key not in self._shapes:
             context = cls.new_context()
             extra = {} if context is None else {"context": context}
@@ -158,6 +175,14 @@ class PlanBuilder:
             for k in table:
                 module, role = _role(k, adapted)
                 owners.setdefault(module, {})[role] = k
+            for roles in owners.values():  # the adapters of each attribute, in row order
+                found: dict[str, set] = {}
+                for r in roles:
+                    if r[0] == "adapters":
+                        found.setdefault(r[1], set()).add(r[2])
+                for attr, names in found.items():
+                    order = sorted(names, key=lambda a: _QKV.index(a) if a in _QKV else 3)
+                    roles[("adapters of", attr)] = tuple(order)
             self._owners = {key: owners}  # the latest layout only: tasks of a bank share it
         return self._owners[key]
 
@@ -198,6 +223,7 @@ class _Job:
         self.head = tuple(m["head"])
         self.cls = get_adapter(m["adapter"]["name"])
         self.options = self.cls.resolve_options(dict(m["adapter"]["options"]))
+        self.label = repr(sorted(self.options.items()))
         builder.check_adapted(task, self.cls, self.options)
         unknown = [
             k for roles in self.owners.values() for r, k in roles.items() if r[0] == "unknown"
@@ -268,7 +294,7 @@ class _Job:
 
     def view(self, roles: dict, prefix: tuple, out: int, inp: int, groups: int, like: Tensor):
         """The adapter (``Adapter.view``) over the task tensors with roles ``prefix + (name,)``."""
-        expected = self.builder.adapter_shapes(self.cls, out, inp, groups, self.options)
+        expected = self.builder.adapter_shapes(self.cls, out, inp, groups, self.options, self.label)
         n = len(prefix)
         got = {r[n]: k for r, k in roles.items() if r[:n] == prefix and len(r) == n + 1}
         if set(got) != set(expected):
@@ -319,9 +345,9 @@ class _Job:
                     cols = _all(in_keep, in_f, weight)
                     weight = weight.index_select(0, rows).index_select(1, cols)
                     delta = adapter.delta_at(rows, cols)
-                    mask = adapter.mask_at(rows, cols)
+                    mask = None if _all_kept(adapter, rows, cols) else adapter.mask_at(rows, cols)
                 weight = _with_delta(weight, delta)
-                if not bool(mask.all()):
+                if mask is not None and not bool(mask.all()):
                     weight *= _spread(mask, weight)
             if src.bias is None and ("base", "bias") in roles:
                 raise ArtifactError(
@@ -334,7 +360,7 @@ class _Job:
                 bias = _take(bias.detach() * adapter.mask_out.to(bias.dtype), out_keep, None)
         plain = copy.copy(src)
         for slot in ("_parameters", "_buffers", "_modules"):
-            setattr(plain, slot, dict(getattr(plain, slot)))
+            plain.__dict__[slot] = dict(plain.__dict__[slot])
         cls = form.plain_class(src)
         if cls is not type(plain):
             plain.__class__ = cls
@@ -357,8 +383,7 @@ class _Job:
             if p is None:
                 continue
             value, trained = self.value(name, src, roles, attr)
-            with torch.no_grad():
-                value = _cut(value, attr, width, out_keep, in_keep)
+            value = _cut(value, attr, width, out_keep, in_keep)
             target._parameters[attr] = nn.Parameter(value, requires_grad=trained)
         for attr, b in list(target._buffers.items()):
             if b is None:
@@ -385,10 +410,7 @@ class _Job:
             )
         value = base if own is None else own
         with torch.no_grad():
-            adapters = sorted(
-                {r[2] for r in roles if r[0] == "adapters" and r[1] == attr},
-                key=lambda a: _QKV.index(a) if a in _QKV else len(_QKV),
-            )
+            adapters = roles.get(("adapters of", attr), ())
             if adapters:  # attention projections: (W + delta) * M per stacked adapter
                 rows = value.shape[0] // len(adapters)
                 parts = value.split(rows)
@@ -429,10 +451,7 @@ class _Job:
             if key is not None:
                 parts.append(self.tensors[key])
                 continue
-            names = sorted(
-                {r[2] for r in roles if r[:2] == ("adapters", weight)},
-                key=lambda a: _QKV.index(a) if a in _QKV else len(_QKV),
-            )
+            names = roles.get(("adapters of", weight), ())
             keys = [roles.get(("adapters", weight, a, "mask_out")) for a in names]
             if None in keys:
                 raise ArtifactError(f"task {self.path!r}: an adapter of {weight!r} has no mask")
@@ -479,6 +498,15 @@ def decode_set(entry: list, path: str = "<task>") -> Tensor:
             f"width {width}"
         )
     return torch.from_numpy(np.flatnonzero(bits[:width]))
+
+
+def _all_kept(adapter, rows: Tensor, cols: Tensor) -> bool:
+    """Whether the channel masks keep the whole block (usually: the plan cut the rest), read
+    from the two mask vectors instead of the block; adapters with more masks (blocks) say
+    ``False`` and the block mask is built."""
+    if tuple(adapter.mask_names) != ("mask_out", "mask_in"):
+        return False
+    return bool(adapter.mask_out[rows].all()) and bool(adapter.mask_in[cols].all())
 
 
 def _adapt_problem(module: nn.Module, cls, options: dict) -> str | None:
