@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
+import sparta
 from sparta.export import ArtifactError, Task, export
 from sparta.export.artifact import CHECKSUM_KEY, MANIFEST_KEY
 from test_build import make_task
@@ -35,9 +36,13 @@ _CODES = {"float32": "F32", "float64": "F64", "int64": "I64", "uint8": "U8", "bo
 
 
 @pytest.fixture(scope="module")
-def saved() -> tuple[Task, bytes]:
-    _, model, _ = make_task("residual")
-    task = export(model)
+def residual():
+    return make_task("residual")
+
+
+@pytest.fixture(scope="module")
+def saved(residual) -> tuple[Task, bytes]:
+    task = export(residual[1])
     return task, task.to_bytes()
 
 
@@ -128,6 +133,22 @@ def test_tensors_are_exact_writable_and_independent(saved):
     assert all(t.is_contiguous() for t in loaded.tensors.values())
     masks = [k for k, e in task.manifest["tensors"].items() if e["kind"] == "mask"]
     assert masks and all(loaded.tensors[k].dtype == torch.bool for k in masks)
+
+
+def test_a_compact_model_shares_no_storage_with_the_loaded_task(saved, residual):
+    """The loaded tensors are views of one buffer: a model built from them must own its
+    tensors (an edit of either would reach the other; safetensors refuses shared storage)."""
+    base, _, x = residual
+    loaded = Task.from_bytes(saved[1])
+    body = {t.untyped_storage().data_ptr() for t in loaded.tensors.values()}
+    for task in (loaded, loaded.without_plan()):
+        compact = sparta.build(base, task)
+        shared = [
+            k for k, v in compact.state_dict().items() if v.untyped_storage().data_ptr() in body
+        ]
+        assert not shared, shared
+        with torch.no_grad():
+            assert torch.isfinite(compact(x)).all()
 
 
 @pytest.mark.parametrize("order", ["reversed", "shuffled", "masks between floats"])
