@@ -53,7 +53,6 @@ IN_PROGRESS: dict[str, str] = {}
 
 #: Units with import cycles between their own modules, still to be broken: {unit: why}.
 INNER_CYCLES_IN_PROGRESS: dict[str, str] = {
-    "export": "apply -> artifact -> fingerprint -> artifact (engineer 'plan', issue #13)",
     "data": "datasets <-> idx (a lazy import inside a function)",
 }
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,32 +18,17 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..errors import ConfigError, SkippedLayerWarning
 from ..masks import ensure_masks, resolve_mask
-from .fingerprint import _base_names, _is_wrapped, _masked_sites, _task_kinds, check_base
-from .taskfile import _DTYPES, ArtifactError, check_manifest
-
-if TYPE_CHECKING:
-    from .artifact import Task
+from .fingerprint import _base_names, _masked_sites, _task_kinds
+from .taskfile import _DTYPES, ArtifactError
 
 _FROZEN = ("weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
-def apply_task(base: nn.Module, task: Task) -> nn.Module:
-    """The task model on ``base`` (a plain model, left unchanged): wrap, mask, load tensors."""
-    from .artifact import Task
-
-    if not isinstance(task, Task):
-        raise TypeError(f"apply_task expects a sparta Task, got {type(task).__name__}")
-    if _is_wrapped(base):
-        raise ConfigError("apply_task expects the plain base model, not a wrapped one")
-    check_manifest(task.manifest, "<task>")
-    check_base(base, task)
-    return task_model(base, task, share_frozen=False)
-
-
 def task_model(
-    base: nn.Module, task: Task, share_frozen: bool, protected: set[int] | None = None
+    base: nn.Module, task, share_frozen: bool, protected: set[int] | None = None
 ) -> nn.Module:
-    """:func:`apply_task` without the base check. ``share_frozen=True`` shares the storage of
+    """The masked task model of ``task`` (a :class:`~sparta.export.Task`) on ``base``
+    (:func:`~sparta.export.apply_task` without the base check). ``share_frozen=True`` shares the storage of
     the adapted layers' frozen weights with ``base`` instead of copying it (for building a
     compact model, which replaces those weights by fused ones; never train such a model).
     ``protected``: storage addresses of ``base`` (:func:`storages`), if already known."""
@@ -102,7 +86,7 @@ def _adaptable(base: nn.Module, name: str, head: list[str]) -> bool:
     return isinstance(module, nn.Linear | nn.MultiheadAttention)
 
 
-def _check_adapted(base: nn.Module, model: nn.Module, task: Task) -> None:
+def _check_adapted(base: nn.Module, model: nn.Module, task) -> None:
     """The layers the adapter adapted in the rebuilt model are exactly the listed ones."""
     report = model.sparta_report
     listed, got = set(task.manifest["adapted"]), set(report.adapted)
@@ -115,7 +99,7 @@ def _check_adapted(base: nn.Module, model: nn.Module, task: Task) -> None:
         )
 
 
-def _refuse_adapted(base: nn.Module, task: Task, wrong: list[str], reasons=None) -> None:
+def _refuse_adapted(base: nn.Module, task, wrong: list[str], reasons=None) -> None:
     if not wrong:
         return
     reasons, head = reasons or {}, task.manifest["head"]
@@ -176,7 +160,7 @@ def _frozen_sharing_copy(base: nn.Module, adapted: list[str], head: list[str]) -
 
 
 def _load(
-    model: nn.Module, task: Task, cache: dict | None = None, protected: set[int] | None = None
+    model: nn.Module, task, cache: dict | None = None, protected: set[int] | None = None
 ) -> None:
     """Load ``task``'s tensors into the wrapped ``model``. ``cache`` (a dict kept by the caller
     for this model) saves the walks over the model when loading task after task into it;

@@ -9,9 +9,10 @@ and masked, a SHA-256 fingerprint of the frozen base tensors, a checksum of ever
 and the counts, and (optionally) the shapes of an example input, so that the compact model can be
 built without the caller passing one. Loading never unpickles (design.md, style rule 5).
 
-This module holds the :class:`Task` and :func:`export`; reading and checking files is in
-:mod:`.taskfile`, base fingerprints in :mod:`.fingerprint`, rebuilding a task model on a base
-(:func:`apply_task`) in :mod:`.apply`. Their public names are importable from here too.
+This module holds the :class:`Task`, :func:`export` and :func:`apply_task`; reading and checking
+files is in :mod:`.taskfile`, base fingerprints in :mod:`.fingerprint`, rebuilding a task model
+on a base in :mod:`.apply`, the compact plan in :mod:`.plan` (recorded by :mod:`.make_plan`,
+built by :mod:`.from_plan`). Their public names are importable from here too.
 
 Format history: version 1 stored masks as one byte per channel and BatchNorm statistics in full;
 version 2 packs masks into bits and stores statistics of kept channels only; version 3 adds the
@@ -36,7 +37,7 @@ from ..inputs import input_spec, spec_problem
 from ..io import atomic_write
 from ..masks import ChannelMask
 from ..measure import learned_parameters
-from .apply import _frozen_sharing_copy, _glob_escape, _load, apply_task, task_model
+from .apply import _frozen_sharing_copy, _glob_escape, _load, task_model
 from .fingerprint import (
     _base_names,
     _combine,
@@ -60,6 +61,7 @@ from .taskfile import (
     STATS,
     VERSION,
     ArtifactError,
+    check_manifest,
     check_tensors,
     digest,
     full_tensors,
@@ -192,6 +194,17 @@ def _layout(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
                         if m._buffers.get(stat) is not None:
                             out[key(m, stat)] = (key(owner, "mask_out"), None)
     return out
+
+
+def apply_task(base: nn.Module, task: Task) -> nn.Module:
+    """The task model on ``base`` (a plain model, left unchanged): wrap, mask, load tensors."""
+    if not isinstance(task, Task):
+        raise TypeError(f"apply_task expects a sparta Task, got {type(task).__name__}")
+    if _is_wrapped(base):
+        raise ConfigError("apply_task expects the plain base model, not a wrapped one")
+    check_manifest(task.manifest, "<task>")
+    check_base(base, task)
+    return task_model(base, task, share_frozen=False)
 
 
 def export(model: nn.Module, example_inputs=None) -> Task:
