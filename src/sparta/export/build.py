@@ -25,7 +25,8 @@ from ..utils import call
 from .apply import _load as load_task
 from .apply import storages, task_model
 from .artifact import Task
-from .compact import CompactReport, _output, build_compact
+from .compact import CompactReport, build_compact
+from .compact_checks import _output
 from .fingerprint import _combine, _is_wrapped, base_digests
 from .from_plan import PlanBuilder, skeleton
 from .plan import compare_check

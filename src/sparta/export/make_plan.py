@@ -22,9 +22,11 @@ from ..adapters.layer import AdaptedLayer
 from ..devices import module_device
 from ..inputs import make_inputs
 from ..pruning.groups import find_groups
-from .compact import _compare, _output, build_compact
-from .from_plan import PlanBuilder, _cut_widths
+from .compact import build_compact
+from .compact_checks import _compare, _output
+from .from_plan import PlanBuilder
 from .plan import PLAN_ATTRS, WIDTH_ATTRS, encode_set, output_check
+from .plan_job import _cut_widths
 
 
 class PlanUnavailable(Exception):

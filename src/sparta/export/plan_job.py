@@ -1,0 +1,422 @@
+"""One build from a plan: the task's tensors for each module of the base, computed as the
+masked task model would (adapters fused on the kept block, channel masks, shared bias masks,
+attention projections), checked against the base (kinds, shapes, which tensors a task may
+hold), and cut as the plan says. Used by :class:`.from_plan.PlanBuilder`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from ..adapters.base import get_adapter, grouped_mask
+from ..adapters.forms import form_of
+from ..utils import NORMS
+from .manifest import ArtifactError
+
+_QKV = "qkv"  # adapters of a packed projection, in row order; "out" alone on out_proj
+_BIAS_OF = {"bias": ("weight",), "in_proj_bias": ("in_proj_weight", "q_proj_weight",
+            "k_proj_weight", "v_proj_weight")}  # fmt: skip
+
+
+class _Job:
+    """One build: the task's tensors, its keys by module, and which keys were used."""
+
+    def __init__(self, builder, task, path: str):  # builder: a from_plan.PlanBuilder
+        m = task.manifest
+        self.builder, self.path = builder, path
+        self.table = m["tensors"]
+        self.tensors = task.full_tensors()
+        self.adapted = set(m["adapted"])
+        self.owners = builder.owners(self.table, self.adapted)
+        self.used: set[str] = set()
+        self.head = tuple(m["head"])
+        self.cls = get_adapter(m["adapter"]["name"])
+        self.options = self.cls.resolve_options(dict(m["adapter"]["options"]))
+        self.label = repr(sorted(self.options.items()))
+        builder.check_adapted(task, self.cls, self.options)
+        unknown = [
+            k for roles in self.owners.values() for r, k in roles.items() if r[0] == "unknown"
+        ]
+        missing = [n for n in self.owners if n not in builder.modules]
+        if not (unknown or missing):
+            builder.check_masked(task, self.owners)
+        if unknown or missing:
+            raise ArtifactError(
+                f"task {path!r} holds tensors of no module of this base: "
+                f"{(unknown + missing)[:3]}; the file was edited or made for another model"
+            )
+
+    # -- the plan's cuts ---------------------------------------------------------------------------
+    def cuts(self, plan: dict) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+        sets: dict[int, Tensor] = {}
+
+        def kept(i):
+            if i is not None and i not in sets:
+                sets[i] = decode_set(plan["sets"][i], self.path)
+            return None if i is None else sets[i]
+
+        out = {}
+        for name, (o, i) in plan["cuts"].items():
+            module = self.builder.modules.get(name)
+            widths = _cut_widths(module)
+            if widths is None:
+                kind = "no module" if module is None else f"a {type(module).__name__}"
+                raise ArtifactError(
+                    f"task {self.path!r}: the plan cuts {name!r}, which is {kind} in this base "
+                    "(only convolutions, Linear and BatchNorm layers are cut)"
+                )
+            for side, idx, width in (("output", o, widths[0]), ("input", i, widths[1])):
+                if idx is not None and (width is None or plan["sets"][idx][0] != width):
+                    raise ArtifactError(
+                        f"task {self.path!r}: the plan cuts {width or 'no'} {side}s of {name!r} "
+                        f"with a set of width {plan['sets'][idx][0]}"
+                    )
+            keep = kept(o), kept(i)
+            _check_groups(module, keep[0], name, self.path)
+            out[name] = keep
+        return out
+
+    # -- tensors -----------------------------------------------------------------------------------
+    def take(
+        self, roles: dict, role: tuple, like: Tensor | None = None, kind: str = "param"
+    ) -> Tensor | None:
+        """The task tensor of ``role`` (``None`` if absent), which must be of ``kind`` and,
+        with ``like``, of its shape (then on its device and dtype)."""
+        key = roles.get(role)
+        if key is None:
+            return None
+        if self.table[key]["kind"] != kind:
+            raise ArtifactError(
+                f"task {self.path!r}: it holds {key!r} as a {self.table[key]['kind']}, where "
+                f"the task model has a {kind}"
+            )
+        self.used.add(key)
+        t = self.tensors[key]
+        if like is not None:
+            if tuple(t.shape) != tuple(like.shape):
+                raise ArtifactError(
+                    f"task {self.path!r}: tensor {key!r} is {list(t.shape)}, the base's is "
+                    f"{list(like.shape)}"
+                )
+            t = t.to(like.device, like.dtype)
+        return t
+
+    def view(self, roles: dict, prefix: tuple, out: int, inp: int, groups: int, like: Tensor):
+        """The adapter (``Adapter.view``) over the task tensors with roles ``prefix + (name,)``."""
+        expected = self.builder.adapter_shapes(self.cls, out, inp, groups, self.options, self.label)
+        n = len(prefix)
+        got = {r[n]: k for r, k in roles.items() if r[:n] == prefix and len(r) == n + 1}
+        if set(got) != set(expected):
+            raise ArtifactError(
+                f"task {self.path!r}: adapter tensors {sorted(got)} at {prefix}, adapter "
+                f"{self.cls.name!r} holds {sorted(expected)}"
+            )
+        tensors = {}
+        for name, key in got.items():
+            t = self.tensors[key]
+            if tuple(t.shape) != expected[name]:
+                raise ArtifactError(
+                    f"task {self.path!r}: adapter tensor {key!r} is {list(t.shape)}, expected "
+                    f"{list(expected[name])}"
+                )
+            kind = "mask" if name in self.cls.mask_names else "param"
+            if self.table[key]["kind"] != kind:
+                raise ArtifactError(
+                    f"task {self.path!r}: adapter tensor {key!r} is stored as a "
+                    f"{self.table[key]['kind']}, the adapter holds a {kind}"
+                )
+            self.used.add(key)
+            tensors[name] = t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
+        return self.cls.view(out, inp, groups, self.options, tensors)
+
+    # -- adapted layers ----------------------------------------------------------------------------
+    def fused_layer(self, name: str, src: nn.Module, cut) -> nn.Module:
+        roles = self.owners.get(name, {})
+        out_f, in_f = src.weight.shape[0], src.weight.shape[1] * getattr(src, "groups", 1)
+        groups = getattr(src, "groups", 1)
+        weight = src.weight.detach()
+        adapter = self.view(roles, ("adapter",), out_f, in_f, groups, weight)
+        out_keep, in_keep = cut if cut is not None else (None, None)
+        form = form_of(src)
+        depthwise, by_group = _depthwise(src), groups > 1 and not _depthwise(src)
+        with torch.no_grad():
+            if form.standardise is not None:  # its weight depends on whole rows: fuse, then cut
+                mask = _spread(adapter.mask_matrix(), weight)
+                fused = _with_delta(weight.clone(), adapter.delta()) * mask
+                weight = _take(form.standardise(src, fused) * mask, out_keep, in_keep)
+            else:
+                rows = _all(out_keep, out_f, weight)
+                if depthwise or by_group:
+                    weight = weight.index_select(0, rows)
+                    delta = adapter.delta_at(rows, None)
+                    mask = adapter.mask_matrix().index_select(0, rows)
+                else:
+                    cols = _all(in_keep, in_f, weight)
+                    weight = weight.index_select(0, rows).index_select(1, cols)
+                    delta = adapter.delta_at(rows, cols)
+                    mask = None if _all_kept(adapter, rows, cols) else adapter.mask_at(rows, cols)
+                weight = _with_delta(weight, delta)
+                if mask is not None and not bool(mask.all()):
+                    weight *= _spread(mask, weight)
+            if src.bias is None and ("base", "bias") in roles:
+                raise ArtifactError(
+                    f"task {self.path!r}: it holds a bias of {name!r}, which has none"
+                )
+            bias = self.take(roles, ("base", "bias"), src.bias)
+            trained = bias is not None
+            bias = src.bias if bias is None else bias
+            if bias is not None:
+                bias = _take(bias.detach() * adapter.mask_out.to(bias.dtype), out_keep, None)
+        plain = copy.copy(src)
+        for slot in ("_parameters", "_buffers", "_modules"):
+            plain.__dict__[slot] = dict(plain.__dict__[slot])
+        cls = form.plain_class(src)
+        if cls is not type(plain):
+            plain.__class__ = cls
+            for extra in set(plain._parameters) - {"weight", "bias"}:  # e.g. a gain
+                del plain._parameters[extra]
+        plain._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            plain._parameters["bias"] = nn.Parameter(bias, requires_grad=trained)
+        if cut is not None:
+            _set_widths(plain)
+        return plain
+
+    # -- every other module ------------------------------------------------------------------------
+    def fill(self, name: str, target: nn.Module, src: nn.Module, cut) -> None:
+        """Fresh tensors for ``target`` (a skeleton copy of base module ``src``)."""
+        roles = self.owners.get(name, {})
+        out_keep, in_keep = cut if cut is not None else (None, None)
+        width = _out_width(src)
+        for attr, p in list(target._parameters.items()):
+            if p is None:
+                continue
+            value, trained = self.value(name, src, roles, attr)
+            value = _cut(value, attr, width, out_keep, in_keep)
+            target._parameters[attr] = nn.Parameter(value, requires_grad=trained)
+        for attr, b in list(target._buffers.items()):
+            if b is None:
+                continue
+            stat = self.take(roles, ("value", attr), b, kind="stat")
+            if stat is not None and not isinstance(src, _BatchNorm):
+                raise ArtifactError(
+                    f"task {self.path!r}: it holds buffer {attr!r} of {name!r}, a "
+                    f"{type(src).__name__}; a task holds BatchNorm statistics only"
+                )
+            value = b.detach() if stat is None else stat
+            target._buffers[attr] = _cut(value, attr, width, out_keep, None)
+        if cut is not None:
+            _set_widths(target)
+
+    def value(self, name: str, src: nn.Module, roles: dict, attr: str) -> tuple[Tensor, bool]:
+        """A parameter's value as the task model computes it (masks and adapters applied)."""
+        base = src._parameters[attr].detach()
+        own = self.take(roles, ("value", attr), base)
+        if own is not None and not self._may_hold(name, src, attr):
+            raise ArtifactError(
+                f"task {self.path!r}: it holds {name}.{attr}, a frozen tensor of the base "
+                f"({type(src).__name__}); a task holds adapters, masks, norms, biases and its head"
+            )
+        value = base if own is None else own
+        with torch.no_grad():
+            adapters = roles.get(("adapters of", attr), ())
+            if adapters:  # attention projections: (W + delta) * M per stacked adapter
+                rows = value.shape[0] // len(adapters)
+                parts = value.split(rows)
+                views = [
+                    self.view(roles, ("adapters", attr, a), rows, value.shape[1], 1, value)
+                    for a in adapters
+                ]
+                value = torch.cat([(w + v.delta()) * v.mask_matrix() for w, v in zip(parts, views)])
+            else:
+                mask = self.mask(roles, attr, value, src)
+                value = value if mask is None else value * mask
+        return value, own is not None
+
+    def mask(self, roles: dict, attr: str, value: Tensor, src: nn.Module) -> Tensor | None:
+        """The channel mask of ``attr`` (own, or the one its weight's masks give a bias)."""
+        out = self.take(roles, ("mask", attr, "mask_out"), kind="mask")
+        if out is not None:
+            inp = self.take(roles, ("mask", attr, "mask_in"), kind="mask")
+            groups = getattr(src, "groups", 1) if isinstance(src, _ConvNd) else 1
+            if out.shape[0] != value.shape[0] or (
+                inp is not None and value.dim() >= 2 and inp.shape[0] != value.shape[1] * groups
+            ):
+                raise ArtifactError(f"task {self.path!r}: a mask of {attr!r} does not fit it")
+            if value.dim() == 1 or inp is None:
+                return out.view(-1, *([1] * (value.dim() - 1))).to(value.device)
+            return _spread(grouped_mask(out, inp, groups), value).to(value.device)
+        return self._bias_mask(roles, attr, value)
+
+    def _bias_mask(self, roles: dict, attr: str, value: Tensor) -> Tensor | None:
+        """A bias is masked by the output masks of its weight(s) (``SharedMask``,
+        ``MaskedBias``): packed or separate q/k/v projections stacked in row order."""
+        sources = _BIAS_OF.get(attr, ())[:1]
+        if attr == "in_proj_bias" and not any(r[1] == sources[0] for r in roles if len(r) > 2):
+            sources = _BIAS_OF[attr][1:]
+        parts = []
+        for weight in sources:
+            key = roles.get(("mask", weight, "mask_out"))
+            if key is not None:
+                parts.append(self.tensors[key])
+                continue
+            names = roles.get(("adapters of", weight), ())
+            keys = [roles.get(("adapters", weight, a, "mask_out")) for a in names]
+            if None in keys:
+                raise ArtifactError(f"task {self.path!r}: an adapter of {weight!r} has no mask")
+            parts += [self.tensors[k] for k in keys]
+        if not parts:
+            return None
+        mask = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if mask.shape[0] != value.shape[0]:
+            raise ArtifactError(f"task {self.path!r}: the mask of {attr!r} does not fit it")
+        return mask.to(value.device)
+
+    def _may_hold(self, name: str, src: nn.Module, attr: str) -> bool:
+        """Which plain tensors a task may replace (as the task model's trainable ones, see
+        ``wrap``): anything in the head, norms, and the biases of adapted attention."""
+        in_head = any(name == h or name.startswith(h + ".") for h in self.head)
+        parent, _, child = name.rpartition(".")
+        attention_bias = (attr == "in_proj_bias" and name in self.adapted) or (
+            attr == "bias" and child == "out_proj" and parent in self.adapted
+        )
+        return in_head or attention_bias or isinstance(src, NORMS)
+
+    def finish(self) -> None:
+        left = sorted(set(self.table) - self.used)
+        if left:
+            raise ArtifactError(
+                f"task {self.path!r}: tensors {left[:3]} fit no module of this base as the task "
+                "model would use them; the file was edited or made for another model"
+            )
+
+
+def decode_set(entry: list, path: str = "<task>") -> Tensor:
+    """The kept indices (int64, sorted, unique, at least one) of a set from :func:`encode_set`."""
+    width, text = entry
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != (width + 7) // 8:
+        raise ArtifactError(f"task {path!r}: a kept-index set of the plan is not {width} bits")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))
+    if bits[width:].any() or not bits[:width].any():
+        raise ArtifactError(
+            f"task {path!r}: a kept-index set of the plan keeps nothing or has bits past its "
+            f"width {width}"
+        )
+    return torch.from_numpy(np.flatnonzero(bits[:width]))
+
+
+def _all_kept(adapter, rows: Tensor, cols: Tensor) -> bool:
+    """Whether the channel masks keep the whole block (usually: the plan cut the rest), read
+    from the two mask vectors instead of the block; adapters with more masks (blocks) say
+    ``False`` and the block mask is built."""
+    if tuple(adapter.mask_names) != ("mask_out", "mask_in"):
+        return False
+    return bool(adapter.mask_out[rows].all()) and bool(adapter.mask_in[cols].all())
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, _ConvNd) and not module.transposed)
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, _ConvNd)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _cut_widths(module) -> tuple[int, int | None] | None:
+    """``(outputs, inputs or None)`` a plan may cut in ``module``; ``None``: not cut at all."""
+    if isinstance(module, _ConvNd) and not module.transposed:
+        return module.out_channels, module.in_channels if module.groups == 1 else None
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, _BatchNorm) and module.weight is not None:
+        return module.num_features, None
+    return None
+
+
+def _check_groups(module: nn.Module, keep: Tensor | None, name: str, path: str) -> None:
+    """A grouped convolution (not depthwise) keeps whole groups."""
+    if keep is None or not isinstance(module, _ConvNd) or module.groups == 1 or _depthwise(module):
+        return
+    per = module.out_channels // module.groups
+    counts = torch.bincount(keep // per, minlength=module.groups)
+    if bool(((counts != 0) & (counts != per)).any()):
+        raise ArtifactError(
+            f"task {path!r}: the plan keeps part of a group of grouped convolution {name!r}"
+        )
+
+
+def _out_width(module: nn.Module) -> int | None:
+    widths = _cut_widths(module)
+    return None if widths is None else widths[0]
+
+
+def _cut(value: Tensor, attr: str, width, out_keep, in_keep) -> Tensor:
+    """A fresh copy of ``value`` with the kept entries: dim 0 of every per-channel tensor, and
+    dim 1 of the weight."""
+    value = value.detach()
+    fresh = False
+    if out_keep is not None and value.dim() >= 1 and value.shape[0] == width:
+        value, fresh = value.index_select(0, out_keep.to(value.device)), True
+    if in_keep is not None and attr == "weight":
+        value, fresh = value.index_select(1, in_keep.to(value.device)), True
+    return value if fresh else value.clone()
+
+
+def _take(value: Tensor, out_keep, in_keep) -> Tensor:
+    if out_keep is not None:
+        value = value.index_select(0, out_keep.to(value.device))
+    if in_keep is not None:
+        value = value.index_select(1, in_keep.to(value.device))
+    return value
+
+
+def _all(keep: Tensor | None, width: int, like: Tensor) -> Tensor:
+    return torch.arange(width, device=like.device) if keep is None else keep.to(like.device)
+
+
+def _with_delta(weight: Tensor, delta: Tensor) -> Tensor:
+    """``weight`` (a fresh tensor) plus ``delta`` at the kernel's centre tap, in place."""
+    if weight.dim() == 2 or all(k == 1 for k in weight.shape[2:]):
+        weight += delta.view(weight.shape)
+    else:
+        weight[(slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))] += delta
+    return weight
+
+
+def _spread(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.reshape(*mask.shape, *([1] * (like.dim() - mask.dim())))
+
+
+def _set_widths(module: nn.Module) -> None:
+    """The width attributes of a cut layer, from its (cut) weight."""
+    d = module.__dict__
+    if isinstance(module, _BatchNorm):
+        d["num_features"] = module.weight.shape[0]
+    elif isinstance(module, nn.Linear):
+        d["out_features"] = module.weight.shape[0]
+        d["in_features"] = module.weight.shape[1]
+    elif _depthwise(module):
+        d["out_channels"] = d["in_channels"] = d["groups"] = module.weight.shape[0]
+    elif module.groups > 1:  # whole groups: fewer groups, the same width per group
+        per_out, per_in = module.out_channels // module.groups, module.in_channels // module.groups
+        d["groups"] = module.weight.shape[0] // per_out
+        d["out_channels"], d["in_channels"] = module.weight.shape[0], d["groups"] * per_in
+    else:
+        d["out_channels"], d["in_channels"] = module.weight.shape[:2]
