@@ -24,7 +24,7 @@ from sparta.export import ArtifactError, Builder, Task
 from sparta.export import make_plan as make_plan_module
 from sparta.export.plan import MAX_SETS, encode_set
 from sparta.export.taskfile import digest
-from tiny_models import TINY_MODELS, ResidualNet, perturb
+from tiny_models import TINY_MODELS, ResidualNet, perturb, tiny_bert
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,15 +59,22 @@ class StdNet(nn.Module):
         return torch.randn(batch, 3, 8, 8)
 
 
+def _tokens():
+    return {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))}
+
+
 MODELS = {
     **{name: (cls, cls.example) for name, cls in TINY_MODELS.items()},
     "residual": (lambda: ResidualNet(image=8), lambda: torch.randn(2, 3, 8, 8)),
+    "bert": (tiny_bert, _tokens),  # Hugging Face heads: head counts are plan attributes
 }
 ADAPTERS = {"splora": {"rank": 2}, "sppara": {}, "splopa": {"block": 4, "prototypes": 3}}
 
 
 def _task(name: str, adapter: str, seed: int = 0):
     """``(base, masked model, x, task)``, or ``None`` where the adapter fits no layer."""
+    if name == "bert":
+        pytest.importorskip("transformers")
     make, example = MODELS[name]
     torch.manual_seed(seed)
     base = make().eval()
@@ -129,6 +136,19 @@ def test_plan_build_equals_graph_build_and_masked_model(made, name, adapter):
     ptrs = {t.untyped_storage().data_ptr() for t in base.state_dict().values() if t.numel()}
     mine = {t.untyped_storage().data_ptr() for t in planned.state_dict().values() if t.numel()}
     assert not ptrs & mine
+
+
+def test_hugging_face_head_counts_are_plan_attributes(made):
+    pytest.importorskip("transformers")
+    base, model, x, task = made("bert")
+    attrs = task.plan["attrs"]
+    heads = {n: a for n, a in attrs.items() if "num_attention_heads" in a}
+    assert heads, "the tiny BERT task pruned no head"
+    compact = sparta.build(base, task)
+    for name, a in heads.items():
+        module = compact.get_submodule(name)
+        assert module.num_attention_heads == a["num_attention_heads"] < 4
+        assert module.all_head_size == a["all_head_size"] == module.query.out_features
 
 
 def test_plan_build_calls_no_wrap_no_trace_no_torch_pruning(made, monkeypatch):
