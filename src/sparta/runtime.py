@@ -28,10 +28,7 @@ deployed model returns the logits and says so in :attr:`Deployed.output`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib
-import io
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -42,10 +39,10 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConfigError, SpartaError, UnknownNameError
 from .inputs import input_spec
+from .onnx_session import load_onnxruntime, onnx_session
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 RTOL = 1e-4  # float32; lower precisions get a few of their own ulps (see _tolerance)
-ONNX_HINT = "pip install 'sparta[onnx]'"
 
 
 class DeployError(SpartaError, RuntimeError):
@@ -125,7 +122,7 @@ def deploy(
     ):
         raise ConfigError(f"threads must be an integer >= 1 or None, got {threads!r}")
     input_spec(example_inputs)  # a tensor or a tuple/list/dict of tensors, or a ConfigError
-    ort = _onnxruntime() if runtime == "onnxruntime" else None
+    ort = load_onnxruntime() if runtime == "onnxruntime" else None
     copied = _eval_copy(model)
     args, kwargs = _split(example_inputs)
     with _threads(threads), torch.inference_mode():
@@ -282,77 +279,24 @@ def _torchscript(model, layout, threads, channels_last, fold_bn, ort) -> Deploye
 
 
 def _onnx(model, layout, threads, channels_last, fold_bn, ort) -> Deployed:
-    """Exported in memory (no file) with a dynamic batch axis (dim 0 of every input), served by
-    a session with every graph optimisation. torch's tracing exporter first: it takes a fraction
-    of the time of the ``torch.export`` one (0.7 s vs 4.7 s for a ResNet-18; it matters when a
-    bank deploys a task on a switch); the ``torch.export`` one where the tracing one fails, is
-    gone, or gives a graph ONNX Runtime cannot run or runs differently on the example (e.g.
-    'same' padding with dilation). So the example is always run once here."""
+    """Exported in memory and served by an ONNX Runtime session (see
+    :func:`~sparta.onnx_session.onnx_session`; the example is always run once to pick the
+    exporter)."""
     leaves = tuple(pytree.tree_leaves(layout.example))
-    names = [f"input_{i}" for i in range(len(leaves))]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    tol, failures = _tolerance_of(layout.want), []
-    for exporter in (_traced_onnx, _dynamo_onnx):
-        try:
-            with warnings.catch_warnings(), _quiet():
-                warnings.simplefilter("ignore")
-                data = exporter(_Flat(model, layout), leaves, names)
-            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-            run = _session_runner(session, names)
-            error = _difference(layout.outputs(run(list(leaves))), layout.want)
-        except Exception as exc:  # noqa: BLE001 - the next exporter, or reported below
-            failures.append(exc)
-            continue
-        if error <= tol:
-            deployed = Deployed("onnxruntime", run, layout, threads)
-            deployed.notes = [
-                f"ONNX Runtime {ort.__version__}, intra-op threads {options.intra_op_num_threads}"
-            ]
-            deployed.session = session
-            return deployed
-        failures.append(DeployError(f"outputs differ by {error:.2e} of the largest (tol {tol})"))
-    raise _export_error("onnxruntime", "export and run", failures[-1]) from failures[-1]
+    tol, threads_used = _tolerance_of(layout.want), threads or torch.get_num_threads()
 
+    def problem(run) -> str | None:
+        error = _difference(layout.outputs(run(list(leaves))), layout.want)
+        return None if error <= tol else f"outputs differ by {error:.2e} of the largest"
 
-def _session_runner(session, names: list[str]) -> Callable:
-    wanted = [i.name for i in session.get_inputs()]
-    index = {name: i for i, name in enumerate(names)}
-
-    def run(flat):
-        feed = {n: flat[index[n]].detach().cpu().contiguous().numpy() for n in wanted}
-        device = flat[0].device if flat else torch.device("cpu")
-        return [torch.from_numpy(o).to(device) for o in session.run(None, feed)]
-
-    return run
-
-
-def _traced_onnx(module: nn.Module, leaves: tuple, names: list[str]) -> bytes:
-    """Refused (for the ``torch.export`` exporter to try) when tracing warned that the graph
-    may hold on to a value or shape of the example (a branch on a tensor, a size turned into
-    a Python number): ``torch.export`` refuses or generalises those soundly."""
-    buffer = io.BytesIO()
-    dynamic = {n: {0: "batch"} for n, t in zip(names, leaves) if t.dim()}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.onnx.export(
-            module, leaves, buffer, dynamo=False, input_names=names, dynamic_axes=dynamic
-        )
-    traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
-    if traced:
-        raise DeployError(f"tracing may have fixed an input-dependent value: {traced[0].message}")
-    return buffer.getvalue()
-
-
-def _dynamo_onnx(module: nn.Module, leaves: tuple, names: list[str]) -> bytes:
-    batch = torch.export.Dim.DYNAMIC  # the leaves are one *args: one tuple of specs
-    dynamic = tuple({0: batch} if t.dim() else {} for t in leaves)
-    program = torch.onnx.export(
-        module, leaves, dynamo=True, input_names=names, dynamic_shapes=(dynamic,), report=False
-    )
-    return program.model_proto.SerializeToString()
+    try:
+        session, run = onnx_session(_Flat(model, layout), leaves, threads_used, ort, problem)
+    except Exception as exc:  # noqa: BLE001 - reported with its cause
+        raise _export_error("onnxruntime", "export and run", exc) from exc
+    deployed = Deployed("onnxruntime", run, layout, threads)
+    deployed.notes = [f"ONNX Runtime {ort.__version__}, intra-op threads {threads_used}"]
+    deployed.session = session
+    return deployed
 
 
 # -- checks and helpers ---------------------------------------------------------------------------
@@ -441,18 +385,6 @@ def _eval_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
-def _onnxruntime():
-    try:
-        for name in ("onnx", "onnxscript"):
-            importlib.import_module(name)
-        return importlib.import_module("onnxruntime")
-    except ImportError as exc:
-        raise ConfigError(
-            f"runtime 'onnxruntime' needs onnxruntime, onnx and onnxscript ({exc}); install "
-            f"them with: {ONNX_HINT}"
-        ) from None
-
-
 def _as_tuple(out) -> tuple:
     return out if isinstance(out, tuple | list) else (out,)
 
@@ -468,10 +400,3 @@ def _threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@contextmanager
-def _quiet():
-    """Silence the ONNX exporter's progress prints (it writes to stdout)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
