@@ -218,6 +218,7 @@ def full_loop(
         "params_ratio": _params(compact) / _params(base),
         "macs_ratio": macs_compact / max(macs_base, 1),
         "density": pruner.achieved()["density"],
+        "format": task.manifest["version"],  # 3: built from the task's compact plan
         "notes": notes,
         "compact": compact,
     }

@@ -74,6 +74,7 @@ def _check(base, x, criterion, tmp_path, max_density=0.75):
     assert out["density"] <= max_density  # pruning happened ...
     assert out["params_ratio"] < 1.0  # ... and the compact model is physically smaller
     assert out["macs_ratio"] < 1.0
+    assert out["format"] == 3  # built from the plan recorded at export: no trace at build
     compact = out["compact"]
     assert not ({p.data_ptr() for p in compact.parameters()} & _ptrs(base))
     return out
