@@ -26,26 +26,36 @@ from .manifest import ArtifactError
 from .plan_job import _QKV, _is_layer, _Job
 
 
-def skeleton(base: nn.Module) -> nn.Module:
+def skeleton(base: nn.Module, containers: dict[int, tuple[str, ...]] | None = None) -> nn.Module:
     """A copy of ``base``'s modules that shares its tensors (to be replaced, never written):
     new module objects and new containers (dicts, lists, sets), nothing deeper. Much cheaper
-    than ``copy.deepcopy``, which also walks every tensor."""
+    than ``copy.deepcopy``, which also walks every tensor. ``containers``: which attributes of
+    each module (by id) are containers, from :func:`container_keys` (saves finding them)."""
     memo: dict[int, nn.Module] = {}
 
     def clone(module: nn.Module) -> nn.Module:
         if id(module) in memo:  # a module reachable by two paths stays one module
             return memo[id(module)]
         new = object.__new__(type(module))
-        state = dict(vars(module))
-        for key, value in state.items():
-            if isinstance(value, dict | list | set):
-                state[key] = value.copy()
+        state = dict(module.__dict__)
+        keys = containers.get(id(module)) if containers is not None else None
+        for key in _container_keys(state) if keys is None else keys:
+            state[key] = state[key].copy()
         memo[id(module)] = new
         state["_modules"] = {k: None if m is None else clone(m) for k, m in module._modules.items()}
         new.__dict__.update(state)
         return new
 
     return clone(base)
+
+
+def container_keys(base: nn.Module) -> dict[int, tuple[str, ...]]:
+    """``{id(module): names of its container attributes}`` for every module of ``base``."""
+    return {id(m): _container_keys(m.__dict__) for m in base.modules()}
+
+
+def _container_keys(state: dict) -> tuple[str, ...]:
+    return tuple(k for k, v in state.items() if isinstance(v, dict | list | set))
 
 
 class PlanBuilder:
@@ -55,6 +65,7 @@ class PlanBuilder:
     def __init__(self, base: nn.Module):
         self.base = base
         self.modules = dict(base.named_modules(remove_duplicate=False))
+        self.containers = container_keys(base)  # the base is never edited (see Builder.check)
         self._shapes: dict[tuple, dict[str, tuple]] = {}
         self._owners: dict[tuple, dict] = {}
         self._adapted_ok: set[tuple] = set()
@@ -77,7 +88,7 @@ class PlanBuilder:
         plan = task.manifest["plan"]
         job = _Job(self, task, path)
         cuts = job.cuts(plan)
-        model = skeleton(self.base)
+        model = skeleton(self.base, self.containers)
         placed: dict[int, nn.Module] = {}
         for name, target in list(model.named_modules(remove_duplicate=False)):
             src = self.modules.get(name)
