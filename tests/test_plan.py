@@ -195,6 +195,9 @@ def test_compact_models_are_independent_of_each_other_and_the_task(made):
             p.add_(1.0)
         assert torch.equal(_run(b, x), want)
     assert all(torch.equal(task.tensors[k], v) for k, v in before.items())
+    loaded = Task.from_bytes(task.to_bytes())
+    builder.build(loaded, verify=True)
+    assert loaded._full is None  # a bank's tasks keep no expanded copies of their tensors
 
 
 def test_older_formats_round_trip_and_build(made):

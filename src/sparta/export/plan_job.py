@@ -20,6 +20,7 @@ from ..adapters.base import get_adapter, grouped_mask
 from ..adapters.forms import form_of
 from ..utils import NORMS
 from .manifest import ArtifactError
+from .taskfile import full_tensors
 
 _QKV = "qkv"  # adapters of a packed projection, in row order; "out" alone on out_proj
 _BIAS_OF = {"bias": ("weight",), "in_proj_bias": ("in_proj_weight", "q_proj_weight",
@@ -33,7 +34,9 @@ class _Job:
         m = task.manifest
         self.builder, self.path = builder, path
         self.table = m["tensors"]
-        self.tensors = task.full_tensors()
+        # Not Task.full_tensors(), which keeps them on the task: a bank holds its tasks, and
+        # a cached task costs its compact model only.
+        self.tensors = full_tensors(task.tensors, self.table, path)
         self.adapted = set(m["adapted"])
         self.owners = builder.owners(self.table, self.adapted)
         self.used: set[str] = set()
