@@ -101,7 +101,9 @@ def deploy(
             :class:`DeployError` when they differ.
         threads: intra-op threads the runtime uses (``None``: ``torch.get_num_threads()``).
         channels_last: eager and TorchScript: run 4-D convolutions in channels-last memory
-            format; ``None`` does so when the model has a 2-D convolution.
+            format; ``None``: in eager when the model has a 2-D convolution (BatchNorm folding
+            and channels last together: 1.7x at batch 1, 1.9x at batch 32 for a compact
+            ResNet-50; TorchScript's own MKLDNN layout makes it no faster there).
         fold_bn: eager: fold BatchNorm into the convolution it follows, where exact.
 
     Raises:
@@ -128,8 +130,10 @@ def deploy(
     with _threads(threads), torch.inference_mode():
         want = _reference(copied, args, kwargs)
     layout = _Layout(args, kwargs, want)
-    if channels_last is None:
-        channels_last = any(isinstance(m, nn.Conv2d) for m in copied.modules())
+    if channels_last is None:  # measured: see the module notes
+        channels_last = runtime == "eager" and any(
+            isinstance(m, nn.Conv2d) for m in copied.modules()
+        )
     make = {"eager": _eager, "torchscript": _torchscript, "onnxruntime": _onnx}[runtime]
     deployed = make(copied, layout, threads, channels_last, fold_bn, ort)
     if check:
