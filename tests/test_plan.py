@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 import warnings
 
@@ -23,7 +24,7 @@ from sparta.errors import SpartaError
 from sparta.export import ArtifactError, Builder, Task
 from sparta.export import make_plan as make_plan_module
 from sparta.export.plan import MAX_SETS, encode_set
-from sparta.export.taskfile import digest
+from sparta.export.taskfile import CHECKSUM_KEY, MANIFEST_KEY, digest, serialize
 from tiny_models import TINY_MODELS, ResidualNet, perturb, tiny_bert
 
 
@@ -208,6 +209,21 @@ def test_older_formats_round_trip_and_build(made):
         assert _rel(_run(sparta.build(base, old), x), _run(model, x)) <= 1e-4
     again = Task.from_bytes(task.to_bytes())
     assert again.plan == task.plan
+
+
+def test_version_1_files_build_from_the_graph(made):
+    """Version 1 wrote masks as one byte per channel; such a file still loads and builds."""
+    base, model, x, task = made("residual")
+    manifest = copy.deepcopy(task.without_plan().manifest)
+    manifest["version"] = 1
+    for e in manifest["tensors"].values():
+        e.pop("packed", None)
+    text = json.dumps(manifest, sort_keys=True)
+    meta = {MANIFEST_KEY: text, CHECKSUM_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    old = Task.from_bytes(serialize(task.tensors, meta))
+    assert old.manifest["version"] == 1 and old.plan is None
+    with torch.no_grad():
+        assert _rel(_run(sparta.build(base, old), x), _run(model, x)) <= 1e-4
 
 
 def test_export_without_inputs_writes_version_2(made):
