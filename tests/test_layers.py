@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("measure", "wrap"),
     ("heads", "masks"),
     ("adapters", "models", "data"),
-    ("inputs", "io", "utils", "registry", "devices"),
+    ("inputs", "io", "utils", "registry", "devices", "onnx_session"),
     ("errors",),
 )
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
