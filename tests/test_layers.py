@@ -52,9 +52,7 @@ HEAVY = (
 IN_PROGRESS: dict[str, str] = {}
 
 #: Units with import cycles between their own modules, still to be broken: {unit: why}.
-INNER_CYCLES_IN_PROGRESS: dict[str, str] = {
-    "data": "datasets <-> idx (a lazy import inside a function)",
-}
+INNER_CYCLES_IN_PROGRESS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torch.utils.data import ConcatDataset, Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, TensorDataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100, Flowers102, ImageFolder, OxfordIIITPet
 
 from ..errors import ConfigError, UnknownNameError
+from .common import IMAGENET_MEAN, IMAGENET_STD, Datasets, resize_images
+from .idx import load_idx_dataset
 
 #: Where torchvision datasets are looked for (and downloaded to) when ``data_dir`` is None.
 DEFAULT_DATA_DIR = Path("data")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Per-channel mean and standard deviation of the CIFAR training images.
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -27,22 +24,6 @@ CIFAR_STATS = {
 DEFAULT_IMAGE_SIZE = 224
 #: Fraction of the digits held out for testing (stratified by class).
 DIGITS_TEST_FRACTION = 0.25
-
-
-@dataclass
-class Datasets:
-    """A task's train and test splits, each yielding ``(image tensor, int label)``.
-
-    ``input_shape`` is ``(C, H, W)`` of one transformed image; ``classes`` names the labels
-    ``0 .. num_classes - 1`` in order (an empty list where the dataset has no names).
-    """
-
-    name: str
-    train: Dataset
-    test: Dataset
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    classes: list[str] = field(default_factory=list)
 
 
 def list_datasets() -> list[str]:
@@ -274,18 +255,7 @@ def _digits(name: str, root: Path, download: bool, image_size: int | None, seed:
     )
 
 
-def resize_images(images: Tensor, size: int) -> Tensor:
-    """Images ``(N, C, H, W)`` resized (bilinear) to ``size`` x ``size``, antialiased when
-    shrinking."""
-    shrink = size < min(images.shape[-2:])
-    return F.interpolate(
-        images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
-    )
-
-
 def _idx(name: str, root: Path, download: bool, image_size: int | None, seed: int):
-    from .idx import load_idx_dataset  # idx.py builds on this module's Datasets
-
     return load_idx_dataset(name, root, download, image_size, seed)
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 
 from ..errors import ConfigError
-from .datasets import IMAGENET_MEAN, IMAGENET_STD, Datasets, resize_images
+from .common import IMAGENET_MEAN, IMAGENET_STD, Datasets, resize_images
 
 #: Output side length when ``image_size`` is not given.
 IDX_DEFAULT_SIZE = 32
