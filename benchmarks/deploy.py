@@ -10,8 +10,9 @@ and sizes do not depend on the values) adapted with SPLoRA r=8:
    (``Task.without_plan()``, the old format); the two interleaved. Target: <= 10 ms median.
 2. latency of the compact model vs the unpruned base at batch 1 and 32 (224 px) in eager
    PyTorch, frozen TorchScript and ONNX Runtime, each through ``sparta.deploy`` (eager: BatchNorm
-   folded, channels last), base and compact timed interleaved within each runtime; then each
-   side in its best runtime. The MAC ratio is the limit; targets: batch 1 >= 0.9 x and
+   folded, channels last; ONNX Runtime: threads do not spin-wait, the default, else two
+   sessions called in turn slow each other), base and compact timed interleaved within each
+   runtime; then each side in its best runtime. The MAC ratio is the limit; targets: batch 1 >= 0.9 x and
    batch 32 >= 0.8 x the MAC ratio, best runtime on both sides.
 3. artifact bytes vs a fine-pruned checkpoint of the same masks at the paper's 30% *filter*
    density (``target="density=0.3"``; target >= 17x), with the learned-parameter ratio as the

@@ -177,7 +177,12 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch):
 def test_onnxruntime_threads_and_no_files_left(tmp_path, monkeypatch, runtime):
     monkeypatch.chdir(tmp_path)
     deployed = sparta.deploy(nn.Linear(3, 2), torch.randn(1, 3), runtime=runtime, threads=1)
-    assert deployed.session.get_session_options().intra_op_num_threads == 1
+    options = deployed.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = sparta.deploy(nn.Linear(3, 2), torch.randn(1, 3), runtime=runtime, spin=True)
+    entry = spinning.session.get_session_options().get_session_config_entry
+    assert entry("session.intra_op.allow_spinning") == "1"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -42,7 +42,12 @@ def load_onnxruntime():
 
 
 def onnx_session(
-    module: nn.Module, leaves: tuple, threads: int, ort, problem: Callable[[Runner], str | None]
+    module: nn.Module,
+    leaves: tuple,
+    threads: int,
+    ort,
+    problem: Callable[[Runner], str | None],
+    spin: bool = False,
 ):
     """``(session, runner)`` for ``module`` called on the tensors ``leaves`` (positionally),
     exported in memory (no file) with a dynamic batch axis (dim 0 of every input) and opened
@@ -60,6 +65,7 @@ def onnx_session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     failure: Exception | None = None
     for exporter in (_traced_onnx, _dynamo_onnx):
         try:

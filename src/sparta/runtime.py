@@ -87,6 +87,7 @@ def deploy(
     threads: int | None = None,
     channels_last: bool | None = None,
     fold_bn: bool = True,
+    spin: bool = False,
 ) -> Deployed:
     """``model`` served by ``runtime``, checked against the eager model on ``example_inputs``.
 
@@ -105,6 +106,10 @@ def deploy(
             and channels last together: 1.7x at batch 1, 1.9x at batch 32 for a compact
             ResNet-50; TorchScript's own MKLDNN layout makes it no faster there).
         fold_bn: eager: fold BatchNorm into the convolution it follows, where exact.
+        spin: ONNX Runtime: its worker threads spin-wait for work after each call (its own
+            default). Off here: it gains ~15% for one model called back to back but slows
+            every other model in the process (two spinning sessions called in turn ran a
+            ResNet-50 at 57-61 ms instead of 32 ms), which is what a bank of tasks does.
 
     Raises:
         UnknownNameError: ``runtime`` is not one of :data:`RUNTIMES`.
@@ -135,7 +140,7 @@ def deploy(
             isinstance(m, nn.Conv2d) for m in copied.modules()
         )
     make = {"eager": _eager, "torchscript": _torchscript, "onnxruntime": _onnx}[runtime]
-    deployed = make(copied, layout, threads, channels_last, fold_bn, ort)
+    deployed = make(copied, layout, threads, channels_last, fold_bn, ort, spin)
     if check:
         deployed.error = _compare(deployed, args, kwargs, want, runtime)
     return deployed
@@ -212,7 +217,7 @@ def _pick(out):
 
 
 # -- runtimes -------------------------------------------------------------------------------------
-def _eager(model, layout, threads, channels_last, fold_bn, ort) -> Deployed:
+def _eager(model, layout, threads, channels_last, fold_bn, ort, spin) -> Deployed:
     notes = []
     if fold_bn:
         model, folded = _fold_bn(model, layout)
@@ -256,7 +261,7 @@ def _fold_bn(model: nn.Module, layout: _Layout) -> tuple[nn.Module, int]:
     return fused, before - sum(isinstance(m, norms) for m in fused.modules())
 
 
-def _torchscript(model, layout, threads, channels_last, fold_bn, ort) -> Deployed:
+def _torchscript(model, layout, threads, channels_last, fold_bn, ort, spin) -> Deployed:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     leaves = pytree.tree_leaves(layout.example)
@@ -282,7 +287,7 @@ def _torchscript(model, layout, threads, channels_last, fold_bn, ort) -> Deploye
     return deployed
 
 
-def _onnx(model, layout, threads, channels_last, fold_bn, ort) -> Deployed:
+def _onnx(model, layout, threads, channels_last, fold_bn, ort, spin) -> Deployed:
     """Exported in memory and served by an ONNX Runtime session (see
     :func:`~sparta.onnx_session.onnx_session`; the example is always run once to pick the
     exporter)."""
@@ -294,11 +299,14 @@ def _onnx(model, layout, threads, channels_last, fold_bn, ort) -> Deployed:
         return None if error <= tol else f"outputs differ by {error:.2e} of the largest"
 
     try:
-        session, run = onnx_session(_Flat(model, layout), leaves, threads_used, ort, problem)
+        session, run = onnx_session(
+            _Flat(model, layout), leaves, threads_used, ort, problem, spin=spin
+        )
     except Exception as exc:  # noqa: BLE001 - reported with its cause
         raise _export_error("onnxruntime", "export and run", exc) from exc
     deployed = Deployed("onnxruntime", run, layout, threads)
     deployed.notes = [f"ONNX Runtime {ort.__version__}, intra-op threads {threads_used}"]
+    deployed.notes += ["threads spin-wait"] if spin else []
     deployed.session = session
     return deployed
 
