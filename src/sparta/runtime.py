@@ -61,7 +61,13 @@ class Deployed:
             when deployed with ``check=False``).
         notes: what the deployment changed (BatchNorm folded, memory format, threads).
         threads: intra-op threads (``None``: torch's current setting at each call).
+        module: eager and TorchScript: the module that runs (the model's copy, BatchNorm
+            folded; the frozen TorchScript module).
+        session: ONNX Runtime: its ``InferenceSession``.
     """
+
+    module: nn.Module | None = None
+    session = None
 
     def __init__(self, runtime: str, run: Callable, layout: _Layout, threads: int | None):
         self.runtime, self._run, self._layout, self.threads = runtime, run, layout, threads
