@@ -42,8 +42,8 @@ import torch
 import torchvision
 
 import sparta
-from sparta.export import Builder, Task
 from sparta.io import atomic_write
+from sparta.tasks import Builder, Task
 from sparta.utils import call
 
 SIZE = 224

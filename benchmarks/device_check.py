@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torchvision
 
 import sparta
-from sparta.export import Task, build, export
+from sparta.tasks import Task, build, export
 
 MODES = {  # name: (base dtype, autocast dtype or None, GradScaler)
     "autocast bf16": (torch.float32, torch.bfloat16, False),

@@ -1,7 +1,7 @@
 """Cost of reading a task file: ``sparta.Task.load`` of a ResNet-50 SPLoRA task pruned to
 ~10x fewer MACs, split into its stages, measured in one run (issue #13, the switch budget).
 
-The stages are those of :func:`sparta.export.taskfile.read_task`, timed one by one on the same
+The stages are those of :func:`sparta.tasks.taskfile.read_task`, timed one by one on the same
 file, interleaved over the repeats:
 
 - read: open, check the size, read the header, then the body straight into one buffer;
@@ -38,9 +38,9 @@ import torch
 import torchvision
 
 import sparta
-from sparta.export import Builder
-from sparta.export.taskbody import decode_body
-from sparta.export.taskfile import _checked_size, _read, _read_into, header_length, inspect
+from sparta.tasks import Builder
+from sparta.tasks.taskbody import decode_body
+from sparta.tasks.taskfile import _checked_size, _read, _read_into, header_length, inspect
 
 
 def make_task(path: Path) -> tuple[torch.nn.Module, int]:

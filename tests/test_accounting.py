@@ -16,8 +16,8 @@ from torch import nn
 import sparta
 import sparta.models
 from sparta import Target
-from sparta.export import Task
 from sparta.masks import can_mask, ensure_masks
+from sparta.tasks import Task
 from tiny_models import ResidualNet, tiny_bert
 
 BN_AFFINE, FC = 53_120, 20_490  # ResNet-50's BatchNorm affine and fc(2048 -> 10) parameters

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import sparta
-from sparta.export.artifact import (
+from sparta.tasks.artifact import (
     CHECKSUM_KEY,
     MANIFEST_KEY,
     VERSION,

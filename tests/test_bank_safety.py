@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 
 import sparta
 from sparta.errors import FileError, SpartaError
-from sparta.export import ArtifactError, Builder, Task, TaskBank, apply_task, build, export
-from sparta.export.taskfile import digest
 from sparta.io import TEMP_SUFFIX, atomic_write
+from sparta.tasks import ArtifactError, Builder, Task, TaskBank, apply_task, build, export
+from sparta.tasks.taskfile import digest
 from test_artifact import _write_raw
 from test_build import make_task, rel_diff, run
 
@@ -71,7 +71,7 @@ def test_a_failing_task_is_never_registered_and_leaves_no_file(residual, tmp_pat
     # The task carries a plan (format 3): the build slices the base, then checks its output
     # against the one recorded at export.
     assert tasks["a"].plan is not None
-    planner = importlib.import_module("sparta.export.from_plan").PlanBuilder
+    planner = importlib.import_module("sparta.tasks.from_plan").PlanBuilder
     real_build = planner.build
 
     def broken_build(self, task, path="<task>"):

@@ -18,9 +18,9 @@ from torch import nn
 
 import sparta
 from sparta.adapters.layer import AdaptedLayer
-from sparta.export import ArtifactError, Builder, Task, TaskBank, build, export
 from sparta.masks import ChannelMask
 from sparta.measure import MacCounter
+from sparta.tasks import ArtifactError, Builder, Task, TaskBank, build, export
 from tiny_models import ResidualNet, tiny_bert
 
 transformers = pytest.importorskip("transformers")

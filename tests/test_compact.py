@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sparta
-from sparta.export import build_compact
 from sparta.masks import resolve_mask
+from sparta.tasks import build_compact
 from tiny_models import ResidualNet, perturb, tiny_bert
 
 

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from sparta.errors import SpartaError
-from sparta.export import Builder, Task, TaskBank, apply_task, export
-from sparta.export.artifact import CHECKSUM_KEY, MANIFEST_KEY, _pack_masks
-from sparta.export.taskfile import _DTYPES, VERSION, digest, serialize
+from sparta.tasks import Builder, Task, TaskBank, apply_task, export
+from sparta.tasks.artifact import CHECKSUM_KEY, MANIFEST_KEY, _pack_masks
+from sparta.tasks.taskfile import _DTYPES, VERSION, digest, serialize
 from test_artifact import build as artifact_task
 from test_build import make_task, rel_diff, run
 from test_train import one_thread  # noqa: F401  (autouse: one thread, restored after)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import sparta
-from sparta.export import Task, build, export
 from sparta.inputs import input_spec, make_inputs
 from sparta.masks import ChannelMask
+from sparta.tasks import Task, build, export
 from test_contract import _options
 from tiny_models import AttentionBlock, ResidualNet, tiny_bert
 
@@ -165,7 +165,7 @@ def test_build_verification_allows_the_dtypes_rounding_only():
     """``build`` verifies compact == masked to 1e-4 in fp32 and to 4 eps in bf16/fp16, where
     every layer rounds its output; a NaN output is never accepted."""
     from sparta.errors import SpartaError
-    from sparta.export.compact import _compare
+    from sparta.tasks.compact import _compare
 
     want = torch.linspace(-1, 1, 64)
     for dtype, flip in [(torch.float32, 5e-5), (torch.bfloat16, 2**-7), (torch.float16, 2**-10)]:

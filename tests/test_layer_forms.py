@@ -295,7 +295,7 @@ def _std_net() -> nn.Sequential:
 
 
 def test_a_standardised_conv_is_pruned_when_adapted_and_kept_whole_when_fine_pruned():
-    from sparta.export import build_compact
+    from sparta.tasks import build_compact
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)

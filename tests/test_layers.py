@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 #: Top to bottom. ``sparta`` is the root package's ``__init__`` (the public API): the
-#: applications may use it, the library below it may not. ``export`` is to be renamed
-#: ``tasks``; either name is accepted.
+#: applications may use it, the library below it may not.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__main__",),
     ("cli",),
@@ -30,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train",),
     ("config",),
     ("sparta",),
-    ("export", "tasks"),
+    ("tasks",),
     ("pruning", "runtime"),
     ("measure", "wrap"),
     ("heads", "masks"),

@@ -23,14 +23,14 @@ import torch
 from safetensors.torch import load as st_load
 
 import sparta
-from sparta.export import ArtifactError, Task, export
-from sparta.export.artifact import CHECKSUM_KEY, MANIFEST_KEY
+from sparta.tasks import ArtifactError, Task, export
+from sparta.tasks.artifact import CHECKSUM_KEY, MANIFEST_KEY
 from test_build import make_task
 from test_train import one_thread  # noqa: F401  (autouse: one thread, restored after)
 
-taskfile = importlib.import_module("sparta.export.taskfile")
-taskbody = importlib.import_module("sparta.export.taskbody")
-manifest_module = importlib.import_module("sparta.export.manifest")
+taskfile = importlib.import_module("sparta.tasks.taskfile")
+taskbody = importlib.import_module("sparta.tasks.taskbody")
+manifest_module = importlib.import_module("sparta.tasks.manifest")
 
 _CODES = {"float32": "F32", "float64": "F64", "int64": "I64", "uint8": "U8", "bool": "BOOL"}
 

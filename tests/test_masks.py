@@ -12,11 +12,11 @@ from torch import nn
 
 import sparta
 from sparta.adapters.splopa import SPLoPA
-from sparta.export import Builder
 from sparta.masks import alive_units, resolve_mask
 from sparta.pruning.groups import _transformer_groups
 from sparta.pruning.promotion import _silenced_units, promote_dead_units
 from sparta.pruning.pruner import Pruner
+from sparta.tasks import Builder
 from tiny_models import TINY_MODELS, ResidualNet, perturb, tiny_bert
 
 

@@ -21,10 +21,10 @@ from torch import nn
 
 import sparta
 from sparta.errors import SpartaError
-from sparta.export import ArtifactError, Builder, Task
-from sparta.export import make_plan as make_plan_module
-from sparta.export.plan import MAX_SETS, encode_set
-from sparta.export.taskfile import CHECKSUM_KEY, MANIFEST_KEY, digest, serialize
+from sparta.tasks import ArtifactError, Builder, Task
+from sparta.tasks import make_plan as make_plan_module
+from sparta.tasks.plan import MAX_SETS, encode_set
+from sparta.tasks.taskfile import CHECKSUM_KEY, MANIFEST_KEY, digest, serialize
 from tiny_models import TINY_MODELS, ResidualNet, perturb, tiny_bert
 
 
@@ -172,11 +172,11 @@ def test_plan_build_calls_no_wrap_no_trace_no_torch_pruning(made, monkeypatch):
         (mod("sparta.wrap"), "wrap"),
         (mod("sparta.wrap"), "fuse"),
         (mod("sparta.pruning.groups"), "find_groups"),
-        (mod("sparta.export.build"), "find_groups"),
-        (mod("sparta.export.apply"), "task_model"),
-        (mod("sparta.export.build"), "task_model"),
-        (mod("sparta.export.build"), "build_compact"),
-        (mod("sparta.export.compact"), "build_compact"),
+        (mod("sparta.tasks.build"), "find_groups"),
+        (mod("sparta.tasks.apply"), "task_model"),
+        (mod("sparta.tasks.build"), "task_model"),
+        (mod("sparta.tasks.build"), "build_compact"),
+        (mod("sparta.tasks.compact"), "build_compact"),
     ]:
         monkeypatch.setattr(module, attr, refuse)
     compact = sparta.build(base, Task.from_bytes(data), verify=True)

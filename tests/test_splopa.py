@@ -386,7 +386,7 @@ def test_wrap_shares_prototypes_within_one_model_only():
 @pytest.mark.parametrize("shared", [False, True])
 def test_task_round_trip_keeps_block_masks_and_sharing(shared, tmp_path):
     pytest.importorskip("transformers")
-    from sparta.export import Task, apply_task, export
+    from sparta.tasks import Task, apply_task, export
 
     base = _bert()
     model = sparta.wrap(base, "splopa", block=16, prototypes=4, shared=shared)
@@ -417,7 +417,7 @@ def test_bert_training_path_fused_path_and_fuse_agree_under_block_masks():
 
 
 def test_compact_model_keeps_block_masks():
-    from sparta.export import build_compact
+    from sparta.tasks import build_compact
 
     torch.manual_seed(0)
     model = sparta.wrap(TINY_MODELS["mlp"](), "splopa", block=4, prototypes=3)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from sparta.config import RunConfig
-from sparta.export import Task, apply_task
+from sparta.tasks import Task, apply_task
 from sparta.train import (
     LOG,
     RESULT,

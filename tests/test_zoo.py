@@ -303,7 +303,7 @@ def test_grouping_that_takes_too_long_is_refused(monkeypatch):
 
 def test_pruned_channels_outside_the_groups_are_reported_not_silent():
     import sparta
-    from sparta.export import build_compact
+    from sparta.tasks import build_compact
 
     model, x = _Shuffle().eval(), torch.randn(2, 3, 8, 8)
     sparta.Pruner(model, x, target=0.5).step()

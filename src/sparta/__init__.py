@@ -21,10 +21,10 @@ from .errors import (
     SpartaError,
     UnknownNameError,
 )
-from .export import ArtifactError, Task, TaskBank, build, export, report
 from .measure import MacCounter, learned_parameters
 from .pruning import Pruner, StepRecord, Target
 from .runtime import Deployed, deploy
+from .tasks import ArtifactError, Task, TaskBank, build, export, report
 from .wrap import SkippedLayer, WrapReport, fuse, wrap
 
 __version__ = "0.1.0"

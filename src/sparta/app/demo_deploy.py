@@ -17,8 +17,8 @@ def deploy(base, results: dict, data, repeats: int) -> dict:
     """Every adapter task at the lowest density: its compact model (``sparta.build``,
     verified against the masked model), task file bytes, MACs and latency next to the base;
     with two or more tasks, a ``TaskBank`` switching between them."""
-    from ..export import Task, build
     from ..measure import MacCounter
+    from ..tasks import Task, build
 
     example = torch.stack([data.test[i][0] for i in range(min(LATENCY_BATCH, len(data.test)))])
     before = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -66,7 +66,7 @@ def switch_tasks(base, tasks: dict[str, Path], x) -> dict:
     """Serve ``tasks`` (name -> task file) from one ``TaskBank`` on ``base``: the first switch
     (building the compact model) and the later, cached ones, timed; the served outputs compared
     with a separately built compact model of the same task."""
-    from ..export import Task, TaskBank, build
+    from ..tasks import Task, TaskBank, build
 
     bank = TaskBank(base, cache_size=len(tasks))
     first, later, diffs = {}, {n: [] for n in tasks}, {}

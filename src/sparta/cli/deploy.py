@@ -74,7 +74,7 @@ def eval_command(
     from torch.utils.data import DataLoader
 
     from ..data import load_dataset
-    from ..export import Task, build
+    from ..tasks import Task, build
     from ..train import evaluate
     from ..train.compare import parameters
     from ..train.distributed import resolve_device
@@ -162,7 +162,7 @@ def bench_command(
 
     Example: `sparta bench runs/digits --batch-size 32 --runtime onnxruntime`
     """
-    from ..export import Task, build
+    from ..tasks import Task, build
     from ..train.compare import compare, task_batch
     from ..train.distributed import resolve_device
     from ..train.rebuild import find_task, resolve_base, run_config

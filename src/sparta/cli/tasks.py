@@ -112,7 +112,7 @@ def tasks_add(
 
     Example: `sparta tasks add bank/ digits runs/digits/task.safetensors --model digits_cnn`
     """
-    from ..export import Task
+    from ..tasks import Task
     from ..train.rebuild import find_task, open_bank, remember_base
 
     options = base_options(model, weights, checkpoint, cifar_stem, num_classes, seed)

@@ -17,8 +17,8 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ConfigError
-from ..export import Task, TaskBank
 from ..io import atomic_write
+from ..tasks import Task, TaskBank
 from .checkpoint import seed_everything
 from .records import RESULT, TASK
 

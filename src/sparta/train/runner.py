@@ -337,7 +337,7 @@ class _Runner:
         if self.dist.is_main:
             t0 = time.perf_counter()
             if c.adapter is not None:
-                from ..export import export
+                from ..tasks import export
 
                 files["task"] = self.out / TASK
                 final["task_bytes"] = export(self.model).save(files["task"])

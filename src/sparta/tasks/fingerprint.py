@@ -19,7 +19,7 @@ from .taskfile import STATS, ArtifactError, digest
 
 
 class _Task(Protocol):
-    """What :func:`check_base` reads of a :class:`~sparta.export.artifact.Task` (named, not
+    """What :func:`check_base` reads of a :class:`~sparta.tasks.artifact.Task` (named, not
     imported: the artifact module imports this one)."""
 
     manifest: dict

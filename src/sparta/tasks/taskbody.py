@@ -4,10 +4,10 @@ rather than a few Python calls per tensor (a ResNet-50 task holds ~530 tensors).
 Each tensor is a view of the one buffer the body was read into (``body``, a uint8 tensor the
 task owns); packed masks are views of one buffer of unpacked bits. Before any tensor is
 returned, every one is checked against its manifest entry: its SHA-256 (over the bytes a
-tensor of its dtype holds, as :func:`~sparta.export.manifest.digest` computes it), finite
+tensor of its dtype holds, as :func:`~sparta.tasks.manifest.digest` computes it), finite
 values for floating tensors, bytes 0 or 1 for bool ones, and the kept counts of the masks
 against the stored shapes of compact entries. Dtypes and shapes are right by construction:
-:func:`~sparta.export.taskfile.inspect` checked the header against the manifest first.
+:func:`~sparta.tasks.taskfile.inspect` checked the header against the manifest first.
 """
 
 from __future__ import annotations

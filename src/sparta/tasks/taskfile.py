@@ -1,5 +1,5 @@
 """Reading, checking and writing task files: a safetensors file whose metadata holds the JSON
-manifest (see :mod:`sparta.export.artifact`), read without ever unpickling.
+manifest (see :mod:`sparta.tasks.artifact`), read without ever unpickling.
 
 A task file may come from anyone, so nothing in it is trusted before it is checked: only a
 regular file is opened (never a pipe or a device, which could block or never end), its size

@@ -27,8 +27,8 @@ _FROZEN = ("weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj
 def task_model(
     base: nn.Module, task, share_frozen: bool, protected: set[int] | None = None
 ) -> nn.Module:
-    """The masked task model of ``task`` (a :class:`~sparta.export.Task`) on ``base``
-    (:func:`~sparta.export.apply_task` without the base check). ``share_frozen=True`` shares the storage of
+    """The masked task model of ``task`` (a :class:`~sparta.tasks.Task`) on ``base``
+    (:func:`~sparta.tasks.apply_task` without the base check). ``share_frozen=True`` shares the storage of
     the adapted layers' frozen weights with ``base`` instead of copying it (for building a
     compact model, which replaces those weights by fused ones; never train such a model).
     ``protected``: storage addresses of ``base`` (:func:`storages`), if already known."""

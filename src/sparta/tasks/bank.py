@@ -8,7 +8,7 @@ there (written atomically), and opening the bank again finds them.
 
 A task is verified once, when it is added: its compact model is built and its outputs are
 compared with the masked task model's on the task's recorded inputs (within 1e-4 of the
-largest output, relative; see :func:`~sparta.export.build_compact`). A task that fails is
+largest output, relative; see :func:`~sparta.tasks.build_compact`). A task that fails is
 never registered and leaves no file. A file in the folder that cannot be read or does not fit
 the base does not stop the bank from opening: it is listed in :attr:`TaskBank.errors` with its
 error, and the other tasks are served. Tasks found in the folder are verified on first use.

@@ -103,7 +103,7 @@ class Task:
 
     @property
     def plan(self) -> dict | None:
-        """The compact plan (format version 3; see :mod:`sparta.export.plan`), or ``None``."""
+        """The compact plan (format version 3; see :mod:`sparta.tasks.plan`), or ``None``."""
         return self.manifest.get("plan")
 
     def without_plan(self) -> Task:

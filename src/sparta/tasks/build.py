@@ -229,7 +229,7 @@ def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True)
     default) the compact model's outputs are compared with the masked task model's on the
     example batch (eval mode) and a difference above 1e-4 relative raises. The model is
     returned in eval mode; its ``sparta_compact`` attribute holds the
-    :class:`~sparta.export.CompactReport`.
+    :class:`~sparta.tasks.CompactReport`.
     """
     model, report = Builder(base, example_inputs).build(task, verify=verify)
     model.sparta_compact = report
