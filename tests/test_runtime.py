@@ -250,3 +250,43 @@ def test_a_model_that_does_not_export_says_so(runtime):
     traced = sparta.deploy(DataDependent(), torch.ones(2, 3), runtime="torchscript")
     assert "tracer warnings" in traced.notes[-1]
     assert list(RUNTIMES) == ["eager", "torchscript", "onnxruntime"]
+
+
+# -- a bank serving its tasks through a runtime ------------------------------------------------
+def _bank_of_two(tmp_path):
+    torch.manual_seed(0)
+    base = ResidualNet(image=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    bank = sparta.TaskBank(base, tmp_path, cache_size=1)
+    for i, density in enumerate((0.5, 0.3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = sparta.wrap(base, "splora", rank=2)
+        perturb(model, seed=i)
+        sparta.Pruner(model, x, criterion="l1", target=f"density={density}").step()
+        bank.add(f"t{i}", sparta.export(model.eval()))
+    return bank
+
+
+@pytest.mark.parametrize("runtime", ALL)
+def test_bank_serves_each_task_through_a_runtime(tmp_path, runtime):
+    bank = _bank_of_two(tmp_path)
+    x = _images(3)
+    outputs = {}
+    for name in ("t0", "t1"):
+        served = bank.deployed(name, runtime=runtime)
+        want = bank.model(name)(x)
+        assert _rel(served(x), want) < 1e-4
+        outputs[name] = want
+    assert _rel(outputs["t0"], outputs["t1"]) > 1e-3  # two different tasks were served
+    # cache_size=1: t1 is the one kept; asking again for it returns the same deployment
+    assert bank.deployed("t1", runtime=runtime) is bank.deployed("t1", runtime=runtime)
+    bank.remove("t1")
+    with pytest.raises(UnknownNameError):
+        bank.deployed("t1", runtime=runtime)
+
+
+def test_bank_deployed_refuses_an_unknown_runtime(tmp_path):
+    bank = _bank_of_two(tmp_path)
+    with pytest.raises(UnknownNameError, match="runtime"):
+        bank.deployed("t0", runtime="tensorrt")

@@ -27,6 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ConfigError, FileError, SpartaError, UnknownNameError
+from ..runtime import RUNTIMES, Deployed, deploy
 from .accounting import Report, TaskAccount, account, density, task_bytes
 from .artifact import ArtifactError, Task
 from .build import Builder
@@ -92,6 +93,7 @@ class TaskBank:
         self._accounts: dict[str, TaskAccount] = {}
         self._models: OrderedDict[str, nn.Module] = OrderedDict()
         self._reports: dict[str, CompactReport] = {}
+        self._deployed: OrderedDict[tuple[str, str, int | None], Deployed] = OrderedDict()
         self._verified: set[str] = set()
         #: ``{file name: error}`` of the files in the folder that are not usable tasks.
         self.errors: dict[str, str] = {}
@@ -207,6 +209,33 @@ class TaskBank:
             self._models.popitem(last=False)
         return model
 
+    def deployed(self, name: str, runtime: str = "onnxruntime", threads: int | None = None):
+        """Task ``name`` served by ``runtime`` (see :func:`sparta.deploy`): a callable taking
+        the model's inputs, checked once against its compact model on the bank's example
+        inputs (else the task's recorded ones). Deploying costs far more than a switch
+        (exporting a compact ResNet-50 to ONNX Runtime takes about half a second), so each
+        deployment is kept, ``cache_size`` of them at most, least recently used dropped.
+
+        Example::
+
+            serve = bank.deployed("cats", runtime="onnxruntime")
+            logits = serve(images)
+        """
+        if runtime not in RUNTIMES:
+            raise UnknownNameError("runtime", runtime, RUNTIMES)
+        key = (name, runtime, threads)
+        if key in self._deployed:
+            self._get(name)  # still registered
+            self._deployed.move_to_end(key)
+            return self._deployed[key]
+        model = self.model(name)
+        inputs = self.builder.inputs(self._get(name))
+        served = deploy(model, inputs, runtime=runtime, threads=threads)
+        self._deployed[key] = served
+        while len(self._deployed) > self.cache_size:
+            self._deployed.popitem(last=False)
+        return served
+
     @property
     def cached(self) -> list[str]:
         """Names whose compact model is built and cached, least recently used first."""
@@ -257,6 +286,8 @@ class TaskBank:
         return self._info[name]
 
     def _drop(self, name: str) -> None:
+        for key in [k for k in self._deployed if k[0] == name]:
+            del self._deployed[key]
         self._models.pop(name, None)
         self._reports.pop(name, None)
         self._accounts.pop(name, None)
