@@ -1,0 +1,87 @@
+"""Write README.md's deployment figures from the JSON ``benchmarks/deploy.py`` wrote.
+
+Run: ``.venv/bin/python benchmarks/readme_deploy.py [benchmarks/results/deploy.json]
+[--readme README.md]``. The block sits between ``<!-- deploy:start -->`` and
+``<!-- deploy:end -->``. Nothing is measured here: every figure comes from the benchmark's JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from readme_block import README, replace_block
+
+START, END = "<!-- deploy:start -->", "<!-- deploy:end -->"
+DEFAULT = Path(__file__).resolve().parent / "results" / "deploy.json"
+
+
+def _ms(s: dict) -> str:
+    return f"{s['median_ms']:.1f} ms ({s['min_ms']:.1f}-{s['max_ms']:.1f})"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def section(d: dict) -> str:
+    env = d["env"]
+    load = ", ".join(f"{x:.1f}" for x in env["load_start"][:1] + env["load_end"][:1])
+    lines = [
+        START,
+        f"`deploy.py` ({'`--quick`, ' if env.get('quick') else ''}torch {env['torch']}, "
+        f"{env['threads']} threads, load average {load} at start and end; medians with the "
+        f"spread min-max): ResNet-50 with a SPLoRA r=8 task pruned to "
+        f"{d['mac_ratio']:.2f}x fewer MACs (224 px).",
+        "",
+        "| task switch (load + build) | median (min-max) | switches | file bytes | target "
+        "<= 10 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in d["switch"].items():
+        lines.append(
+            f"| {name} | {_ms(s)} | {s['n']} | {s['file_bytes']:,} | {_met(s['met'])} |"
+        )
+    lines += ["", "| batch | runtime | base | compact | speed-up |", "|---|---|---|---|---|"]
+    for batch, b in d["latency"].items():
+        for runtime, r in b["runtimes"].items():
+            lines.append(
+                f"| {batch} | {runtime} | {_ms(r['base'])} | {_ms(r['compact'])} | "
+                f"{r['speedup']:.2f}x |"
+            )
+        best = b["best"]
+        lines.append(
+            f"| {batch} | best of each side ({best['base']} vs {best['compact']}) | | | "
+            f"**{best['speedup']:.2f}x** = {b['fraction_of_mac_ratio']:.2f} of the MAC ratio "
+            f"(target {b['target_fraction']:.1f}: {_met(b['met'])}) |"
+        )
+    by = d["bytes"]
+    learned = by["learned"]
+    lines += [
+        "",
+        f"Task file vs a fine-pruned checkpoint of the same masks at {by['filter_density']:.0%} "
+        f"filter density ({by['weight_density']:.1%} of the weights): {by['task_bytes']:,} vs "
+        f"{by['finepruned_bytes']:,} bytes, **{by['bytes_ratio']:.1f}x** smaller (target 17x: "
+        f"{_met(by['met'])}); learned parameters {learned['stored']['task']:,} vs "
+        f"{learned['stored']['finepruned']:,} as stored ({learned['ratio_stored']:.1f}x), "
+        f"{learned['paper']['task']:,} vs {learned['paper']['finepruned']:,} as the paper "
+        f"counts them ({learned['ratio_paper']:.1f}x).",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="?", type=Path, default=DEFAULT)
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    data = json.loads(args.json.read_text(encoding="utf-8"))
+    text = replace_block(args.readme.read_text(encoding="utf-8"), section(data), START, END)
+    args.readme.write_text(text, encoding="utf-8")
+    print(f"{args.readme}: deployment figures written from {args.json}")
+
+
+if __name__ == "__main__":
+    main()
