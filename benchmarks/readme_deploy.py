@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from readme_block import README, replace_block
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
+from readme_block import README, replace_block  # noqa: E402
 
 START, END = "<!-- deploy:start -->", "<!-- deploy:end -->"
 DEFAULT = Path(__file__).resolve().parent / "results" / "deploy.json"
@@ -40,9 +42,7 @@ def section(d: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for name, s in d["switch"].items():
-        lines.append(
-            f"| {name} | {_ms(s)} | {s['n']} | {s['file_bytes']:,} | {_met(s['met'])} |"
-        )
+        lines.append(f"| {name} | {_ms(s)} | {s['n']} | {s['file_bytes']:,} | {_met(s['met'])} |")
     lines += ["", "| batch | runtime | base | compact | speed-up |", "|---|---|---|---|---|"]
     for batch, b in d["latency"].items():
         for runtime, r in b["runtimes"].items():

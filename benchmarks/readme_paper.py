@@ -13,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
+from readme_block import replace_block  # noqa: E402
+
 START, END = "<!-- paper:start -->", "<!-- paper:end -->"
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -127,17 +130,7 @@ def _verdict(t: dict) -> str:
 
 
 def update(readme: str, block: str) -> str:
-    if START in readme and END in readme:
-        head, rest = readme.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        return head + block + ("\n" + tail if tail else "")
-    marker = "\n## Benchmarks"
-    if marker not in readme:
-        return readme.rstrip("\n") + "\n\n" + block
-    at = readme.index(marker) + len(marker)
-    nxt = readme.find("\n## ", at)
-    nxt = len(readme) if nxt < 0 else nxt + 1
-    return readme[:nxt].rstrip("\n") + "\n\n" + block + "\n" + readme[nxt:]
+    return replace_block(readme, block, START, END)
 
 
 def main(argv: list[str] | None = None) -> None:
