@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sparta",),
     ("tasks",),
     ("pruning", "runtime"),
-    ("measure", "wrap"),
+    ("measure", "wrapping"),
     ("heads", "masks"),
     ("adapters", "models", "data"),
     ("inputs", "io", "utils", "registry", "devices", "onnx_session"),
@@ -289,7 +290,7 @@ def test_the_walk_sees_imports_everywhere():
                 try:
                     from sparta.pruning.groups import find_groups
                 except ImportError:
-                    from .wrap import fuse
+                    from .wrapping import fuse
         """
     )
     modules = _modules(_root())
@@ -300,7 +301,7 @@ def test_the_walk_sees_imports_everywhere():
         (8, "sparta.masks"),
         (9, "sparta.io"),
         (13, "sparta.pruning.groups"),
-        (15, "sparta.wrap"),
+        (15, "sparta.wrapping"),
     ]
     assert [unit(i.target) for i in found] == [
         "inputs",
@@ -308,7 +309,7 @@ def test_the_walk_sees_imports_everywhere():
         "masks",
         "io",
         "pruning",
-        "wrap",
+        "wrapping",
     ]
     assert len(IMPORTS) > 200  # the package itself was walked
 
@@ -325,3 +326,20 @@ def test_import_sparta_stays_light():
     apps = sorted(m for m in json.loads(out.stdout.splitlines()[-1]) if m.startswith(
         ("sparta.app", "sparta.cli", "sparta.train")))  # fmt: skip
     assert not apps, f"import sparta loads the applications: {apps}"
+
+
+def test_no_public_name_shadows_a_module():
+    """``sparta.<name>`` is one thing: no function or class of the public API hides a module
+    or subpackage of the same name (``sparta.export.apply_task`` once failed so)."""
+    import importlib.util
+
+    import sparta
+
+    hidden = [
+        name
+        for name in dir(sparta)
+        if not name.startswith("_")
+        and importlib.util.find_spec(f"sparta.{name}") is not None
+        and not isinstance(getattr(sparta, name), types.ModuleType)
+    ]
+    assert not hidden, f"public names that hide a module of the same name: {hidden}"

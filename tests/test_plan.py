@@ -169,8 +169,8 @@ def test_plan_build_calls_no_wrap_no_trace_no_torch_pruning(made, monkeypatch):
 
     monkeypatch.setattr(torch_pruning.DependencyGraph, "build_dependency", refuse)
     for module, attr in [
-        (mod("sparta.wrap"), "wrap"),
-        (mod("sparta.wrap"), "fuse"),
+        (mod("sparta.wrapping"), "wrap"),
+        (mod("sparta.wrapping"), "fuse"),
         (mod("sparta.pruning.groups"), "find_groups"),
         (mod("sparta.tasks.build"), "find_groups"),
         (mod("sparta.tasks.apply"), "task_model"),

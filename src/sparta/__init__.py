@@ -25,7 +25,7 @@ from .measure import MacCounter, learned_parameters
 from .pruning import Pruner, StepRecord, Target
 from .runtime import Deployed, deploy
 from .tasks import ArtifactError, Task, TaskBank, build, export, report
-from .wrap import SkippedLayer, WrapReport, fuse, wrap
+from .wrapping import SkippedLayer, WrapReport, fuse, wrap
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ from torch import nn
 from ..adapters import get_adapter
 from ..errors import ConfigError, SkippedLayerWarning
 from ..measure import learned_parameters
-from ..wrap import wrap
+from ..wrapping import wrap
 
 #: Shown when a model name has no close match (a few families, not the whole list).
 EXAMPLE_MODELS = ("resnet50", "vit_b_16", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..adapters.layer import AdaptedLayer
-from ..wrap import fuse
+from ..wrapping import fuse
 
 
 def is_fused_attention(module: nn.Module) -> bool:

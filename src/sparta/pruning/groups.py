@@ -22,7 +22,7 @@ from ..errors import ConfigError, SkippedLayerWarning
 from ..inputs import describe
 from ..masks import can_mask
 from ..utils import call, evaluating
-from ..wrap import fuse
+from ..wrapping import fuse
 from . import tracing
 from .conv_groups import merge_conv_groups
 from .coupled import Group, GroupList, Member

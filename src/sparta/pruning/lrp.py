@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..utils import call
-from ..wrap import fuse
+from ..wrapping import fuse
 
 
 def _logits(outputs):

@@ -32,7 +32,7 @@ def task_model(
     the adapted layers' frozen weights with ``base`` instead of copying it (for building a
     compact model, which replaces those weights by fused ones; never train such a model).
     ``protected``: storage addresses of ``base`` (:func:`storages`), if already known."""
-    from ..wrap import wrap
+    from ..wrapping import wrap
 
     m = task.manifest
     for name in m["adapted"] + m["head"]:

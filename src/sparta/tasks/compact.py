@@ -111,7 +111,7 @@ def build_compact(
 
     Returns ``(compact_model, report)``.
     """
-    from ..wrap import fuse
+    from ..wrapping import fuse
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"build_compact expects a torch.nn.Module, got {type(model).__name__}")

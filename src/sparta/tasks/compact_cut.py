@@ -103,7 +103,7 @@ def _fill(skeleton: nn.Module, model: nn.Module, cuts) -> set[str]:
     leaving ``model`` unchanged: adapted layers become their fused (kept-block, where cut)
     plain layers, every other tensor a copy of what ``model`` computes for it (masks
     applied), cut on the way where ``cuts`` says so. Returns the layers already cut."""
-    from ..wrap import _fused_copy
+    from ..wrapping import _fused_copy
 
     done = set()
     # Every name of a module used at several places (shared between blocks), so that each

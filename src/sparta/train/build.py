@@ -69,7 +69,7 @@ def build_model(config: RunConfig, model, data, dist: DistState) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        from ..wrap import wrap
+        from ..wrapping import wrap
 
         model = wrap(model, config.adapter, inplace=True, **adapter_options(config))
     return model.to(dist.device)
