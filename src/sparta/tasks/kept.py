@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .manifest import check_fit
+from .manifest import ArtifactError, check_fit
 
 
 def kept_indices(tensors: dict, table: dict, path) -> dict[str, Tensor]:
@@ -74,3 +74,57 @@ def expand(t: Tensor, shape: list[int], rows: Tensor | None, cols: Tensor | None
     if rows is not None:
         t = torch.zeros(shape, dtype=t.dtype).index_copy_(0, rows, t)
     return t
+
+
+class Stored(dict):
+    """A task's tensors for one build, read where they are cut: ``store[key]`` is the tensor at
+    full size (expanded once, on first use), :meth:`cut` its kept rows/columns, taken from the
+    stored entries directly when the cut keeps exactly the entries stored (the usual case: the
+    plan keeps what the masks keep), and expanded only where it keeps an entry not stored."""
+
+    def __init__(self, tensors: dict, table: dict, path):
+        super().__init__()
+        self.stored, self.table, self.path = tensors, table, path
+        self.kept = kept_indices(tensors, table, path)
+
+    def __missing__(self, key: str) -> Tensor:
+        t, e = self._read(key)
+        if "stored" in e:
+            rows, cols = (self.kept.get(e.get(side)) for side in ("rows", "cols"))
+            t = expand(t, e["shape"], rows, cols)
+        self[key] = t
+        return t
+
+    def cut(self, key: str, rows: Tensor | None, cols: Tensor | None) -> tuple[Tensor, bool]:
+        """``(full[rows][:, cols], fresh)`` (``None``: all) of tensor ``key``; ``fresh``: a
+        new tensor (else it shares the task's storage and must be copied before it is kept)."""
+        t, e = self._read(key)
+        have = (None, None)
+        if "stored" in e:
+            have = tuple(self.kept.get(e.get(side)) for side in ("rows", "cols"))
+        fresh = False
+        for dim, want, kept in ((0, rows, have[0]), (1, cols, have[1])):
+            if kept is not None and want is not None and _same(want, kept):
+                continue  # the stored entries are the cut
+            if kept is not None:  # pruned entries the cut keeps (or no cut): expand this side
+                size = list(t.shape)
+                size[dim] = e["shape"][dim]
+                t, fresh = torch.zeros(size, dtype=t.dtype).index_copy_(dim, kept, t), True
+            if want is not None:
+                t, fresh = t.index_select(dim, want), True
+        return t, fresh
+
+    def _read(self, key: str) -> tuple[Tensor, dict]:
+        """The stored tensor of ``key`` (its shape checked: a task's tensors may have been
+        replaced since it was loaded) and its entry."""
+        t, e = self.stored[key], self.table[key]
+        if list(t.shape) != e.get("stored", e["shape"]):
+            raise ArtifactError(
+                f"task {str(self.path)!r}: tensor {key!r} is {list(t.shape)}, its manifest "
+                f"says {e.get('stored', e['shape'])}; the task was edited after loading"
+            )
+        return t, e
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))

@@ -19,8 +19,8 @@ from torch.nn.modules.conv import _ConvNd
 from ..adapters.base import get_adapter, grouped_mask
 from ..adapters.forms import form_of
 from ..utils import NORMS
+from .kept import Stored
 from .manifest import ArtifactError
-from .taskfile import full_tensors
 
 _QKV = "qkv"  # adapters of a packed projection, in row order; "out" alone on out_proj
 _BIAS_OF = {"bias": ("weight",), "in_proj_bias": ("in_proj_weight", "q_proj_weight",
@@ -36,7 +36,7 @@ class _Job:
         self.table = m["tensors"]
         # Not Task.full_tensors(), which keeps them on the task: a bank holds its tasks, and
         # a cached task costs its compact model only.
-        self.tensors = full_tensors(task.tensors, self.table, path)
+        self.tensors = Stored(task.tensors, self.table, path)
         self.adapted = set(m["adapted"])
         self.owners = builder.owners(self.table, self.adapted)
         self.used: set[str] = set()
@@ -93,27 +93,46 @@ class _Job:
     ) -> Tensor | None:
         """The task tensor of ``role`` (``None`` if absent), which must be of ``kind`` and,
         with ``like``, of its shape (then on its device and dtype)."""
+        key = self._key(roles, role, like, kind)
+        return None if key is None else _like(self.tensors[key], like)
+
+    def take_cut(
+        self, roles: dict, role: tuple, like: Tensor, kind: str, rows, cols
+    ) -> tuple[Tensor | None, bool]:
+        """``(take(...)[rows][:, cols], fresh)`` read from the stored entries (see
+        :meth:`.kept.Stored.cut`); ``(None, False)`` if absent."""
+        key = self._key(roles, role, like, kind)
+        if key is None:
+            return None, False
+        t, fresh = self.tensors.cut(key, rows, cols)
+        out = _like(t, like)
+        return out, fresh or out is not t
+
+    def _key(self, roles: dict, role: tuple, like: Tensor | None, kind: str) -> str | None:
+        """The key of ``role``, checked: of ``kind`` and, with ``like``, of its shape."""
         key = roles.get(role)
         if key is None:
             return None
-        if self.table[key]["kind"] != kind:
+        e = self.table[key]
+        if e["kind"] != kind:
             raise ArtifactError(
-                f"task {self.path!r}: it holds {key!r} as a {self.table[key]['kind']}, where "
+                f"task {self.path!r}: it holds {key!r} as a {e['kind']}, where "
                 f"the task model has a {kind}"
             )
         self.used.add(key)
-        t = self.tensors[key]
-        if like is not None:
-            if tuple(t.shape) != tuple(like.shape):
-                raise ArtifactError(
-                    f"task {self.path!r}: tensor {key!r} is {list(t.shape)}, the base's is "
-                    f"{list(like.shape)}"
-                )
-            t = t.to(like.device, like.dtype)
-        return t
+        if like is not None and tuple(e["shape"]) != tuple(like.shape):
+            raise ArtifactError(
+                f"task {self.path!r}: tensor {key!r} is {list(e['shape'])}, the base's is "
+                f"{list(like.shape)}"
+            )
+        return key
 
-    def view(self, roles: dict, prefix: tuple, out: int, inp: int, groups: int, like: Tensor):
-        """The adapter (``Adapter.view``) over the task tensors with roles ``prefix + (name,)``."""
+    def view(
+        self, roles: dict, prefix: tuple, out: int, inp: int, groups: int, like: Tensor, cut=None
+    ):
+        """The adapter (``Adapter.view``) over the task tensors with roles ``prefix + (name,)``;
+        with ``cut`` (kept rows, cols), the same restricted to them, or ``None`` (see
+        :meth:`_cut_view`)."""
         expected = self.builder.adapter_shapes(self.cls, out, inp, groups, self.options, self.label)
         n = len(prefix)
         got = {r[n]: k for r, k in roles.items() if r[:n] == prefix and len(r) == n + 1}
@@ -122,12 +141,11 @@ class _Job:
                 f"task {self.path!r}: adapter tensors {sorted(got)} at {prefix}, adapter "
                 f"{self.cls.name!r} holds {sorted(expected)}"
             )
-        tensors = {}
         for name, key in got.items():
-            t = self.tensors[key]
-            if tuple(t.shape) != expected[name]:
+            shape = self.table[key]["shape"]
+            if tuple(shape) != expected[name]:
                 raise ArtifactError(
-                    f"task {self.path!r}: adapter tensor {key!r} is {list(t.shape)}, expected "
+                    f"task {self.path!r}: adapter tensor {key!r} is {list(shape)}, expected "
                     f"{list(expected[name])}"
                 )
             kind = "mask" if name in self.cls.mask_names else "param"
@@ -137,8 +155,39 @@ class _Job:
                     f"{self.table[key]['kind']}, the adapter holds a {kind}"
                 )
             self.used.add(key)
-            tensors[name] = t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
+        if cut is not None:
+            return self._cut_view(got, cut, like)
+        tensors = {name: _like_float(self.tensors[key], like) for name, key in got.items()}
         return self.cls.view(out, inp, groups, self.options, tensors)
+
+    def _cut_view(self, got: dict, cut: tuple[Tensor, Tensor], like: Tensor):
+        """The adapter restricted to rows x cols ``cut`` (a view of that geometry over the
+        cut tensors, read from the stored entries), or ``None`` unless it is one: the
+        adapter's masks are its two channel masks, and each other tensor is stored by the
+        rows of ``mask_out`` on its first axis and/or the columns of ``mask_in`` on its second
+        (as export writes an adapter whose delta is cut entry by entry, the same assumption
+        that lets it drop the pruned entries), at the shapes an adapter of that size holds."""
+        if tuple(self.cls.mask_names) != ("mask_out", "mask_in"):
+            return None
+        rows, cols = cut
+        axes = {got["mask_out"]: (rows, None), got["mask_in"]: (cols, None)}
+        for _name, key in got.items():
+            e = self.table[key]
+            if key in axes:
+                continue
+            if "stored" not in e or e["rows"] not in (None, got["mask_out"]):
+                return None
+            if e["cols"] not in (None, got["mask_in"]):
+                return None
+            axes[key] = (rows if e["rows"] else None, cols if e["cols"] else None)
+        shapes = self.builder.adapter_shapes(
+            self.cls, len(rows), len(cols), 1, self.options, self.label
+        )
+        tensors = {name: self.tensors.cut(key, *axes[key])[0] for name, key in got.items()}
+        if any(tuple(t.shape) != shapes[name] for name, t in tensors.items()):
+            return None
+        tensors = {name: _like_float(t, like) for name, t in tensors.items()}
+        return self.cls.view(len(rows), len(cols), 1, self.options, tensors)
 
     # -- adapted layers ----------------------------------------------------------------------------
     def fused_layer(self, name: str, src: nn.Module, cut) -> nn.Module:
@@ -146,12 +195,23 @@ class _Job:
         out_f, in_f = src.weight.shape[0], src.weight.shape[1] * getattr(src, "groups", 1)
         groups = getattr(src, "groups", 1)
         weight = src.weight.detach()
-        adapter = self.view(roles, ("adapter",), out_f, in_f, groups, weight)
         out_keep, in_keep = cut if cut is not None else (None, None)
         form = form_of(src)
         depthwise, by_group = _depthwise(src), groups > 1 and not _depthwise(src)
+        small = None
+        if form.standardise is None and groups == 1:  # the kept block alone, when it can be
+            rows, cols = _all(out_keep, out_f, weight), _all(in_keep, in_f, weight)
+            small = self.view(roles, ("adapter",), out_f, in_f, 1, weight, cut=(rows, cols))
+        adapter = small or self.view(roles, ("adapter",), out_f, in_f, groups, weight)
         with torch.no_grad():
-            if form.standardise is not None:  # its weight depends on whole rows: fuse, then cut
+            if small is not None:
+                weight = _with_delta(
+                    weight.index_select(0, rows).index_select(1, cols), small.delta()
+                )
+                if not (bool(small.mask_out.all()) and bool(small.mask_in.all())):
+                    weight *= _spread(small.mask_matrix().to(weight.dtype), weight)
+                kept_out = small.mask_out
+            elif form.standardise is not None:  # its weight depends on whole rows: fuse, then cut
                 mask = _spread(adapter.mask_matrix(), weight)
                 fused = _with_delta(weight.clone(), adapter.delta()) * mask
                 weight = _take(form.standardise(src, fused) * mask, out_keep, in_keep)
@@ -169,6 +229,8 @@ class _Job:
                 weight = _with_delta(weight, delta)
                 if mask is not None and not bool(mask.all()):
                     weight *= _spread(mask, weight)
+            if small is None:
+                kept_out = _take(adapter.mask_out, out_keep, None)
             if src.bias is None and ("base", "bias") in roles:
                 raise ArtifactError(
                     f"task {self.path!r}: it holds a bias of {name!r}, which has none"
@@ -177,7 +239,7 @@ class _Job:
             trained = bias is not None
             bias = src.bias if bias is None else bias
             if bias is not None:
-                bias = _take(bias.detach() * adapter.mask_out.to(bias.dtype), out_keep, None)
+                bias = _take(bias.detach(), out_keep, None) * kept_out.to(bias.dtype)
         plain = copy.copy(src)
         for slot in ("_parameters", "_buffers", "_modules"):
             plain.__dict__[slot] = dict(plain.__dict__[slot])
@@ -202,47 +264,75 @@ class _Job:
         for attr, p in list(target._parameters.items()):
             if p is None:
                 continue
-            value, trained = self.value(name, src, roles, attr)
-            value = _cut(value, attr, width, out_keep, in_keep)
+            value, trained = self.value(name, src, roles, attr, (width, out_keep, in_keep))
             target._parameters[attr] = nn.Parameter(value, requires_grad=trained)
         for attr, b in list(target._buffers.items()):
             if b is None:
                 continue
-            stat = self.take(roles, ("value", attr), b, kind="stat")
+            rows = out_keep if b.dim() >= 1 and b.shape[0] == width else None
+            stat, fresh = self.take_cut(roles, ("value", attr), b, "stat", rows, None)
             if stat is not None and not isinstance(src, _BatchNorm):
                 raise ArtifactError(
                     f"task {self.path!r}: it holds buffer {attr!r} of {name!r}, a "
                     f"{type(src).__name__}; a task holds BatchNorm statistics only"
                 )
-            value = b.detach() if stat is None else stat
-            target._buffers[attr] = _cut(value, attr, width, out_keep, None)
+            if stat is None:
+                target._buffers[attr] = _cut(b.detach(), attr, width, out_keep, None)
+            else:
+                target._buffers[attr] = stat if fresh else stat.clone()
         if cut is not None:
             _set_widths(target)
 
-    def value(self, name: str, src: nn.Module, roles: dict, attr: str) -> tuple[Tensor, bool]:
-        """A parameter's value as the task model computes it (masks and adapters applied)."""
+    def value(
+        self, name: str, src: nn.Module, roles: dict, attr: str, cut: tuple
+    ) -> tuple[Tensor, bool]:
+        """``(value, trained)``: a fresh tensor of a parameter's value as the task model
+        computes it (masks and adapters applied), cut as ``cut`` = ``(width, out_keep,
+        in_keep)`` says (:func:`_cut`), computed on the kept entries where it can be."""
         base = src._parameters[attr].detach()
+        if not roles.get(("adapters of", attr)):
+            return self._masked_cut(name, src, roles, attr, cut)
         own = self.take(roles, ("value", attr), base)
+        self._check_may_hold(own, name, src, attr)
+        value = base if own is None else own
+        adapters = roles[("adapters of", attr)]  # attention projections: (W + delta) * M each
+        with torch.no_grad():
+            rows = value.shape[0] // len(adapters)
+            parts = value.split(rows)
+            views = [
+                self.view(roles, ("adapters", attr, a), rows, value.shape[1], 1, value)
+                for a in adapters
+            ]
+            value = torch.cat([(w + v.delta()) * v.mask_matrix() for w, v in zip(parts, views)])
+        return _cut(value, attr, *cut), own is not None
+
+    def _masked_cut(self, name: str, src: nn.Module, roles: dict, attr: str, cut: tuple):
+        """:meth:`value` of a parameter without adapters: its kept entries times theirs of
+        its mask, read from the task's stored entries (``cut(v * m) == cut(v) * cut(m)``)."""
+        base = src._parameters[attr].detach()
+        width, out_keep, in_keep = cut
+        rows = out_keep if base.dim() >= 1 and base.shape[0] == width else None
+        cols = in_keep if attr == "weight" else None
+        own, fresh = self.take_cut(roles, ("value", attr), base, "param", rows, cols)
+        self._check_may_hold(own, name, src, attr)
+        if own is None:
+            value, fresh = _take(base, rows, cols), rows is not None or cols is not None
+        else:
+            value = own
+        with torch.no_grad():
+            mask = self.mask(roles, attr, base, src)
+            if mask is not None:
+                wide = mask.dim() >= 2 and mask.shape[1] != 1
+                mask = _take(mask, rows if mask.shape[0] != 1 else None, cols if wide else None)
+                value, fresh = value * mask, True
+        return (value if fresh else value.clone()), own is not None
+
+    def _check_may_hold(self, own: Tensor | None, name: str, src: nn.Module, attr: str) -> None:
         if own is not None and not self._may_hold(name, src, attr):
             raise ArtifactError(
                 f"task {self.path!r}: it holds {name}.{attr}, a frozen tensor of the base "
                 f"({type(src).__name__}); a task holds adapters, masks, norms, biases and its head"
             )
-        value = base if own is None else own
-        with torch.no_grad():
-            adapters = roles.get(("adapters of", attr), ())
-            if adapters:  # attention projections: (W + delta) * M per stacked adapter
-                rows = value.shape[0] // len(adapters)
-                parts = value.split(rows)
-                views = [
-                    self.view(roles, ("adapters", attr, a), rows, value.shape[1], 1, value)
-                    for a in adapters
-                ]
-                value = torch.cat([(w + v.delta()) * v.mask_matrix() for w, v in zip(parts, views)])
-            else:
-                mask = self.mask(roles, attr, value, src)
-                value = value if mask is None else value * mask
-        return value, own is not None
 
     def mask(self, roles: dict, attr: str, value: Tensor, src: nn.Module) -> Tensor | None:
         """The channel mask of ``attr`` (own, or the one its weight's masks give a bias)."""
@@ -318,6 +408,18 @@ def decode_set(entry: list, path: str = "<task>") -> Tensor:
             f"width {width}"
         )
     return torch.from_numpy(np.flatnonzero(bits[:width]))
+
+
+def _like_float(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` on ``like``'s device, and dtype if floating point (masks keep theirs)."""
+    return _like(t, like) if t.is_floating_point() else t.to(like.device)
+
+
+def _like(t: Tensor, like: Tensor | None) -> Tensor:
+    """``t`` on ``like``'s device and dtype (itself when it already is)."""
+    if like is None or (t.dtype == like.dtype and t.device == like.device):
+        return t
+    return t.to(like.device, like.dtype)
 
 
 def _all_kept(adapter, rows: Tensor, cols: Tensor) -> bool:
