@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..adapters.layer import adapt_reason, layer_geometry
-from ..errors import SpartaError
 from ..masks import can_mask
 from .apply import _adaptable, _module, _refuse_adapted
 from .compact import CompactReport, GroupOutcome
@@ -26,12 +25,17 @@ from .manifest import ArtifactError
 from .plan_job import _QKV, _is_layer, _Job
 
 
-def skeleton(base: nn.Module, containers: dict[int, tuple[str, ...]] | None = None) -> nn.Module:
+def skeleton(
+    base: nn.Module,
+    containers: dict[int, tuple[str, ...]] | None = None,
+    memo: dict[int, nn.Module] | None = None,
+) -> nn.Module:
     """A copy of ``base``'s modules that shares its tensors (to be replaced, never written):
     new module objects and new containers (dicts, lists, sets), nothing deeper. Much cheaper
     than ``copy.deepcopy``, which also walks every tensor. ``containers``: which attributes of
-    each module (by id) are containers, from :func:`container_keys` (saves finding them)."""
-    memo: dict[int, nn.Module] = {}
+    each module (by id) are containers, from :func:`container_keys` (saves finding them).
+    ``memo`` (given empty) receives ``{id(base module): its copy}``."""
+    memo = {} if memo is None else memo
 
     def clone(module: nn.Module) -> nn.Module:
         if id(module) in memo:  # a module reachable by two paths stays one module
@@ -88,12 +92,11 @@ class PlanBuilder:
         plan = task.manifest["plan"]
         job = _Job(self, task, path)
         cuts = job.cuts(plan)
-        model = skeleton(self.base, self.containers)
+        copies: dict[int, nn.Module] = {}
+        model = skeleton(self.base, self.containers, copies)
         placed: dict[int, nn.Module] = {}
-        for name, target in list(model.named_modules(remove_duplicate=False)):
-            src = self.modules.get(name)
-            if src is None:
-                raise SpartaError(f"compact model: the base has no module {name!r}")
+        for name, src in self.modules.items():  # the copy's modules, by the same names
+            target = copies[id(src)]
             if id(target) in placed:  # shared: the same fused module at every place
                 if placed[id(target)] is not target:
                     _put(model, name, placed[id(target)])

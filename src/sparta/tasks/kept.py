@@ -86,6 +86,7 @@ class Stored(dict):
         super().__init__()
         self.stored, self.table, self.path = tensors, table, path
         self.kept = kept_indices(tensors, table, path)
+        self._equal: dict[tuple[int, int], tuple] = {}  # holds the pair: ids are not reused
 
     def __missing__(self, key: str) -> Tensor:
         t, e = self._read(key)
@@ -104,7 +105,7 @@ class Stored(dict):
             have = tuple(self.kept.get(e.get(side)) for side in ("rows", "cols"))
         fresh = False
         for dim, want, kept in ((0, rows, have[0]), (1, cols, have[1])):
-            if kept is not None and want is not None and _same(want, kept):
+            if kept is not None and want is not None and self._same(want, kept):
                 continue  # the stored entries are the cut
             if kept is not None:  # pruned entries the cut keeps (or no cut): expand this side
                 size = list(t.shape)
@@ -113,6 +114,15 @@ class Stored(dict):
             if want is not None:
                 t, fresh = t.index_select(dim, want), True
         return t, fresh
+
+    def _same(self, a: Tensor, b: Tensor) -> bool:
+        """Whether index sets ``a`` and ``b`` are equal (compared once per pair: a plan's
+        set and a mask's kept indices are shared by all tensors of a layer)."""
+        key = (id(a), id(b))
+        if key not in self._equal:
+            same = a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
+            self._equal[key] = (a, b, same)
+        return self._equal[key][2]
 
     def _read(self, key: str) -> tuple[Tensor, dict]:
         """The stored tensor of ``key`` (its shape checked: a task's tensors may have been
@@ -124,7 +134,3 @@ class Stored(dict):
                 f"says {e.get('stored', e['shape'])}; the task was edited after loading"
             )
         return t, e
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
