@@ -226,8 +226,10 @@ def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True)
     kept weights, every pruned channel physically removed (with every coupled layer).
 
     ``base`` is never changed and shares no storage with the result. With ``verify`` (the
-    default) the compact model's outputs are compared with the masked task model's on the
-    example batch (eval mode) and a difference above 1e-4 relative raises. The model is
+    default) the compact model's outputs are checked (eval mode; a difference above 1e-4
+    relative raises): for a task with a plan (format 3), one forward on the recorded input
+    shapes against the output stored when the task was exported, where the masked model was
+    compared; for older tasks, against the masked task model on the example batch. The model is
     returned in eval mode; its ``sparta_compact`` attribute holds the
     :class:`~sparta.tasks.CompactReport`.
     """
