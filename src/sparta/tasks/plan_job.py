@@ -189,11 +189,11 @@ class _Job:
             e = self.table[key]
             if key in axes:
                 continue
-            if "stored" not in e or e["rows"] not in (None, got["mask_out"]):
+            if "stored" not in e or e.get("rows") not in (None, got["mask_out"]):
                 return None
-            if e["cols"] not in (None, got["mask_in"]):
+            if e.get("cols") not in (None, got["mask_in"]):
                 return None
-            axes[key] = (rows if e["rows"] else None, cols if e["cols"] else None)
+            axes[key] = (rows if e.get("rows") else None, cols if e.get("cols") else None)
         shapes = self.builder.adapter_shapes(
             self.cls, len(rows), len(cols), 1, self.options, self.label
         )
