@@ -47,13 +47,6 @@ HEAVY = (
     "matplotlib", "sklearn", "typer", "rich", "tensorboard", "torchvision", "yaml",
 )  # fmt: skip
 
-#: Units whose contract violations are known and being worked on in parallel (xfail, not
-#: strict): {unit: why}. Empty when the layering is clean.
-IN_PROGRESS: dict[str, str] = {}
-
-#: Units with import cycles between their own modules, still to be broken: {unit: why}.
-INNER_CYCLES_IN_PROGRESS: dict[str, str] = {}
-
 
 @dataclass(frozen=True)
 class Import:
@@ -153,16 +146,7 @@ def test_every_unit_has_a_layer():
     assert not missing, f"units without a layer in tests/test_layers.py LAYERS: {missing}"
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(u, marks=pytest.mark.xfail(reason=IN_PROGRESS[u], strict=False))
-        if u in IN_PROGRESS
-        else u
-        for u in UNITS
-        if u in RANK
-    ],
-)
+@pytest.mark.parametrize("name", [u for u in UNITS if u in RANK])
 def test_imports_go_down_the_layers_only(name):
     bad = _violations(name)
     assert not bad, "imports against the layers (tests/test_layers.py LAYERS):\n" + "\n".join(bad)
@@ -178,7 +162,6 @@ def test_no_module_imports_its_own_package_api():
         if modules[i.target][1]  # the target is a package's __init__
         and i.target != "sparta"  # the root is a unit of its own (see LAYERS)
         and i.source.startswith(i.target + ".")
-        and unit(i.source) not in INNER_CYCLES_IN_PROGRESS
     ]
     assert not bad, "modules importing their own package's __init__:\n" + "\n".join(bad)
 
@@ -244,15 +227,7 @@ def test_no_import_cycle_between_units():
     assert not cycles, f"import cycles between units {cycles}:\n" + "\n".join(detail)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(u, marks=pytest.mark.xfail(reason=INNER_CYCLES_IN_PROGRESS[u], strict=False))
-        if u in INNER_CYCLES_IN_PROGRESS
-        else u
-        for u in UNITS
-    ],
-)
+@pytest.mark.parametrize("name", UNITS)
 def test_no_import_cycle_inside_a_unit(name):
     """Modules of one subpackage import each other without cycles too (an import inside a
     function does not hide one: it is counted)."""
