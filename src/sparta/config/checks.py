@@ -13,11 +13,16 @@ from typing import Any
 
 from ..errors import ConfigError
 
+_RULE_KEYS = ("kind", "low", "high", "open_low", "open_high", "none")
 
-def rule(default, kind, *, low=None, high=None, open_low=False, open_high=False, none=False):
-    """A dataclass field with its validation rule in ``metadata``."""
+
+def rule(
+    default, kind, *, low=None, high=None, open_low=False, open_high=False, none=False, help=None
+):
+    """A dataclass field with its validation rule and its one-line ``help`` (what ``sparta run
+    --help`` and the README's option list show) in ``metadata``."""
     meta = dict(kind=kind, low=low, high=high, open_low=open_low, open_high=open_high, none=none)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata={**meta, "help": help})
 
 
 def check_keys(data, known: list[str], what: str) -> None:
@@ -40,7 +45,8 @@ def check_fields(config) -> None:
         if not f.metadata:
             continue
         value = getattr(config, f.name)
-        setattr(config, f.name, check_value(f.name, value, **f.metadata))
+        rule_ = {k: f.metadata[k] for k in _RULE_KEYS}
+        setattr(config, f.name, check_value(f.name, value, **rule_))
 
 
 def check_value(name, value, kind, low, high, open_low, open_high, none) -> Any:
