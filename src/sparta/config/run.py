@@ -52,48 +52,135 @@ class RunConfig:
     checks the name.
     """
 
-    recipe: str | None = rule(None, str, none=True)  # a preset applied first (RECIPES)
+    recipe: str | None = rule(
+        None, str, none=True,
+        help="a named preset applied first, e.g. paper (flags and file keys override it; "
+        "`sparta run --help` and RECIPES list them)",
+    )  # fmt: skip
     # model
-    model: str = rule("resnet18", str)
-    weights: str | None = rule(None, str, none=True)  # e.g. "DEFAULT": pretrained weights
-    checkpoint: str | None = rule(None, str, none=True)  # a local state dict to start from
-    cifar_stem: bool = rule(False, bool)
+    model: str = rule(
+        "resnet18", str, help="model name: torchvision (resnet18, ...), timm:NAME or digits_cnn"
+    )
+    weights: str | None = rule(
+        None,
+        str,
+        none=True,
+        help="pretrained weights, e.g. DEFAULT (torchvision downloads them once)",
+    )
+    checkpoint: str | None = rule(None, str, none=True, help="a local state dict to start from")
+    cifar_stem: bool = rule(False, bool, help="3x3 stem without max-pool (CIFAR ResNets)")
     # data
-    dataset: str = rule("cifar10", str)
-    data_dir: str = rule("data", str)
-    download: bool = rule(False, bool)
-    image_size: int | None = rule(None, int, low=1, none=True)
+    dataset: str = rule(
+        "cifar10", str, help="cifar10, cifar100, flowers102, pets, imagefolder, digits, ..."
+    )
+    data_dir: str = rule("data", str, help="where datasets are read from (and downloaded to)")
+    download: bool = rule(False, bool, help="let torchvision download a missing dataset")
+    image_size: int | None = rule(
+        None, int, low=1, none=True, help="resize inputs to this side length"
+    )
+    max_length: int = rule(
+        128, int, low=1, help="text datasets: tokens per example (padded or truncated to it)"
+    )
     # method
-    method: str = rule("splora", str)
-    rank: int = rule(8, int, low=1)  # adapters that take a rank (splora)
-    init_scale: float | None = rule(None, float, low=0, high=1, none=True)  # None: adapter's
+    method: str = rule(
+        "splora", str, help="finetune, fine-pruning or a registered adapter (`sparta adapters`)"
+    )
+    rank: int = rule(8, int, low=1, help="adapter rank (adapters that take one)")
+    init_scale: float | None = rule(
+        None, float, low=0, high=1, none=True,
+        help="adapters start uniform(+-init_scale); none: each adapter's default (1e-4)",
+    )  # fmt: skip
+    block: int | None = rule(
+        None, int, low=1, none=True, help="splopa: block side p = q (none: the adapter's, 32)"
+    )
+    prototypes: int | None = rule(
+        None, int, low=1, none=True, help="splopa: number of block prototypes R (none: 64)"
+    )
+    prototype_rank: int | None = rule(
+        None, int, low=1, high=2, none=True, help="splopa: rank of each prototype (none: 1)"
+    )
+    shared: bool | None = rule(
+        None, bool, none=True, help="splopa: one set of prototypes for all layers (none: no)"
+    )
     # pruning
-    criterion: str = rule("taylor", str)
-    target: str | float = rule(0.05, (str, float))  # filter density, or "sparsity=0.9" text
-    steps: int = rule(19, int, low=0)  # 0: no pruning
-    step_fraction: float | None = rule(None, float, low=0, high=1, open_low=True, none=True)
-    schedule: str = rule("linear", str)
-    ranking: str = rule("global", str)
-    round_to: int | None = rule(None, int, low=1, none=True)
-    scoring_batches: int = rule(16, int, low=1)
+    criterion: str = rule(
+        "taylor", str, help="importance criterion: taylor, l1, l2, gradient, lrp, random"
+    )
+    target: str | float = rule(
+        0.05, (str, float),
+        help="a bare number is a FILTER density, the fraction of filters kept (the paper's "
+        "meaning: 0.3 keeps 30% of the filters); sparsity=S is the fraction of WEIGHTS removed, "
+        "macs=F the fraction of MACs kept",
+    )  # fmt: skip
+    steps: int = rule(19, int, low=0, help="pruning steps (0: no pruning); overrides step_fraction")
+    step_fraction: float | None = rule(
+        None, float, low=0, high=1, open_low=True, none=True,
+        help="share of the original filters removed per step: steps derived as "
+        "round((1 - density) / step_fraction) (paper recipe: 0.05)",
+    )  # fmt: skip
+    schedule: str = rule("linear", str, help="pruning schedule: linear, geometric, cubic, one-shot")
+    ranking: str = rule("global", str, help="global or local ranking of channels")
+    round_to: int | None = rule(
+        None, int, low=1, none=True, help="keep channel counts multiples of this"
+    )
+    scoring_batches: int = rule(
+        16, int, low=1, help="training batches scored before each pruning step"
+    )
+    pruner: str | None = rule(
+        None, str, none=True,
+        help="channels or blocks (none: blocks for an adapter with block masks, e.g. splopa)",
+    )  # fmt: skip
+    block_criterion: str = rule(
+        "movement", str, help="blocks pruner: magnitude, activation, movement, soft-movement, l0"
+    )
+    granularity: str = rule(
+        "blocks", str, help="blocks pruner: blocks, heads, neurons or heads,neurons"
+    )
+    warmup: float = rule(
+        0.1, float, low=0, high=1, help="blocks pruner: share of training steps before pruning"
+    )
+    cooldown: float = rule(
+        0.1, float, low=0, high=1, help="blocks pruner: share of training steps at the target"
+    )
+    penalty: float | None = rule(
+        None, float, low=0, none=True,
+        help="blocks pruner: weight of the criterion's loss penalty (soft-movement, l0; none: 1)",
+    )  # fmt: skip
     # training
-    epochs: int = rule(10, int, low=0)  # initial training
-    recovery_epochs: int = rule(1, int, low=0)  # after every pruning step
-    batch_size: int = rule(64, int, low=1)  # global batch, split over ranks
-    optimizer: str = rule("sgd", str)
-    lr: float = rule(0.01, float, low=0, open_low=True)
-    weight_decay: float = rule(0.0, float, low=0)
-    momentum: float = rule(0.9, float, low=0, high=1, open_high=True)
-    lr_schedule: str = rule("cosine", str)
-    adapter_lr_scale: float = rule(1.0, float, low=0, open_low=True)
-    val_fraction: float = rule(0.0, float, low=0, high=1, open_high=True)
+    epochs: int = rule(10, int, low=0, help="epochs of initial training")
+    recovery_epochs: int = rule(1, int, low=0, help="epochs of training after every pruning step")
+    batch_size: int = rule(64, int, low=1, help="global batch size (split over DDP processes)")
+    optimizer: str = rule("sgd", str, help="sgd, adam or adamw")
+    lr: float = rule(0.01, float, low=0, open_low=True, help="learning rate")
+    weight_decay: float = rule(0.0, float, low=0, help="weight decay")
+    momentum: float = rule(0.9, float, low=0, high=1, open_high=True, help="SGD momentum")
+    lr_schedule: str = rule(
+        "cosine", str,
+        help="cosine, constant or step (lr / 10 at 50% and 75%), over each training phase",
+    )  # fmt: skip
+    adapter_lr_scale: float = rule(
+        1.0, float, low=0, open_low=True,
+        help="multiplies lr for adapter parameters only (head, norms, biases keep lr)",
+    )  # fmt: skip
+    val_fraction: float = rule(
+        0.0, float, low=0, high=1, open_high=True,
+        help="share of the training data held out (seeded, stratified) as a validation split; "
+        "records val_accuracy",
+    )  # fmt: skip
     # run
-    seed: int = rule(0, int, low=0)
-    output_dir: str = rule("runs/run", str)
-    device: str = rule("auto", str)
-    workers: int = rule(0, int, low=0)
-    find_unused_parameters: bool = rule(False, bool)  # DDP; see sparta.train.distributed
-    sync_batchnorm: bool = rule(False, bool)  # DDP on CUDA only
+    seed: int = rule(0, int, low=0, help="seed of data order, initialisation and split")
+    output_dir: str = rule(
+        "runs/run", str, help="folder of the run (of a grid: parent of its runs)"
+    )
+    device: str = rule("auto", str, help="auto, cpu, cuda, cuda:INDEX or mps")
+    workers: int = rule(0, int, low=0, help="data loader worker processes")
+    find_unused_parameters: bool = rule(
+        False, bool, help="DDP option for models with unused parameters"
+    )  # see sparta.train.distributed
+    sync_batchnorm: bool = rule(False, bool, help="synchronised BatchNorm under DDP (CUDA only)")
+    tensorboard: bool = rule(
+        False, bool, help="log loss, accuracy, density, MACs, learned parameters to TensorBoard"
+    )
 
     def __post_init__(self):
         check_fields(self)
