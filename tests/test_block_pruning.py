@@ -335,7 +335,7 @@ def test_learned_parameters_of_a_block_pruned_model(base):
 def test_bad_input_is_refused_with_the_reason(base):
     model = _wrapped(base)
     with pytest.raises(
-        ConfigError, match="known block criterions: " + ", ".join(list_block_criteria())
+        ConfigError, match="known block criteria: " + ", ".join(list_block_criteria())
     ):
         BlockPruner(model, "taylor")
     for target in (0, 1.5, True, "half"):

@@ -19,13 +19,32 @@ class ConfigError(SpartaError, ValueError):
     """A value given by the user is out of range or inconsistent."""
 
 
+def _plural(kind: str) -> str:
+    """``kind`` in the plural ("criterion" -> "criteria", "model" -> "models")."""
+    if kind.endswith("criterion"):
+        return kind[: -len("criterion")] + "criteria"
+    return kind + "s"
+
+
 class UnknownNameError(ConfigError):
     """A registered name (adapter, criterion, model, ...) does not exist."""
 
-    def __init__(self, kind: str, name: object, known: Iterable[str]):
+    #: Above this many known names, the message shows the closest few, not all of them.
+    LISTED = 24
+
+    def __init__(
+        self, kind: str, name: object, known: Iterable[str], examples: Iterable[str] = ()
+    ):
         known = sorted(known)
+        kinds = _plural(kind)
         hint = difflib.get_close_matches(str(name), known, n=1)
-        msg = f"unknown {kind} {name!r}; known {kind}s: {', '.join(known) or '(none)'}"
+        if len(known) > self.LISTED:  # e.g. 80 models: the closest names, not a wall of text
+            close = difflib.get_close_matches(str(name).lower(), known, n=5, cutoff=0.5)
+            some = list(examples) or known[:5]  # typical names when none is close
+            shown = f"close names: {', '.join(close)}" if close else f"e.g. {', '.join(some)}"
+            msg = f"unknown {kind} {name!r}; {shown} ({len(known)} known {kinds})"
+        else:
+            msg = f"unknown {kind} {name!r}; known {kinds}: {', '.join(known) or '(none)'}"
         if hint:
             msg += f" (did you mean {hint[0]!r}?)"
         super().__init__(msg)

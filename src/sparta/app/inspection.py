@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import warnings
 
 from torch import nn
 
 from ..adapters import get_adapter
-from ..errors import ConfigError, SkippedLayerWarning
+from ..errors import ConfigError, SkippedLayerWarning, UnknownNameError
 from ..measure import learned_parameters
 from ..wrapping import wrap
 
@@ -24,13 +23,7 @@ def torchvision_model(name: str, num_classes: int) -> nn.Module:
         raise ConfigError(f"num-classes must be a positive integer, got {num_classes!r}")
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        close = difflib.get_close_matches(name.lower(), known, n=5, cutoff=0.5)
-        hint = (
-            f"close names: {', '.join(close)}"
-            if close
-            else f"for example {', '.join(EXAMPLE_MODELS)} ({len(known)} known)"
-        )
-        raise ConfigError(f"unknown torchvision classification model {name!r}; {hint}")
+        raise UnknownNameError("torchvision classification model", name, known, EXAMPLE_MODELS)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
