@@ -22,7 +22,7 @@ from .errors import (
     UnknownNameError,
 )
 from .measure import MacCounter, learned_parameters
-from .pruning import Pruner, StepRecord, Target
+from .pruning import BlockPruner, Pruner, StepRecord, Target, list_criteria, make_pruner
 from .runtime import Deployed, deploy
 from .tasks import ArtifactError, Task, TaskBank, build, export, report
 from .wrapping import SkippedLayer, WrapReport, fuse, wrap
@@ -33,6 +33,7 @@ __all__ = [
     "AdaptedLayer",
     "Adapter",
     "ArtifactError",
+    "BlockPruner",
     "ConfigError",
     "Deployed",
     "MacCounter",
@@ -58,6 +59,8 @@ __all__ = [
     "get_adapter",
     "learned_parameters",
     "list_adapters",
+    "list_criteria",
+    "make_pruner",
     "register_adapter",
     "report",
     "wrap",

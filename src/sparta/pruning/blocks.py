@@ -44,12 +44,15 @@ from torch import Tensor, nn
 
 from ..adapters.splopa import SPLoPA
 from ..errors import ConfigError
-from ..masks import alive_units
+from ..inputs import check_nonempty, input_spec
+from ..masks import alive_units, kept_weights
+from ..measure import MacCounter
 from .block_criteria import PrunerHook, get_block_criterion
 from .block_units import block_units, splopa_layers, structured_units
 from .checks import bad_count, check_int, check_weights, finite, nonfinite
 from .groups import _transformer_groups
 from .promotion import promote_dead_units
+from .protocol import PrunerBase, check_progress
 from .schedules import Schedule, get_schedule, level_at
 
 GRANULARITIES = ("blocks", "heads", "neurons")
@@ -65,8 +68,9 @@ class BlockStep:
     promoted: dict  # {heads/FFN group: units cleared in the channel masks}
 
 
-class BlockPruner:
-    """Prunes the blocks of every SPLoPA-adapted ``nn.Linear`` of ``model`` during training.
+class BlockPruner(PrunerBase):
+    """Prunes the blocks of every SPLoPA-adapted ``nn.Linear`` of ``model`` during training
+    (the protocol's ``"blocks"`` pruner; see :class:`~sparta.pruning.protocol.PrunerBase`).
 
     Args:
         model: a model wrapped by ``sparta.wrap(..., "splopa")``.
@@ -80,6 +84,8 @@ class BlockPruner:
         granularity: ``"blocks"``, ``"heads"``, ``"neurons"`` or ``("heads", "neurons")``.
         ranking: ``"global"`` (one ranking of all units) or ``"local"`` (the same fraction
             in every layer, attention module or FFN). Every group keeps at least one unit.
+        example_inputs: a batch the model accepts (optional): with it, :meth:`achieved`
+            counts MACs (else ``macs`` is None) and ``sparta.export`` records the input spec.
         criterion_options: e.g. ``lr``, ``init``, ``threshold`` (soft-movement), ``beta`` (l0).
 
     Use: ``loss = task_loss + lam * pruner.penalty(); loss.backward(); opt.step();
@@ -98,6 +104,7 @@ class BlockPruner:
         schedule: str | Schedule = "cubic",
         granularity: str | tuple[str, ...] = "blocks",
         ranking: str = "global",
+        example_inputs=None,
         **criterion_options,
     ):
         if not isinstance(model, nn.Module):
@@ -133,11 +140,15 @@ class BlockPruner:
         self._scope[self.units.block_of] = True
         self._warn_unreachable()
         self.criterion = cls(self.layers, **criterion_options)
+        self.macs = self._mac_counter(example_inputs)  # before any hook: a clean forward
+        self._initial = self._totals()
         self.steps_done, self.history, self.final = 0, [], False
         self._live = self._live_blocks()
         if self.criterion.uses_hook:
             self._attach()
         self.criterion.attach()
+
+    granularity = "blocks"
 
     # -- public API -------------------------------------------------------------------------
     @property
@@ -145,7 +156,41 @@ class BlockPruner:
         """All ``total_steps`` steps taken."""
         return self.steps_done >= self.total_steps
 
-    def step(self) -> BlockStep:
+    @property
+    def needs_scoring(self) -> bool:
+        """False: every block criterion learns from the training batches themselves (hooks
+        on the forward and backward passes) or reads weights only."""
+        return False
+
+    @property
+    def total(self) -> int:
+        return self.total_steps
+
+    def score(self, batches, loss_fn, progress=None) -> int:
+        """Nothing to score apart from training (:attr:`needs_scoring` is False): returns 0
+        without reading ``batches``; kept so that both pruners are driven alike."""
+        check_progress(progress)
+        return 0
+
+    def importance(self) -> Tensor:
+        """The criterion's raw scores, one per block of every pruned layer (float64, CPU)."""
+        return self.criterion.scores()
+
+    def achieved(self) -> dict:
+        """Block density (live blocks over those the target counts), weight sparsity of the
+        pruned layers, MAC fraction and count per example (None without ``example_inputs``)
+        and learned parameters (``learned``: as stored, ``learned_paper``: as the paper)."""
+        now = self._totals()
+        macs = now["macs"]
+        return {
+            "density": self.density(),
+            "sparsity": 1.0 - now["weights"] / self._initial["weights"],
+            "macs": None if macs is None else macs / self._initial["macs"],
+            "macs_abs": macs,
+            **self._learned(),
+        }
+
+    def step(self, scores: Tensor | None = None) -> BlockStep:
         """One training step done: update learned scores, prune to the scheduled level.
 
         From step ``total_steps - cooldown_steps`` on the masks are final: the pruner has
@@ -153,9 +198,14 @@ class BlockPruner:
         blocks under the fixed masks).
 
         NaN/inf met since the last step (gradients, inputs, weights, scores) raise
-        :class:`~sparta.NonFiniteError` before any mask changes; the step is not counted."""
+        :class:`~sparta.NonFiniteError` before any mask changes; the step is not counted.
+
+        ``scores`` (one per block, as :meth:`importance`) replace the criterion's, e.g.
+        scores summed over the ranks of a distributed run so that every rank decides alike."""
         if self.done:
             raise ConfigError(f"all {self.total_steps} block pruning steps are done")
+        if scores is not None:
+            scores = _given_scores(scores, self.criterion.total)
         t = self.steps_done + 1
         level = level_at(
             t, self.total_steps, self.target, self.schedule, self.warmup, self.cooldown
@@ -164,7 +214,8 @@ class BlockPruner:
         if not self.final:
             self.criterion.check()  # before the criterion learns from bad numbers
             self.criterion.update()
-            pruned = self._prune(level, self._checked_scores()) if level < 1 else 0
+            if level < 1:
+                pruned = self._prune(level, self._checked_scores(scores))
             promoted = promote_dead_units(self.model, self.groups)
             self._live = self._live_blocks()
             if t >= self.total_steps - self.cooldown:
@@ -248,12 +299,30 @@ class BlockPruner:
     def _live_blocks(self) -> Tensor:
         return torch.cat([lay.adapter._live_blocks().flatten().cpu() for lay in self.layers])
 
-    def _checked_scores(self) -> Tensor:
-        """The criterion's scores; NaN/inf in them or in the pruned layers' weights (which
-        a criterion that reads only gradients or gates would not see) are refused."""
+    def _mac_counter(self, example_inputs) -> MacCounter | None:
+        if example_inputs is None:
+            return None
+        check_nonempty(example_inputs, "example_inputs")
+        spec = input_spec(example_inputs)
+        counter = MacCounter(self.model, example_inputs)
+        self.model.sparta_inputs = spec  # for sparta.export, as the channel Pruner records it
+        return counter
+
+    def _totals(self) -> dict:
+        """Kept weight entries of the pruned layers; MACs per example (None if unknown)."""
+        weights = sum(kept_weights(lay.layer) for lay in self.layers)
+        return {
+            "weights": weights,
+            "macs": None if self.macs is None else self.macs.count(self.model),
+        }
+
+    def _checked_scores(self, given: Tensor | None = None) -> Tensor:
+        """The criterion's scores (or ``given`` ones); NaN/inf in them or in the pruned
+        layers' weights (which a criterion that reads only gradients or gates would not see)
+        are refused."""
         name = f"block criterion {self.criterion.name!r}"
         check_weights(self.model, [lay.name for lay in self.layers], name)
-        scores = self.criterion.scores()
+        scores = self.criterion.scores() if given is None else given.clone()
         if finite(scores):
             return scores
         parts = [(lay, scores[lay.offset : lay.offset + lay.count]) for lay in self.layers]
@@ -334,3 +403,19 @@ class BlockPruner:
             now -= float(cost[i])
             kept[group[i]] -= 1
         return chosen
+
+
+def _given_scores(scores, total: int) -> Tensor:
+    """Scores from the caller (``BlockPruner.step(scores)``): one number per block."""
+    try:
+        out = torch.as_tensor(scores).detach().double().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(
+            f"scores must be numbers, one per block ({total}), got {type(scores).__name__}"
+        ) from None
+    if tuple(out.shape) != (total,):
+        raise ConfigError(
+            f"scores must hold one number per block of the pruned layers: expected shape "
+            f"({total},), got {tuple(out.shape)}; pass what BlockPruner.importance() returns"
+        )
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from .checks import (
 )
 from .groups import Group, check_inputs, find_groups
 from .importance import get_criterion
+from .protocol import PrunerBase, check_progress
 from .schedules import Levels, Schedule
 from .tally import Tally
 from .target import Target
@@ -50,8 +51,9 @@ class StepRecord:
     scores: dict[str, list[float]] = field(default_factory=dict)
 
 
-class Pruner:
-    """Iterative structured pruning of ``model`` by editing its masks.
+class Pruner(PrunerBase):
+    """Iterative structured pruning of ``model`` by editing its masks (``granularity``
+    ``"channels"``; the shared protocol is :class:`~sparta.pruning.protocol.PrunerBase`).
 
     Args:
         model: an adapted model (``sparta.wrap``) or a plain one (fine-pruning).
@@ -127,10 +129,21 @@ class Pruner:
         self.history: list[StepRecord] = []
         self.reset_scores()
 
+    granularity = "channels"
+
     # -- public API -----------------------------------------------------------------------------
     @property
     def done(self) -> bool:
         return len(self.history) >= len(self.levels)
+
+    @property
+    def needs_scoring(self) -> bool:
+        """Whether the criterion is data-driven (:meth:`score` before every :meth:`step`)."""
+        return bool(self.criterion_cls.data_driven)
+
+    @property
+    def total(self) -> int:
+        return len(self.levels)
 
     def score(self, batches: Iterable, loss_fn: Callable, progress: Callable | None = None) -> int:
         """Accumulate a data-driven criterion over ``batches`` of ``(inputs, targets)``.
@@ -138,8 +151,7 @@ class Pruner:
         A batch whose loss, outputs or gradients are NaN/inf raises
         :class:`~sparta.NonFiniteError` and is not counted (the batches before it are)."""
         batches = check_batches(batches, loss_fn)
-        if progress is not None and not callable(progress):
-            raise ConfigError(f"progress must be a function of the batch count, got {progress!r}")
+        check_progress(progress)
         n = 0
         for batch in batches:
             self._criterion.accumulate(batch, loss_fn)
@@ -198,17 +210,16 @@ class Pruner:
         self._criterion = self.criterion_cls(self.model, self.groups, **self.criterion_options)
 
     def achieved(self) -> dict:
-        """Density, sparsity and MAC fraction of the model under its current masks."""
+        """Filter density, weight sparsity, MAC fraction (and count per example) and learned
+        parameters (``learned``: as stored, ``learned_paper``: as the paper counts) now."""
         now = self._totals()
         return {
             "density": now["filters"] / self.initial["filters"],
             "sparsity": 1.0 - now["weights"] / self.initial["weights"],
             "macs": now["macs"] / self.initial["macs"],
             "macs_abs": now["macs"],
+            **self._learned(),
         }
-
-    def history_dicts(self) -> list[dict]:
-        return [asdict(r) for r in self.history]
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _mask(self, member) -> Tensor:
