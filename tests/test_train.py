@@ -171,7 +171,7 @@ def test_splora_run_end_to_end(tmp_path):
         assert torch.allclose(rebuilt(x), r.model.eval()(x), atol=1e-5)
 
 
-def test_fine_pruning_trains_every_weight_and_records_checkpoint_bytes(tmp_path):
+def test_fine_pruning_trains_every_weight_and_saves_its_compact_model(tmp_path):
     r = run(
         small_config(tmp_path, method="fine-pruning", criterion="l1"),
         tiny_cnn(),
@@ -180,8 +180,10 @@ def test_fine_pruning_trains_every_weight_and_records_checkpoint_bytes(tmp_path)
     )
     assert all(p.requires_grad for p in r.model.parameters())
     assert [s["density"] for s in r.steps] == pytest.approx([1.0, 0.75, 0.5])
-    assert r.final["checkpoint_bytes"] > 0 and "task" not in r.files
-    assert not (tmp_path / TASK).exists()
+    # the baseline's compact model (tests/test_baseline.py): every kept weight, no adapter
+    size = (tmp_path / TASK).stat().st_size
+    assert r.final["task_bytes"] == size and r.files["task"] == tmp_path / TASK
+    assert Task.load(tmp_path / TASK).adapter == "fine-pruning"
     kept = masks(r.model)
     assert kept and sum(float(m.sum()) for m in kept.values()) < sum(
         m.numel() for m in kept.values()

@@ -2,14 +2,22 @@
 table like the paper's Table 1, and plot accuracy against learned parameters, density and MACs.
 
     runs = load_runs(["runs/"])          # every result.json below runs/
-    rows = aggregate(runs)               # one row per (model, dataset, method, criterion, target)
-    print(to_markdown(rows))
+    rows = aggregate(runs)               # one row per group of runs differing only in the seed
+    print(to_markdown(rows))             # the table, then notes (merged, dropped, compared)
     plot(rows, "report/")                # three PNG files
 
-A *run* is a flat dict of one ``result.json`` (its config's grouping keys and its final
-evaluation); a *row* is a group of runs that differ only in their seed, with the accuracy's mean
-and standard deviation (sample standard deviation; ``None`` for a single seed) and the mean of
-every other number.
+A *run* is a flat dict of one ``result.json`` (its config's shown keys, its result-changing
+settings and its final evaluation); a *row* is a group of runs whose every result-changing
+setting is equal and whose seeds differ (:mod:`.grouping`: a seed found twice counts once),
+with the accuracy's mean and standard deviation (sample standard deviation; ``None`` for a
+single seed) and the mean of every other number. Rows that share the shown keys but differ in
+another setting (epochs, steps, lr, ...) say which in their ``settings``.
+
+Every run's artifact is the file it saved: an adapter's task file, or a baseline's compact
+model (``finetune``, ``fine-pruning``: :mod:`sparta.tasks.baseline`). Each adapter row is
+compared with the baseline of the same settings (fine-pruning for a pruned row, fine-tuning
+for an unpruned one): ``baseline_bytes`` is that baseline's compact file, ``bytes_ratio`` how
+many times smaller the adapter's task file is.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..config import BASELINE_METHODS
 from ..errors import ConfigError
+from .grouping import group_runs, settings_of
 
 RESULT_FILE = "result.json"
 #: What identifies a row of the table: runs sharing these (and differing in seed) are averaged.
@@ -39,22 +49,33 @@ MEAN_KEYS = (
 #: Columns of :func:`to_csv`, in order.
 ROW_COLUMNS = (
     *GROUP_KEYS,
+    "settings",
     "seeds",
     "accuracy_mean",
     "accuracy_std",
     *MEAN_KEYS,
     "artifact",
+    "artifact_file",
+    "baseline_bytes",
+    "bytes_ratio",
     "output_dirs",
 )
+#: Settings in which an adapter run and its baseline may differ and still be compared.
+ADAPTER_SETTINGS = frozenset(
+    {"method", "rank", "init_scale", "block", "prototypes", "prototype_rank", "shared",
+     "adapter_lr_scale"}
+)  # fmt: skip
 
 
 # -- reading ---------------------------------------------------------------------------------------
 def run_record(result: dict, output_dir: str | Path | None = None) -> dict:
     """The flat run dict of one parsed ``result.json`` (see the module docstring).
 
-    ``artifact_bytes`` is the task file's size for adapter methods and the whole state dict's
-    size for the baselines (``artifact`` says which). ``criterion`` and ``target`` are ``None``
-    for runs that do not prune.
+    ``artifact_bytes`` is the size of the file the run saved, ``artifact_file`` its name and
+    ``artifact`` what it is: ``task`` (an adapter's task file) or ``compact model`` (a
+    baseline's, see :mod:`sparta.tasks.baseline`); a result that saved no file (older
+    baselines) has ``None`` for all three. ``criterion`` and ``target`` are ``None`` for runs
+    that do not prune. ``settings`` are the result-changing settings (:mod:`.grouping`).
     """
     if not isinstance(result, dict) or result.get("format") != "sparta.result":
         raise ConfigError("not a sparta result (expected format 'sparta.result')")
@@ -62,10 +83,12 @@ def run_record(result: dict, output_dir: str | Path | None = None) -> dict:
     prunes = bool(result.get("pruning")) or (
         config.get("method") != "finetune" and config.get("steps", 0) > 0
     )
-    if "task_bytes" in final:
-        artifact, size = "task", final["task_bytes"]
+    file = (result.get("files") or {}).get("task")
+    size = final.get("task_bytes")
+    if size is None:  # an older baseline: it kept no model file
+        artifact = file = None
     else:
-        artifact, size = "checkpoint", final.get("checkpoint_bytes")
+        artifact = "compact model" if config.get("method") in BASELINE_METHODS else "task"
     return {
         "name": result.get("name"),
         "model": config.get("model"),
@@ -83,8 +106,10 @@ def run_record(result: dict, output_dir: str | Path | None = None) -> dict:
         "macs": final.get("macs"),
         "macs_fraction": final.get("macs_fraction"),
         "artifact": artifact,
+        "artifact_file": file,
         "artifact_bytes": size,
         "output_dir": str(output_dir if output_dir is not None else config.get("output_dir")),
+        "settings": settings_of(config, prunes),
     }
 
 
@@ -147,27 +172,68 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def aggregate(runs: Iterable[dict]) -> list[dict]:
-    """Rows of runs grouped by :data:`GROUP_KEYS` (so seeds are averaged), sorted by model,
-    dataset, method, criterion and target (densest first)."""
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        key = tuple(json.dumps(run.get(k)) for k in GROUP_KEYS)
-        groups.setdefault(key, []).append(run)
-    rows = []
-    for members in groups.values():
+class Rows(list):
+    """The rows of :func:`aggregate`, with ``notes``: what was merged, dropped or compared."""
+
+    notes: list[str]
+
+
+def aggregate(runs: Iterable[dict]) -> Rows:
+    """Rows of runs with equal result-changing settings (so seeds are averaged; see the module
+    docstring), sorted by model, dataset, method, criterion and target (densest first), each
+    adapter row compared with its baseline's compact file."""
+    runs = [r if "settings" in r else {**r, "settings": {}} for r in runs]
+    groups, notes = group_runs(runs, GROUP_KEYS)
+    rows = Rows()
+    for members in groups:
         first = members[0]
         accuracies = [m["accuracy"] for m in members if m.get("accuracy") is not None]
         row = {k: first.get(k) for k in GROUP_KEYS}
+        row["settings"] = first.get("settings_text", "")
+        row["_settings"] = first["settings"]
         row["seeds"] = len(members)
         row["accuracy_mean"] = statistics.fmean(accuracies) if accuracies else None
         row["accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else None
         for k in MEAN_KEYS:
             row[k] = _mean([m.get(k) for m in members])
         row["artifact"] = first.get("artifact")
+        row["artifact_file"] = first.get("artifact_file")
         row["output_dirs"] = [m.get("output_dir") for m in members]
         rows.append(row)
-    return sorted(rows, key=_sort_key)
+    notes += _compare_baselines(rows)
+    rows.sort(key=_sort_key)
+    rows.notes = notes
+    return rows
+
+
+def _compare_baselines(rows: list[dict]) -> list[str]:
+    """Fill ``baseline_bytes`` and ``bytes_ratio`` of each adapter row from the baseline row of
+    the same settings (but for :data:`ADAPTER_SETTINGS`); notes for adapter rows without one."""
+
+    def key(row: dict, method: str) -> str:
+        shared = {k: v for k, v in row["_settings"].items() if k not in ADAPTER_SETTINGS}
+        return json.dumps([row["model"], row["dataset"], method, shared], default=str)
+
+    baselines = {key(r, r["method"]): r for r in rows if r["method"] in BASELINE_METHODS}
+    missing = []
+    for row in rows:
+        row["baseline_bytes"] = row["bytes_ratio"] = None
+        if row["method"] in BASELINE_METHODS:
+            continue
+        wanted = "fine-pruning" if row["criterion"] is not None else "finetune"
+        base = baselines.get(key(row, wanted))
+        if base is None or base["artifact_bytes"] is None:
+            missing.append(f"{row['method']}/{row['criterion']}/{row['target']}")
+            continue
+        row["baseline_bytes"] = base["artifact_bytes"]
+        if row["artifact_bytes"]:
+            row["bytes_ratio"] = base["artifact_bytes"] / row["artifact_bytes"]
+    if missing and any(r["method"] in BASELINE_METHODS for r in rows):
+        return [
+            "no baseline run with the same settings (and a saved compact model) to compare "
+            f"with for: {', '.join(missing)}"
+        ]
+    return []
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -203,22 +269,31 @@ MARKDOWN_COLUMNS = (
     ("filter density", lambda r: _fixed(r["density"])),
     ("MACs", lambda r: _int(r["macs"])),
     ("artifact bytes", lambda r: _int(r["artifact_bytes"])),
+    ("baseline bytes", lambda r: _int(r.get("baseline_bytes"))),
+    ("x smaller", lambda r: "-" if r.get("bytes_ratio") is None else f"{r['bytes_ratio']:.1f}x"),
     ("seeds", lambda r: str(r["seeds"])),
 )
 
 
 def table_cells(rows: Iterable[dict]) -> tuple[list[str], list[list[str]]]:
-    """``(header, cells)``: the rows formatted as text, as :func:`to_markdown` shows them."""
-    header = [name for name, _ in MARKDOWN_COLUMNS]
-    return header, [[cell(r) for _, cell in MARKDOWN_COLUMNS] for r in rows]
+    """``(header, cells)``: the rows formatted as text, as :func:`to_markdown` shows them (a
+    ``settings`` column after the shown keys when some rows differ in another setting)."""
+    rows = list(rows)
+    columns = list(MARKDOWN_COLUMNS)
+    if any(r.get("settings") for r in rows):
+        columns.insert(len(GROUP_KEYS), ("settings", lambda r: r.get("settings") or "-"))
+    header = [name for name, _ in columns]
+    return header, [[cell(r) for _, cell in columns] for r in rows]
 
 
 def to_markdown(rows: Iterable[dict]) -> str:
     """A Markdown table: accuracy in percent as mean ± std over seeds (the mean alone for one
-    seed), means of the rest."""
+    seed), means of the rest; then the notes of :func:`aggregate` (``Note: ...`` lines)."""
     header, cells = table_cells(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
+    notes = getattr(rows, "notes", None) or []
+    lines += ([""] if notes else []) + [f"Note: {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -267,6 +342,7 @@ def plot(runs_or_rows: Iterable[dict], out_dir: str | Path) -> list[Path]:
             continue
         parts = [row[k] for k in ("model", "dataset") if several[k]]
         parts += [row["method"]] + ([row["criterion"]] if row["criterion"] else [])
+        parts += [row["settings"]] if row.get("settings") else []
         series.setdefault(" / ".join(str(p) for p in parts), []).append(row)
     written = []
     for stem, key, label, log in PLOTS:

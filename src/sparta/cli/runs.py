@@ -242,7 +242,11 @@ def summary_table(results: list) -> Table:
         table.add_column(column, justify="right")
     for res in results:
         r = run_record(res.result, res.output_dir)
-        size = "-" if r["artifact_bytes"] is None else f"{r['artifact_bytes']:,} ({r['artifact']})"
+        size = (
+            "-"
+            if r["artifact_bytes"] is None
+            else f"{r['artifact_bytes']:,} ({r['artifact_file']})"
+        )
         val, paper = res.final.get("val_accuracy"), res.final.get("learned_parameters_paper")
         table.add_row(
             f"{escape(str(r['name']))}\n[dim]{escape(r['output_dir'])}[/]",

@@ -217,6 +217,17 @@ def export(model: nn.Module, example_inputs=None) -> Task:
     report = getattr(model, "sparta_report", None)
     if report is None or not _is_wrapped(model):
         raise ConfigError("export expects a model returned by sparta.wrap (it has no adapters)")
+    adapter = {"name": report.adapter, "options": dict(report.options)}
+    return export_layout(model, adapter, list(report.adapted), list(report.head), example_inputs)
+
+
+def export_layout(
+    model: nn.Module, adapter: dict, adapted: list, head: list, example_inputs=None
+) -> Task:
+    """:func:`export` with the layout given: ``adapter`` (``{"name", "options"}``), the
+    ``adapted`` layers and the ``head``. On a plain model (a baseline, see
+    :mod:`sparta.tasks.baseline`) every trainable tensor is the task's and the base's
+    fingerprint covers its frozen tensors (none, when everything was trained) and structure."""
     sd = model.state_dict()
     kinds, layout = _task_kinds(model), _layout(model)
     tensors, table = {}, {}
@@ -239,16 +250,17 @@ def export(model: nn.Module, example_inputs=None) -> Task:
         table[key] = entry
     tensors = dict(sorted(tensors.items()))
     table = dict(sorted(table.items()))
-    digests = base_digests(model)
+    names = None if _is_wrapped(model) else [k for k in sd if k not in kinds]
+    digests = base_digests(model, names)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
-        "adapter": {"name": report.adapter, "options": dict(report.options)},
-        "adapted": list(report.adapted),
-        "head": list(report.head),
+        "adapter": adapter,
+        "adapted": list(adapted),
+        "head": list(head),
         "masked": _masked_sites(model),
         "tensors": table,
-        "base": {"sha256": fingerprint(model), "tensors": digests},
+        "base": {"sha256": fingerprint(model, names), "tensors": digests},
         "counts": {
             "learned_parameters": learned_parameters(model),
             "learned_parameters_paper": learned_parameters(model, accounting="paper"),

@@ -26,6 +26,9 @@ MANIFEST_KEY = "sparta.manifest"
 CHECKSUM_KEY = "sparta.manifest.sha256"
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 KINDS = ("param", "mask", "stat")
+#: The "adapter" names of baselines (:mod:`sparta.tasks.baseline`): a plain model whose task
+#: holds every trained tensor (kept entries only), so the base gives only the structure.
+BASELINES = ("finetune", "fine-pruning")
 MAX_TENSOR_ELEMENTS = 2**32  # the full (unpruned) shape of any one task tensor
 MAX_RANK = 8
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -195,7 +198,10 @@ def _shapes_ok(shapes: list) -> bool:
 
 
 def _check_adapter(adapter: dict, path: str) -> None:
-    """The adapter is a registered one and its options pass its own checks."""
+    """The adapter is a registered one and its options pass its own checks (a baseline's,
+    :data:`BASELINES`, has no options)."""
+    if adapter["name"] in BASELINES and not adapter["options"]:
+        return
     try:
         get_adapter(adapter["name"]).resolve_options(dict(adapter["options"]))
     except (SpartaError, TypeError, ValueError) as exc:

@@ -17,7 +17,7 @@ from ..adapters.base import get_adapter, grouped_mask
 from ..adapters.forms import form_of
 from ..utils import NORMS
 from .kept import Stored
-from .manifest import ArtifactError
+from .manifest import BASELINES, ArtifactError
 from .plan_cuts import (  # noqa: F401  (_cut_widths, decode_set: re-exported)
     _all,
     _all_kept,
@@ -55,10 +55,12 @@ class _Job:
         self.owners = builder.owners(self.table, self.adapted)
         self.used: set[str] = set()
         self.head = tuple(m["head"])
-        self.cls = get_adapter(m["adapter"]["name"])
-        self.options = self.cls.resolve_options(dict(m["adapter"]["options"]))
-        self.label = repr(sorted(self.options.items()))
-        builder.check_adapted(task, self.cls, self.options)
+        self.baseline = m["adapter"]["name"] in BASELINES and not m["adapted"]
+        if not self.baseline:  # a baseline adapts nothing and may hold every tensor
+            self.cls = get_adapter(m["adapter"]["name"])
+            self.options = self.cls.resolve_options(dict(m["adapter"]["options"]))
+            self.label = repr(sorted(self.options.items()))
+            builder.check_adapted(task, self.cls, self.options)
         unknown = [
             k for roles in self.owners.values() for r, k in roles.items() if r[0] == "unknown"
         ]
@@ -390,6 +392,8 @@ class _Job:
     def _may_hold(self, name: str, src: nn.Module, attr: str) -> bool:
         """Which plain tensors a task may replace (as the task model's trainable ones, see
         ``wrap``): anything in the head, norms, and the biases of adapted attention."""
+        if self.baseline:
+            return True
         in_head = any(name == h or name.startswith(h + ".") for h in self.head)
         parent, _, child = name.rpartition(".")
         attention_bias = (attr == "in_proj_bias" and name in self.adapted) or (

@@ -341,9 +341,12 @@ class _Runner:
 
                 files["task"] = self.out / TASK
                 final["task_bytes"] = export(self.model).save(files["task"])
-            else:  # a baseline stores its whole model
-                sd = self.model.state_dict()
-                final["checkpoint_bytes"] = sum(t.numel() * t.element_size() for t in sd.values())
+            else:  # a baseline stores its compact model (sparta.tasks.baseline)
+                from ..tasks.baseline import save_baseline
+
+                final.update(save_baseline(self.model, self.out / TASK, c.method, self.example))
+                if "task_bytes" in final:
+                    files["task"] = self.out / TASK
             self._time("export", time.perf_counter() - t0)
         result = result_record(
             c,
