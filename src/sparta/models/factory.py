@@ -1,4 +1,5 @@
-"""Models by name: torchvision classifiers, ``timm:<name>`` and the built-in ``digits_cnn``."""
+"""Models by name: torchvision classifiers, ``timm:<name>``, ``hf:<id or folder>`` (Hugging Face
+sequence classifiers) and the built-in ``digits_cnn``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, UnknownNameError
 from .checkpoint import load_strict, read_state_dict
 from .digits import digits_cnn
+from .hf import HF_PREFIX, hf_model
 
 #: Built-in models (name -> constructor taking ``num_classes``) and their default class count.
 BUILTIN = {"digits_cnn": (digits_cnn, 10)}
@@ -23,8 +25,9 @@ AUX_HEADS = ("aux1.fc2", "aux2.fc2", "AuxLogits.fc")
 
 
 def list_models() -> list[str]:
-    """Every name :func:`create` accepts, except ``timm:<name>`` (see ``timm.list_models()``):
-    all torchvision classification models and the built-in ``digits_cnn``."""
+    """Every name :func:`create` accepts, except ``timm:<name>`` (see ``timm.list_models()``)
+    and ``hf:<hub id or folder>``: all torchvision classification models and the built-in
+    ``digits_cnn``."""
     return sorted([*_torchvision_names(), *BUILTIN])
 
 
@@ -44,7 +47,10 @@ def create(
     Args:
         name: a torchvision classification model (``resnet50``, ``vit_b_16``, ...; see
             :func:`list_models`), ``timm:<name>`` (needs ``pip install timm``; a pretrained tag
-            goes in the name, e.g. ``timm:resnet50.a1_in1k``) or ``digits_cnn`` (a small CNN for
+            goes in the name, e.g. ``timm:resnet50.a1_in1k``), ``hf:<hub id or local folder>``
+            (a Hugging Face ``AutoModelForSequenceClassification`` with a fresh head of
+            ``num_classes`` labels on the pretrained encoder; needs ``pip install
+            'sparta[hf]'``; honours ``HF_HUB_OFFLINE``) or ``digits_cnn`` (a small CNN for
             1x8x8 / 1x16x16 grayscale digits, 10 classes unless ``num_classes`` says otherwise).
         num_classes: replace the classifier head with a freshly initialised ``nn.Linear`` of
             this many outputs (same input features and bias setting); ``None`` keeps the head.
@@ -87,6 +93,8 @@ def create(
     state = read_state_dict(checkpoint) if checkpoint is not None else None
     if name.startswith(TIMM_PREFIX):
         model = _timm_model(name[len(TIMM_PREFIX) :], weights)
+    elif name.startswith(HF_PREFIX):
+        model = hf_model(name, num_classes if state is None else None, weights)
     elif name in BUILTIN:
         if weights is not None:
             raise ConfigError(

@@ -27,15 +27,24 @@ def split_train(config: RunConfig, train):
 
 
 def load_datasets(config: RunConfig):
-    """``sparta.data.load_dataset`` with the config's dataset settings."""
+    """``sparta.data.load_dataset`` with the config's dataset settings; a text dataset is
+    tokenised with the tokenizer of the run's ``hf:`` model, to ``max_length`` tokens."""
     from ..data import load_dataset
+    from ..data.text import TEXT_DATASETS
 
+    tokenizer = None
+    if config.dataset in TEXT_DATASETS and config.model.startswith("hf:"):
+        from ..models import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model)
     return load_dataset(
         config.dataset,
         data_dir=config.data_dir,
         download=config.download,
         image_size=config.image_size,
         seed=config.seed,
+        tokenizer=tokenizer,
+        max_length=config.max_length,
     )
 
 
@@ -45,7 +54,13 @@ def build_model(config: RunConfig, model, data, dist: DistState) -> nn.Module:
     if model is None:
         from ..models import create
 
-        if config.adapter is not None and config.weights is None and config.checkpoint is None:
+        pretrained = config.model.startswith("hf:")  # the source's own weights
+        if (
+            config.adapter is not None
+            and config.weights is None
+            and config.checkpoint is None
+            and not pretrained
+        ):
             warnings.warn(
                 f"method {config.method!r} freezes the base, but {config.model!r} is built "
                 "with random weights (no --weights or --checkpoint): expect poor accuracy; "
@@ -76,20 +91,30 @@ def build_model(config: RunConfig, model, data, dist: DistState) -> nn.Module:
 
 
 def adapter_options(config: RunConfig) -> dict:
-    """The config's options that the adapter takes: ``rank``, and ``init_scale`` when set
-    (``None`` leaves each adapter's own default, 1e-4 for the built-in ones)."""
+    """The config's options that the adapter takes: ``rank``, and ``init_scale``, ``block``,
+    ``prototypes``, ``prototype_rank``, ``shared`` when set (``None`` leaves each adapter's own
+    default, e.g. 1e-4 for ``init_scale``)."""
     from ..adapters import get_adapter
+    from ..config.pruning import ADAPTER_OPTIONS
 
     accepted = get_adapter(config.adapter).option_names()
     given = {"rank": config.rank, "init_scale": config.init_scale}
+    given.update({k: getattr(config, k) for k in ADAPTER_OPTIONS})
     return {k: v for k, v in given.items() if k in accepted and v is not None}
 
 
 def example_inputs(dataset, device: torch.device):
-    """A batch of the first two training inputs (for tracing groups and counting MACs)."""
+    """A batch of the first two training inputs (for tracing groups and counting MACs): a
+    tensor, or a dict of tensors for tokenised text."""
+    from torch.utils.data import default_collate
+
+    from .loop import to_device
+
     if len(dataset) == 0:
         raise ConfigError("the training set is empty")
     xs = [dataset[i][0] for i in range(min(2, len(dataset)))]
+    if isinstance(xs[0], dict):
+        return to_device(default_collate(xs), device)
     return torch.stack([torch.as_tensor(x) for x in xs]).to(device)
 
 

@@ -8,6 +8,10 @@ rank ``r`` takes the ``r``-th of ``W`` equal slices of each global batch (the ba
 be a multiple of ``W``), and each rank's loss is the mean over its slice; DDP averages the
 gradients, so every step sees the same gradient as one process on the whole global batch.
 The last incomplete batch of an epoch is dropped in training (so the slices are equal).
+
+Batches are ``(inputs, labels)``; inputs are a tensor (images) or a dict of tensors (tokenised
+text, passed to the model as keyword arguments), and a model may return its logits directly or
+as the ``logits`` of a Hugging Face output.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError
+from ..utils import call
 
 
 def derive_seed(*keys: int) -> int:
@@ -176,9 +181,27 @@ def make_scheduler(
 
 
 # -- one epoch, evaluation -----------------------------------------------------------------------
+def to_device(inputs, device):
+    """``inputs`` (a tensor, or a dict / tuple / list of tensors) on ``device``."""
+    if isinstance(inputs, Tensor):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
 def _to(batch, device):
     x, y = batch
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return to_device(x, device), y.to(device, non_blocking=True)
+
+
+def logits_of(model: nn.Module, inputs) -> Tensor:
+    """The model's logits on ``inputs`` (a dict goes in as keyword arguments; a Hugging Face
+    output gives its ``logits``)."""
+    out = call(model, inputs)
+    return getattr(out, "logits", out)
 
 
 def train_one_epoch(
@@ -189,9 +212,16 @@ def train_one_epoch(
     device: torch.device | str = "cpu",
     loss_fn: Callable = nn.functional.cross_entropy,
     on_batch: Callable[[int, float], None] | None = None,
+    penalty: Callable[[], Tensor] | None = None,
+    after_step: Callable[[dict], None] | None = None,
 ) -> dict:
     """One pass over ``loader``: mean training loss and accuracy (this rank's batches), the
-    number of batches and seconds. ``scheduler`` steps after every batch."""
+    number of batches and seconds. ``scheduler`` steps after every batch.
+
+    ``penalty()``, when given, is added to each batch's loss before the backward pass (a block
+    pruner's regulariser, already weighted); the recorded loss is the task loss alone.
+    ``after_step({"batch": n, "loss": ..., "accuracy": ...})`` runs after every optimiser step
+    (a block pruner's step, experiment tracking)."""
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -200,18 +230,22 @@ def train_one_epoch(
     for batch in loader:
         x, y = _to(batch, device)
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
+        out = logits_of(model, x)
         loss = loss_fn(out, y)
-        loss.backward()
+        (loss + penalty() if penalty is not None else loss).backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        hits = (out.detach().argmax(1) == y).sum()
         loss_sum += loss.detach().double() * len(y)
-        correct += (out.detach().argmax(1) == y).sum()
+        correct += hits
         seen += len(y)
         batches += 1
         if on_batch is not None:
             on_batch(batches, loss.detach().item())
+        if after_step is not None:
+            stats = {"loss": loss.detach().item(), "accuracy": hits.item() / max(len(y), 1)}
+            after_step({"batch": batches, **stats})
     if not torch.isfinite(loss_sum):
         raise FloatingPointError(
             f"the training loss became {float(loss_sum)} in this epoch; lower the learning "
@@ -241,7 +275,7 @@ def evaluate(
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         for batch in loader:
             x, y = _to(batch, device)
-            out = model(x)
+            out = logits_of(model, x)
             totals[0] += loss_fn(out, y, reduction="sum").double()
             totals[1] += (out.argmax(1) == y).sum()
             totals[2] += len(y)

@@ -14,6 +14,12 @@ scoring use the rest, and every evaluation records ``val_accuracy`` next to the 
 ``sparsity``, ``macs`` and both parameter counts: ``learned_parameters`` (what the task file
 stores) and ``learned_parameters_paper`` (as the paper's Table 1 counts).
 
+Block pruning (``pruner="blocks"``, the default for ``splopa``) follows training instead: the
+block pruner steps after every optimiser step and every epoch is followed by an evaluation
+(see :mod:`~sparta.train.block_run`). Inputs may be tensors (images) or dicts of tensors
+(tokenised text for ``hf:`` models); ``tensorboard=True`` writes the run's scalars for
+TensorBoard (:mod:`~sparta.train.tracking`).
+
 The run is a fixed list of stages (train epoch, prune step, evaluate). A checkpoint after every
 train and prune stage holds the model (masks included), optimiser, scheduler, RNG states,
 pruner history, per-step metrics and the number of stages done; ``resume=True`` continues from
@@ -37,6 +43,13 @@ from ..errors import ConfigError
 from ..measure import MacCounter
 from ..pruning.pruner import StepRecord
 from . import distributed as D
+from .block_run import (
+    block_stages,
+    make_block_pruner,
+    penalty_term,
+    pruner_state,
+    restore_pruner,
+)
 from .build import build_model, example_inputs, load_datasets, make_pruner, split_train
 from .checkpoint import (
     RESUMABLE_CHANGES,  # noqa: F401 (re-exported)
@@ -55,6 +68,7 @@ from .loop import (
     make_optimizer,
     make_scheduler,
     param_groups,
+    to_device,
     train_one_epoch,
 )
 from .records import (
@@ -68,6 +82,7 @@ from .records import (
     result_record,
 )
 from .report import LOGGER, Bars, log_file, write_json
+from .tracking import FOLDER, Tracker
 
 _SCORING_STREAM = 2  # a key of derive_seed: the scoring order, apart from training orders
 
@@ -133,8 +148,6 @@ class _Runner:
         self.train_set, self.val_set = split_train(config, self.data.train)
         self.model = build_model(config, model, self.data, dist)
         self.example = example_inputs(self.train_set, self.device)
-        self.pruner = make_pruner(config, self.model, self.example) if config.prunes else None
-        self.macs = self.pruner.macs if self.pruner else MacCounter(self.model, self.example)
         self.train_sampler = EpochBatchSampler(
             len(self.train_set), config.batch_size, config.seed, dist.rank, dist.world_size
         )
@@ -143,7 +156,21 @@ class _Runner:
                 f"batch_size {config.batch_size} is larger than the training set "
                 f"({len(self.train_set)} examples): no full batch to train on"
             )
-        self.stages = _stages(config)
+        self.blocks, self.penalty = config.prunes_blocks, None
+        if self.blocks:
+            if dist.enabled:
+                raise ConfigError(
+                    "block pruning runs in one process (its criteria learn from each rank's "
+                    "own gradients); run it without torchrun, or use --pruner channels"
+                )
+            steps = len(self.train_sampler)
+            self.pruner = make_block_pruner(config, self.model, self.example, steps)
+            self.penalty = penalty_term(config, self.pruner)
+        else:
+            self.pruner = make_pruner(config, self.model, self.example) if config.prunes else None
+        self.macs = self.pruner.macs if self.pruner else MacCounter(self.model, self.example)
+        self.tracker = Tracker(self.out / FOLDER, enabled=config.tensorboard and dist.is_main)
+        self.stages = block_stages(config) if self.blocks else _stages(config)
         self.cursor, self.epoch, self.phase, self.saves = 0, 0, None, 0
         self.optimizer = self.scheduler = None
         self.records: list[dict] = []
@@ -171,17 +198,20 @@ class _Runner:
         )
         self.bars.start_run(len(self.stages), self.cursor)
         started = time.perf_counter()
-        while self.cursor < len(self.stages):
-            kind, index = self.stages[self.cursor]
-            t0 = time.perf_counter()
-            info = getattr(self, f"_{kind}")(index)
-            self._time(kind, time.perf_counter() - t0)
-            self.cursor += 1
-            self.bars.stage_done(info)
-            if kind != "eval":
-                self._save()
-        self._time("run", time.perf_counter() - started)
-        return self._finish()
+        try:
+            while self.cursor < len(self.stages):
+                kind, index = self.stages[self.cursor]
+                t0 = time.perf_counter()
+                info = getattr(self, f"_{kind}")(index)
+                self._time(kind, time.perf_counter() - t0)
+                self.cursor += 1
+                self.bars.stage_done(info)
+                if kind != "eval":
+                    self._save()
+            self._time("run", time.perf_counter() - started)
+            return self._finish()
+        finally:
+            self.tracker.close()
 
     def _time(self, key: str, seconds: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + seconds
@@ -202,6 +232,8 @@ class _Runner:
             self.scheduler,
             self.device,
             on_batch=lambda n, loss: self.bars.advance(f"loss {loss:.3f}"),
+            penalty=self.penalty,
+            after_step=self._after_step if self.blocks or self.tracker.writer else None,
         )
         D.sync_buffers(self.model, self.dist)
         LOGGER.info(
@@ -214,6 +246,18 @@ class _Runner:
         )
         self.epoch += 1
         return f"epoch {self.epoch} loss {stats['loss']:.3f}"
+
+    def _after_step(self, stats: dict) -> None:
+        """After every optimiser step: the block pruner's step, the tracked scalars."""
+        step = self._global_step(stats["batch"])
+        if self.blocks and not self.pruner.done:
+            self.pruner.step()
+            self.tracker.scalar("train/block_density", self.pruner.density(), step)
+        self.tracker.train_step(step, stats)
+
+    def _global_step(self, batch: int = 0) -> int:
+        """Optimiser steps of the whole run: ``batch`` steps into the current epoch."""
+        return self.epoch * len(self.train_sampler) + batch
 
     def _new_phase(self, phase: int, optimizer_state=None, scheduler_state=None) -> None:
         c = self.config
@@ -234,7 +278,7 @@ class _Runner:
             t0 = time.perf_counter()
             loader = self._scoring_loader(step)
             self.bars.start(f"scoring for step {step}", len(loader))
-            batches = ((x.to(self.device), y.to(self.device)) for x, y in loader)
+            batches = ((to_device(x, self.device), y.to(self.device)) for x, y in loader)
             pruner.score(batches, nn.functional.cross_entropy, lambda n: self.bars.advance())
             scores = D.reduce_scores(pruner, self.dist)
             self._time("score", time.perf_counter() - t0)
@@ -290,6 +334,7 @@ class _Runner:
             self.model, self.pruner, self.macs, metrics, val, step, self.epoch
         )
         self.records.append(record)
+        self.tracker.evaluation(self._global_step(), record)
         return f"accuracy {record['accuracy']:.3f}"
 
     def _pin(self) -> bool:
@@ -308,7 +353,7 @@ class _Runner:
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "rng": rng_state(),
-            "pruner": {"history": self.pruner.history_dicts() if self.pruner else []},
+            "pruner": self._pruner_state(),
             "records": self.records,
             "timings": self.timings,
             "world_size": self.dist.world_size,
@@ -318,12 +363,19 @@ class _Runner:
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.saves, path)
 
+    def _pruner_state(self) -> dict:
+        if self.blocks:
+            return pruner_state(self.pruner)
+        return {"history": self.pruner.history_dicts() if self.pruner else []}
+
     def _restore(self, ckpt: dict) -> None:
         check_same_run(self.config, ckpt["config"])
         self.model.load_state_dict(ckpt["model"])
         self.cursor, self.epoch = int(ckpt["cursor"]), int(ckpt["epoch"])
         self.records, self.timings = list(ckpt["records"]), dict(ckpt["timings"])
-        if self.pruner is not None:
+        if self.blocks:
+            restore_pruner(self.pruner, ckpt["pruner"])
+        elif self.pruner is not None:
             self.pruner.history = [StepRecord(**d) for d in ckpt["pruner"]["history"]]
         if ckpt["phase"] is not None:
             self._new_phase(int(ckpt["phase"]), ckpt["optimizer"], ckpt["scheduler"])
