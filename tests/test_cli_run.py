@@ -81,7 +81,7 @@ def test_run_resume_returns_the_finished_run(run_dir):
 
 
 def test_grid_from_yaml_with_flag_override(grid_dir):
-    runs = sorted((grid_dir / "runs").iterdir())
+    runs = sorted(p for p in (grid_dir / "runs").iterdir() if p.is_dir())
     assert [r.name for r in runs] == ["splora-taylor-d0.25-s0", "splora-taylor-d0.25-s1"]
     for seed, folder in enumerate(runs):
         config = _result(folder)["config"]
@@ -99,7 +99,7 @@ def test_running_a_grid_again_continues_it(grid_dir):
 
 def test_parse_args_converts_by_field_type():
     path, overrides, grid = parse_args(
-        ["c.yaml", "--lr=0.1", "--download", "--no-cifar-stem", "--sync-batchnorm", "false",
+        ["c.yaml", "--lr=0.1", "--download", "--no-cifar-stem", "--no-sync-batchnorm",
          "--image-size", "none", "--target", "macs=0.2", "--seeds", "0,1", "--weights", "DEFAULT",
          "--round-to", "8"]
     )  # fmt: skip
@@ -121,7 +121,7 @@ def test_parse_args_converts_by_field_type():
 
 
 def test_every_config_field_is_a_flag_in_the_help():
-    result = _ok(runner.invoke(app, ["run", "--help"], terminal_width=200))
+    result = _ok(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "250"}))
     text = result.stdout
     assert "Example" in text and "sparta run" in text
     for name in RunConfig.__dataclass_fields__:
@@ -132,14 +132,16 @@ def test_every_config_field_is_a_flag_in_the_help():
 @pytest.mark.parametrize(
     ("args", "hint"),
     [
-        (["--batch-sise", "8"], "did you mean '--batch-size'"),
+        (["--batch-sise", "8"], "No such option: --batch-sise (Possible options: --batch-size)"),
         (["--epochs", "-1"], "epochs must be >= 0"),
-        (["--lr", "fast"], "--lr expects a number"),
+        (["--lr", "fast"], "--lr: expected a number, got 'fast'"),
         (["--momentum", "1.5"], "momentum must be in [0, 1)"),
-        (["a.yaml", "b.yaml"], "one config file at most"),
+        (["a.yaml", "b.yaml"], "unexpected extra argument(s) (b.yaml)"),
         (["--method", "splorra"], "did you mean 'splora'"),
         (["missing.yaml"], "cannot read config file"),
-        (["--epochs"], "--epochs needs a value"),
+        (["--epochs"], "--epochs: expected an integer, got '--output-dir'"),
+        (["--seeds", "0,x"], "--seeds: expected an integer, got 'x'"),
+        (["--no-lr"], "No such option: --no-lr"),
     ],
 )
 def test_run_bad_input_exits_2_with_one_line(args, hint, tmp_path):
@@ -206,8 +208,8 @@ def test_tasks_add_list_switch_remove(run_dir, grid_dir, tmp_path):
     assert listed[0]["bytes"] == _result(run_dir)["final"]["task_bytes"]
     assert listed[0]["learned_parameters"] == _result(run_dir)["final"]["learned_parameters"]
 
-    switched = _ok(runner.invoke(app, ["tasks", "switch", bank, "alpha"])).stdout
-    assert "switched to task alpha in" in switched and " ms" in switched
+    switched = _ok(runner.invoke(app, ["tasks", "build", bank, "alpha"])).stdout
+    assert "built task alpha in" in switched and " ms" in switched
     assert f"{_result(run_dir)['final']['macs']:,}" in switched
 
     _ok(runner.invoke(app, ["tasks", "remove", bank, "beta"]))
@@ -215,9 +217,12 @@ def test_tasks_add_list_switch_remove(run_dir, grid_dir, tmp_path):
     listed = json.loads(_ok(runner.invoke(app, ["tasks", "list", bank, *base, "--json"])).stdout)
     assert [t["name"] for t in listed] == ["alpha"]
     assert "did you mean 'alpha'" in _one_red_line(
-        runner.invoke(app, ["tasks", "switch", bank, "alpah", *base])
+        runner.invoke(app, ["tasks", "build", bank, "alpah", *base])
     )
     empty = str(tmp_path / "empty")
+    assert "does not exist" in _one_red_line(runner.invoke(app, ["tasks", "list", empty]))
+    assert not (tmp_path / "empty").exists()  # a read-only command creates no folder
+    (tmp_path / "empty").mkdir()
     assert "has no bank.json yet" in _one_red_line(runner.invoke(app, ["tasks", "list", empty]))
     (tmp_path / "bank" / "bank.json").write_text("{not json")
     assert "bank.json' is unreadable" in _one_red_line(runner.invoke(app, ["tasks", "list", bank]))
@@ -229,7 +234,8 @@ def test_report_aggregates_seeds_and_writes_files(grid_dir, tmp_path):
     result = _ok(
         runner.invoke(app, ["report", str(grid_dir), "--format", "csv", "--out", str(out)])
     )
-    finals = [_result(f)["final"] for f in sorted((grid_dir / "runs").iterdir())]
+    runs = sorted(p for p in (grid_dir / "runs").iterdir() if p.is_dir())
+    finals = [_result(f)["final"] for f in runs]
     (row,) = list(csv.DictReader(io.StringIO((out / "report.csv").read_text())))
     assert result.stdout.startswith("model,dataset,method")
     assert (row["method"], row["criterion"], float(row["target"])) == ("splora", "taylor", 0.25)
@@ -259,7 +265,7 @@ def test_report_bad_input(tmp_path):
 def test_help_texts_have_examples():
     commands = [
         ["run"], ["eval"], ["bench"], ["report"], ["tasks"], ["tasks", "list"],
-        ["tasks", "add"], ["tasks", "remove"], ["tasks", "switch"],
+        ["tasks", "add"], ["tasks", "remove"], ["tasks", "build"],
     ]  # fmt: skip
     for command in commands:
         result = _ok(runner.invoke(app, [*command, "--help"], terminal_width=200))

@@ -20,16 +20,12 @@ from rich.table import Table
 from ..errors import ConfigError
 from .console import app, stderr, user_errors
 from .options import (
-    CheckpointOpt,
-    ClassesOpt,
     DeviceOpt,
+    FormatOpt,
     JsonOpt,
-    ModelOpt,
-    SeedOpt,
-    StemOpt,
-    WeightsOpt,
-    base_options,
+    output_format,
     print_result,
+    with_base_options,
 )
 
 TaskArg = Annotated[Path, typer.Argument(help="Task file, or a run folder holding one.")]
@@ -42,14 +38,9 @@ def _bar(description: str):
 
 # -- sparta eval ----------------------------------------------------------------------------------
 @app.command("eval")
+@with_base_options
 def eval_command(
     task: TaskArg,
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    cifar_stem: StemOpt = None,
-    num_classes: ClassesOpt = None,
-    seed: SeedOpt = None,
     dataset: Annotated[
         str | None, typer.Option(help="Dataset to test on (default: the run's).")
     ] = None,
@@ -60,7 +51,9 @@ def eval_command(
     image_size: Annotated[int | None, typer.Option(help="Input side length.")] = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 256,
     device: DeviceOpt = "auto",
+    fmt: FormatOpt = "table",
     as_json: JsonOpt = False,
+    base: dict | None = None,
 ) -> None:
     """Build the task's compact model on the base and report its test accuracy.
 
@@ -80,8 +73,9 @@ def eval_command(
     from ..train.distributed import resolve_device
     from ..train.rebuild import find_task, resolve_base, run_accuracy, run_config
 
-    options = base_options(model, weights, checkpoint, cifar_stem, num_classes, seed)
+    options = base
     with user_errors():
+        fmt = output_format(fmt, as_json)
         path = find_task(task)
         defaults = run_config(path)
         name = dataset if dataset is not None else defaults.get("dataset")
@@ -122,19 +116,14 @@ def eval_command(
     table.add_row("test loss", f"{metrics['loss']:.4f}")
     table.add_row("examples", f"{metrics['samples']:,}")
     table.add_row("parameters: base / compact", f"{params['base']:,} / {params['compact']:,}")
-    print_result(data_out, as_json, table)
+    print_result(data_out, fmt, table)
 
 
 # -- sparta bench ---------------------------------------------------------------------------------
 @app.command("bench")
+@with_base_options
 def bench_command(
     task: TaskArg,
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    cifar_stem: StemOpt = None,
-    num_classes: ClassesOpt = None,
-    seed: SeedOpt = None,
     batch_size: Annotated[int, typer.Option(help="Examples per timed batch.")] = 1,
     image_size: Annotated[
         int | None, typer.Option(help="Input side length (default: the task's recorded one).")
@@ -150,7 +139,9 @@ def bench_command(
         ),
     ] = "eager",
     device: DeviceOpt = "auto",
+    fmt: FormatOpt = "table",
     as_json: JsonOpt = False,
+    base: dict | None = None,
 ) -> None:
     """MACs, parameters and latency of the base against the task's compact model.
 
@@ -167,8 +158,9 @@ def bench_command(
     from ..train.distributed import resolve_device
     from ..train.rebuild import find_task, resolve_base, run_config
 
-    options = base_options(model, weights, checkpoint, cifar_stem, num_classes, seed)
+    options = base
     with user_errors():
+        fmt = output_format(fmt, as_json)
         path = find_task(task)
         loaded = Task.load(path)
         spec = resolve_base(run_config(path), options, loaded)
@@ -181,10 +173,10 @@ def bench_command(
             base.to(dev), compact.to(dev), inputs, repeats, warmup, _bar("timing"), runtime
         )
     data = {"task": str(path), "inputs": list(inputs.shape), "device": str(dev), **measured}
-    _print_bench(data, repeats, as_json)
+    _print_bench(data, repeats, fmt)
 
 
-def _print_bench(data: dict, repeats: int, as_json: bool) -> None:
+def _print_bench(data: dict, repeats: int, fmt: str) -> None:
     params, macs, ms = data["params"], data["macs"], data["latency_ms"]
     where = data["device"] if data["runtime"] == "eager" else f"{data['device']}, {data['runtime']}"
     table = Table(title=f"{escape(data['task'])}: batch {data['inputs']} on {where}")
@@ -202,4 +194,4 @@ def _print_bench(data: dict, repeats: int, as_json: bool) -> None:
         f"latency, median of {repeats} (ms)", f"{ms['base']:.3f}",
         f"{ms['compact']:.3f}", f"{data['speedup']:.2f}x (speed-up)",
     )  # fmt: skip
-    print_result(data, as_json, table)
+    print_result(data, fmt, table)

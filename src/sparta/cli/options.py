@@ -1,60 +1,127 @@
-"""Options that ``sparta eval``, ``sparta bench`` and ``sparta tasks ...`` share: the base the
-task was trained on (see :mod:`sparta.train.rebuild`), the device and ``--json``."""
+"""Options several commands share, each declared once: the base a task was trained on
+(``@with_base_options``: ``sparta eval``, ``bench`` and ``tasks add|list|switch``; see
+:mod:`sparta.train.rebuild`), the device, and how a table is printed (``--format``)."""
 
 from __future__ import annotations
 
+import csv
+import inspect
+import io
 import json
 from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
+from ..errors import ConfigError
 from .console import stdout
+from .fields import extend
 
-ModelOpt = Annotated[
-    str | None,
+#: The base model's options, keyed as ``sparta.train.BaseSpec`` (``None``: not given).
+BASE_OPTIONS = {
+    "model": Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Base model name, as in the run (default: the run's, from result.json; for a "
+            "bank, the one its bank.json records).",
+            rich_help_panel="Base model",
+        ),
+    ],
+    "weights": Annotated[
+        str | None,
+        typer.Option(
+            help="Pretrained weights of the base, e.g. DEFAULT.", rich_help_panel="Base model"
+        ),
+    ],
+    "checkpoint": Annotated[
+        str | None,
+        typer.Option(
+            help="Local state dict the base was loaded from.", rich_help_panel="Base model"
+        ),
+    ],
+    "cifar_stem": Annotated[
+        bool | None,
+        typer.Option(
+            "--cifar-stem/--no-cifar-stem", help="CIFAR ResNet stem.", rich_help_panel="Base model"
+        ),
+    ],
+    "num_classes": Annotated[
+        int | None,
+        typer.Option(
+            help="Classes of the base's head (default: the task head's output count).",
+            rich_help_panel="Base model",
+        ),
+    ],
+    "seed": Annotated[
+        int | None,
+        typer.Option(
+            help="Seed the run started from (rebuilds a randomly initialised base).",
+            rich_help_panel="Base model",
+        ),
+    ],
+}
+
+
+def with_base_options(func):
+    """Decorate a command: the six base options are added to its options and reach it as one
+    ``base`` dict keyed as ``sparta.train.BaseSpec`` (``None``: not given)."""
+    signature = inspect.signature(func, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "base"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+        for name, kind in BASE_OPTIONS.items()
+    ]
+    return extend(func, signature, own, added, "base")
+
+
+# The base options one by one, for a command that takes some of them only.
+ModelOpt, WeightsOpt, CheckpointOpt, StemOpt, ClassesOpt, SeedOpt = BASE_OPTIONS.values()
+
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:INDEX or mps.")]
+#: How a command prints its table: as a table, CSV or JSON (``--json``: ``--format json``).
+FORMATS = ("table", "csv", "json")
+FormatOpt = Annotated[
+    str,
     typer.Option(
-        "--model",
-        help="Base model name, as in the run (default: the run's, from result.json; for a "
-        "bank, the one its bank.json records).",
+        "--format",
+        help="How to print the result: table, csv or json (tables never wrap mid-word when piped).",
     ),
 ]
-WeightsOpt = Annotated[
-    str | None, typer.Option(help="Pretrained weights of the base, e.g. DEFAULT.")
-]
-CheckpointOpt = Annotated[
-    str | None, typer.Option(help="Local state dict the base was loaded from.")
-]
-StemOpt = Annotated[
-    bool | None, typer.Option("--cifar-stem/--no-cifar-stem", help="CIFAR ResNet stem.")
-]
-ClassesOpt = Annotated[
-    int | None,
-    typer.Option(help="Classes of the base's head (default: the task head's output count)."),
-]
-SeedOpt = Annotated[
-    int | None,
-    typer.Option(help="Seed the run started from (rebuilds a randomly initialised base)."),
-]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:INDEX or mps.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON dict instead.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (same as --format json).")]
 
 
-def base_options(model, weights, checkpoint, cifar_stem, num_classes, seed) -> dict:
-    """The base options as given (``None``: not given), keyed as ``sparta.train.BaseSpec``."""
-    return dict(
-        model=model,
-        weights=weights,
-        checkpoint=checkpoint,
-        cifar_stem=cifar_stem,
-        num_classes=num_classes,
-        seed=seed,
-    )
+def output_format(fmt: str, as_json: bool = False, allowed=FORMATS) -> str:
+    """The format asked for (``--json`` wins), checked against ``allowed``."""
+    fmt = "json" if as_json else fmt
+    if fmt not in allowed:
+        raise ConfigError(f"--format must be one of {', '.join(allowed)}, got {fmt!r}")
+    return fmt
 
 
-def print_result(data, as_json: bool, table: Table) -> None:
-    """``data`` as JSON with ``--json``, else ``table``."""
-    if as_json:
+def table_csv(table: Table) -> str:
+    """The cells of ``table`` as CSV (markup removed, a cell's lines joined by a space)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([_plain(c.header) for c in table.columns])
+    cells = [list(c.cells) for c in table.columns]
+    for row in zip(*cells, strict=True):
+        writer.writerow([_plain(cell) for cell in row])
+    return out.getvalue()
+
+
+def _plain(cell) -> str:
+    text = cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
+    return " ".join(text.split())
+
+
+def print_result(data, fmt: str | bool, table: Table) -> None:
+    """``data`` as JSON (``fmt == "json"``, or ``True`` as from ``--json``), ``table`` as CSV
+    or as a table."""
+    if fmt is True or fmt == "json":
         typer.echo(json.dumps(data, indent=2, default=str))
+    elif fmt == "csv":
+        typer.echo(table_csv(table), nl=False)
     else:
         stdout.print(table)

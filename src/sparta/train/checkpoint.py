@@ -10,13 +10,15 @@ killed at any moment leaves either the previous checkpoint or the new one, never
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import RunConfig
+from ..config import GRID_KEYS, RunConfig
 from ..errors import ConfigError
 from ..io import atomic_write
 
@@ -50,19 +52,21 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def check_same_run(config: RunConfig, saved: dict) -> None:
-    """Refuse a checkpoint of another config; a key the checkpoint lacks (written before the
-    field existed) reads as that field's default."""
-    now = config.to_dict()
+def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
+    """``{key: (saved value, new value)}`` for every key that differs and changes results
+    (not in :data:`RESUMABLE_CHANGES`); a key ``saved`` lacks (written before the field
+    existed) reads as that field's default. Works for a run's and for a grid's dict."""
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     saved = {**defaults, **saved}
-    changed = sorted(
-        k
-        for k in set(now) | set(saved)
-        if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k)
-    )
+    keys = sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_CHANGES)
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+
+
+def check_same_run(config: RunConfig, saved: dict) -> None:
+    """Refuse a checkpoint of another config (see :func:`config_changes`)."""
+    changed = config_changes(saved, config.to_dict())
     if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        diffs = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:5])
         raise ConfigError(
             f"cannot resume: the checkpoint was written by a different config ({diffs}); "
             "resume with the same config or start afresh without resume"
@@ -114,3 +118,75 @@ def _tuples(value):
     if isinstance(value, list | tuple):
         return tuple(_tuples(v) for v in value)
     return value
+
+
+# -- what a run folder holds ----------------------------------------------------------------------
+#: The file in which ``sparta run`` records a run's (or a grid's) full config as it starts, so
+#: that ``sparta run --output-dir DIR --resume`` needs nothing else.
+RUN_CONFIG = "config.json"
+
+
+@dataclass
+class SavedRun:
+    """The run (or grid) found in a folder: its config as saved, what state it is in
+    (``"finished"``, ``"interrupted"``: a checkpoint and no result, ``"started"``: only its
+    config, ``"grid"``: the parent folder of a grid) and the file the config came from."""
+
+    config: dict
+    state: str
+    source: Path
+
+    @property
+    def name(self) -> str:
+        """The run's name (a grid: its folder's name)."""
+        if self.state == "grid":
+            return self.source.parent.name
+        return RunConfig.from_dict(self.config).name
+
+
+def write_run_config(out, config: dict) -> Path:
+    """Record ``config`` (a run's or a grid's ``to_dict()``) in ``out/config.json``,
+    atomically."""
+    with atomic_write(Path(out) / RUN_CONFIG, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    return Path(out) / RUN_CONFIG
+
+
+def saved_run(out) -> SavedRun | None:
+    """The run recorded in folder ``out`` (``None``: no config.json, checkpoint or result).
+    The config comes from ``config.json``, else ``result.json``, else the checkpoint."""
+    from .records import CHECKPOINT, RESULT
+
+    out = Path(out)
+    files = {name: out / name for name in (RUN_CONFIG, RESULT, CHECKPOINT)}
+    present = {name: path for name, path in files.items() if path.is_file()}
+    if not present:
+        return None
+    if RESULT in present:
+        state = "finished"
+    elif CHECKPOINT in present:
+        state = "interrupted"
+    else:
+        state = "started"
+    for name in (RUN_CONFIG, RESULT, CHECKPOINT):
+        if name in present:
+            config = _config_in(present[name])
+            grid = name == RUN_CONFIG and any(k in config for k in GRID_KEYS)
+            return SavedRun(config, "grid" if grid else state, present[name])
+    return None  # unreachable: present is not empty
+
+
+def _config_in(path: Path) -> dict:
+    """The config dict recorded in ``path`` (config.json, result.json or a checkpoint)."""
+    if path.suffix == ".pt":
+        config = load_checkpoint(path).get("config")
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {str(path)!r}: {exc}") from None
+        config = data.get("config", data) if path.name != RUN_CONFIG else data
+    if not isinstance(config, dict):
+        raise ConfigError(f"{str(path)!r} records no run config (got {type(config).__name__})")
+    return config
