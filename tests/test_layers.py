@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__main__",),
     ("cli",),
     ("app",),
+    ("integrations",),  # trainer callbacks: beside train in purpose, above it to use its DDP helpers
     ("train",),
     ("config",),
     ("sparta",),
@@ -45,6 +46,7 @@ RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 HEAVY = (
     "torch_pruning", "zennit", "transformers", "timm", "onnx", "onnxruntime", "onnxscript",
     "matplotlib", "sklearn", "typer", "rich", "tensorboard", "torchvision", "yaml",
+    "lightning", "accelerate",
 )  # fmt: skip
 
 

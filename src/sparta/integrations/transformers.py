@@ -1,0 +1,104 @@
+"""``SpartaCallback`` for the Hugging Face ``transformers.Trainer``.
+
+    from sparta.integrations.transformers import SpartaCallback
+
+    callback = SpartaCallback("splora", adapter_options={"rank": 8},
+                              pruner_options={"criterion": "taylor", "target": 0.5, "steps": 2},
+                              export_path="task.sparta")
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()            # wraps, prunes every epoch after the first, exports at the end
+
+The model is wrapped in place when the trainer is made (``on_init_end``), before the trainer
+makes its optimiser; a model ``sparta.wrap`` already adapted is taken as it is. Channel
+pruning steps follow ``every`` / ``unit`` / ``start``; a block pruner steps after every
+optimiser step over the run's ``max_steps``. A criterion's penalty (soft-movement, l0) is added
+with ``penalty_weight``: the callback cannot change the trainer's loss, so it back-propagates
+``penalty_weight * pruner.penalty()`` before each optimiser step, which adds the same gradient
+(no ``Trainer`` subclass is needed). Density, MACs and learned parameters go into every log
+(``logs`` of ``on_log`` and ``trainer.state.log_history``) as ``sparta/...``. At the end the
+task is written atomically to ``export_path`` by the main process. Importing this module
+imports ``transformers`` (``pip install 'sparta[hf]'``); ``import sparta`` does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "sparta.integrations.transformers needs the 'transformers' package: "
+        "pip install 'sparta[hf]'"
+    ) from exc
+
+from .core import PruningDriver
+
+
+class SpartaCallback(TrainerCallback):
+    """Wraps, prunes, logs and exports during ``Trainer.train()``; the arguments are those of
+    :class:`~sparta.integrations.core.PruningDriver` (``unit`` counts ``"epochs"`` or
+    optimiser ``"steps"``). After training, :attr:`pruner` and :attr:`task` hold the pruner
+    and the exported task."""
+
+    def __init__(
+        self,
+        adapter: str | None = None,
+        adapter_options: dict | None = None,
+        pruner: str | None = None,
+        pruner_options: dict | None = None,
+        every: int = 1,
+        unit: str = "epochs",
+        start: int | None = None,
+        scoring_batches: int = 4,
+        loss_fn=None,
+        split_batch=None,
+        penalty_weight: float = 0.0,
+        export_path: str | Path | None = None,
+    ):
+        self.driver = PruningDriver(
+            adapter, adapter_options, pruner, pruner_options, every, unit, start,
+            scoring_batches, loss_fn, split_batch, penalty_weight, export_path,
+        )  # fmt: skip
+
+    @property
+    def pruner(self):
+        return self.driver.pruner
+
+    @property
+    def task(self):
+        return self.driver.task
+
+    def prepare(self, model):
+        """Wrap ``model`` now (in place) if the trainer's optimiser is made before
+        ``on_init_end``, e.g. passed to ``Trainer(optimizers=...)``."""
+        return self.driver.prepare(model)
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.driver.prepare(model)
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
+        self.driver.begin(model, train_dataloader, state.max_steps, int(state.num_train_epochs))
+        self._loader = train_dataloader
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.driver.before_optimizer_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.driver.after_optimizer_step(lambda: self._loader):
+            control.should_log = True  # the new density is logged at once
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.driver.after_epoch(lambda: self._loader):
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = self.driver.metrics()
+        if logs is not None:
+            logs.update(metrics)
+        if state.log_history:  # the trainer appended a copy of ``logs`` before calling us
+            state.log_history[-1].update(metrics)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.driver.finish(is_main=state.is_world_process_zero)
