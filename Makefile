@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.sparta-installed
 # Where `make assets` links Fashion-MNIST (load_dataset's default data_dir is ./data).
 DATA_DIR ?= data
 
-.PHONY: demo assets test test-pretrained lint bench clean
+.PHONY: demo assets test test-pretrained lint bench readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
+
+# Every generated block of README.md from the results files in benchmarks/results/.
+readme: $(STAMP)
+	$(BIN)/python benchmarks/readme_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -123,8 +123,11 @@ def merge(paths: list[str]) -> dict:
 
 def write_readme(json_paths: str | list[str], readme: Path = README) -> None:
     paths = [json_paths] if isinstance(json_paths, str) else list(json_paths)
-    data = merge(paths)
-    text = readme.read_text()
+    readme.write_text(update(readme.read_text(), merge(paths)))
+
+
+def update(text: str, data: dict) -> str:
+    """README text ``text`` with the section of ``data`` (merged sweeps) in its place."""
     new = section(data)
     if START in text and END in text:
         head, rest = text.split(START, 1)
@@ -133,7 +136,7 @@ def write_readme(json_paths: str | list[str], readme: Path = README) -> None:
         marker = "## Benchmarks"
         head, sep, tail = text.partition(marker)
         text = head + new + "\n\n" + sep + tail if sep else text.rstrip() + "\n\n" + new + "\n"
-    readme.write_text(text)
+    return text
 
 
 if __name__ == "__main__":
