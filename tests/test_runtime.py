@@ -4,8 +4,10 @@ never changes the model, and refuses what it cannot serve with sparta's errors."
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,12 +180,91 @@ def test_onnxruntime_threads_and_no_files_left(tmp_path, monkeypatch, runtime):
     monkeypatch.chdir(tmp_path)
     deployed = sparta.deploy(nn.Linear(3, 2), torch.randn(1, 3), runtime=runtime, threads=1)
     options = deployed.session.get_session_options()
-    assert options.intra_op_num_threads == 1
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    spinning = sparta.deploy(nn.Linear(3, 2), torch.randn(1, 3), runtime=runtime, spin=True)
-    entry = spinning.session.get_session_options().get_session_config_entry
-    assert entry("session.intra_op.allow_spinning") == "1"
+    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    assert options.graph_optimization_level.name == "ORT_ENABLE_ALL"
+    # by default threads spin between the operators of a call, and stop when it returns
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert "threads spin within a call" in deployed.notes
+    sleeping = sparta.deploy(nn.Linear(3, 2), torch.randn(1, 3), runtime=runtime, spin=False)
+    entry = sleeping.session.get_session_options().get_session_config_entry
+    assert entry("session.intra_op.allow_spinning") == "0"
+    assert not any("spin" in note for note in sleeping.notes)
     assert list(tmp_path.iterdir()) == []
+
+
+class Widths(nn.Module):
+    """A stem on 3 image channels, a dense, a depthwise and a grouped convolution of the given
+    widths, at 8x8 pixels after the stem."""
+
+    def __init__(self, stem: int, wide: int, groups: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, stem, 3, stride=2, padding=1)
+        self.dense = nn.Conv2d(stem, wide, 1)
+        self.depthwise = nn.Conv2d(wide, wide, 3, padding=1, groups=wide)
+        self.grouped = nn.Conv2d(wide, wide, 1, groups=groups)
+        self.head = nn.Linear(wide, 3)
+
+    def forward(self, x):
+        y = self.grouped(self.depthwise(self.dense(self.stem(x))))
+        return self.head(y.mean((2, 3)))
+
+
+def _padded_macs(stem: int, wide: int, groups: int, block: int = 16) -> tuple[int, int]:
+    """Counted by hand: 64 pixels per layer; the stem reads 3 channels unpadded, the dense
+    layer pads both sides once ``stem`` reaches a block, the depthwise one its channels, the
+    grouped one nothing."""
+
+    def up(n):
+        return -(-n // block) * block
+
+    pad_in = up(stem) if stem >= block else stem
+    real = 64 * (9 * 3 * stem + stem * wide + 9 * wide + wide * wide // groups)
+    padded = 64 * (9 * 3 * up(stem) + pad_in * up(wide) + 9 * up(wide) + wide * wide // groups)
+    return real, padded
+
+
+@pytest.mark.parametrize("stem, wide", [(24, 40), (16, 48), (8, 20), (32, 64), (13, 100)])
+def test_blocked_padding_counts_what_onnxruntime_pads(stem, wide):
+    from sparta.onnx_session import blocked_padding, padding_note
+
+    model, x = Widths(stem, wide).eval(), torch.randn(2, 3, 16, 16)
+    with blocked_padding(model) as counts, torch.no_grad():
+        model(x)
+    real, padded = _padded_macs(stem, wide, 4)
+    assert (counts["macs"], counts["padded"]) == (2 * real, 2 * padded)  # a batch of 2
+    assert counts["layers"] == 4 and not model.stem._forward_hooks  # hooks removed
+    note = padding_note(counts)
+    if padded < 1.01 * real:
+        assert note is None
+    else:
+        assert f"{padded / real - 1:.0%} more MACs" in note and "round_to=16" in note
+
+
+@pytest.mark.parametrize("runtime", ORT)
+def test_onnxruntime_notes_padded_channels(runtime):
+    x = torch.randn(2, 3, 16, 16)
+    odd = sparta.deploy(Widths(24, 40).eval(), x, runtime=runtime)
+    assert any("not multiples of 16" in note for note in odd.notes), odd.notes
+    even = sparta.deploy(Widths(32, 64).eval(), x, runtime=runtime)
+    assert not any("multiples" in note for note in even.notes), even.notes
+    eager = sparta.deploy(Widths(24, 40).eval(), x)  # a note about ONNX Runtime's kernels only
+    assert not any("multiples" in note for note in eager.notes)
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="onnx extra")
+def test_onnx_session_writes_a_per_operator_profile_when_asked(tmp_path):
+    from sparta.onnx_session import load_onnxruntime, onnx_session
+
+    model, x = Widths(16, 32).eval(), torch.randn(1, 3, 16, 16)
+    session, run = onnx_session(
+        model, (x,), 1, load_onnxruntime(), lambda run: None, profile=str(tmp_path / "p")
+    )
+    run([x])
+    path = session.end_profiling()
+    events = json.loads(Path(path).read_text())
+    ops = {e["args"]["op_name"] for e in events if e.get("cat") == "Node"}
+    assert Path(path).parent == tmp_path and "Conv" in ops, ops
 
 
 def test_deploy_leaves_a_training_model_training():

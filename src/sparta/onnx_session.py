@@ -22,6 +22,10 @@ ONNX_HINT = "pip install 'sparta[onnx]'"
 #: A session's runner: the flat input tensors in, the flat output tensors out.
 Runner = Callable[[list[Tensor]], list[Tensor]]
 
+#: ONNX Runtime's blocked (NCHWc) convolutions compute channels in blocks of 16 on AVX-512 CPUs
+#: (8 on AVX2): a count in between is padded up, and its padding is computed like kept channels.
+BLOCK = 16
+
 
 class ExportRefused(Exception):
     """An exporter's graph is not trusted for inputs other than the example."""
@@ -48,10 +52,11 @@ def onnx_session(
     ort,
     problem: Callable[[Runner], str | None],
     spin: bool = False,
+    profile: str | None = None,
 ):
     """``(session, runner)`` for ``module`` called on the tensors ``leaves`` (positionally),
     exported in memory (no file) with a dynamic batch axis (dim 0 of every input) and opened
-    with every graph optimisation and ``threads`` intra-op threads.
+    with :func:`session_options` (``threads``, ``spin`` and ``profile`` as there).
 
     torch's tracing exporter first: it takes a fraction of the time of the ``torch.export`` one
     (0.7 s vs 4.7 s for a ResNet-18, which matters when a bank deploys a task on a switch); the
@@ -61,11 +66,7 @@ def onnx_session(
     failure when neither exporter gives an accepted session.
     """
     names = [f"input_{i}" for i in range(len(leaves))]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options = session_options(ort, threads, spin, profile)
     failure: Exception | None = None
     for exporter in (_traced_onnx, _dynamo_onnx):
         try:
@@ -82,6 +83,31 @@ def onnx_session(
             return session, runner
         failure = ExportRefused(bad)
     raise failure
+
+
+def session_options(ort, threads: int, spin: bool = False, profile: str | None = None):
+    """The ``SessionOptions`` sparta serves with: every graph optimisation (level 3: on x86 it
+    includes the NCHWc layout transformer, whose blocked convolutions were 2x faster than the
+    level-2 graph for a compact ResNet-50 at batch 1), ``threads`` intra-op threads, no inter-op
+    pool (one operator at a time).
+
+    ``spin``: the worker threads spin-wait between the operators *of a call* instead of sleeping
+    and being woken for each parallel operator, and stop spinning as soon as the call returns
+    (``session.force_spinning_stop``), so an idle session takes no CPU from the next model a
+    bank runs. Without it every parallel operator pays a thread wake-up, which is most of a
+    thin (pruned) layer's time at batch 1; on an oversubscribed CPU spinning costs more than it
+    gains (a spinning thread waits for a core). ``profile``: a file prefix; the session writes
+    ONNX Runtime's per-operator profile there (``session.end_profiling()`` names the file).
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if profile is not None:
+        options.enable_profiling, options.profile_file_prefix = True, profile
+    return options
 
 
 def _runner(session, names: list[str]) -> Runner:
@@ -120,3 +146,54 @@ def _dynamo_onnx(module: nn.Module, leaves: tuple, names: list[str]) -> bytes:
         module, leaves, dynamo=True, input_names=names, dynamic_shapes=(dynamic,), report=False
     )
     return program.model_proto.SerializeToString()
+
+
+@contextlib.contextmanager
+def blocked_padding(model: nn.Module, block: int = BLOCK):
+    """While active, count the multiply-accumulates of every 2-D convolution ``model`` runs, as
+    they are and with channel counts padded to multiples of ``block`` as ONNX Runtime's blocked
+    kernels compute them (output channels always; input channels from ``block`` up, a thinner
+    input such as an image's 3 channels is read unpadded; depthwise layers per channel; other
+    grouped convolutions are not blocked). Yields a dict that holds, on exit, ``macs``,
+    ``padded`` and ``layers``/``padded_layers`` (how many convolutions ran / were padded)."""
+    counts = {"macs": 0, "padded": 0, "layers": 0, "padded_layers": 0}
+
+    def up(n: int) -> int:
+        return -(-n // block) * block
+
+    def hook(conv: nn.Conv2d, _inputs, output: Tensor) -> None:
+        out, cin, taps = (
+            conv.out_channels,
+            conv.in_channels // conv.groups,
+            conv.weight[0, 0].numel(),
+        )
+        pixels = output.numel() // out
+        if conv.groups == 1:
+            padded = up(out) * (up(cin) if conv.in_channels >= block else cin)
+        elif conv.groups == conv.in_channels == out:
+            padded = up(out)
+        else:
+            padded = out * cin
+        counts["macs"] += pixels * taps * out * cin
+        counts["padded"] += pixels * taps * padded
+        counts["layers"] += 1
+        counts["padded_layers"] += padded != out * cin
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def padding_note(counts: dict, block: int = BLOCK) -> str | None:
+    """What :func:`blocked_padding`'s counts cost, in words, when padding adds 1% or more."""
+    extra = counts["padded"] / counts["macs"] - 1 if counts["macs"] else 0.0
+    if extra < 0.01:
+        return None
+    return (
+        f"{counts['padded_layers']} of {counts['layers']} convolutions have channel counts that "
+        f"are not multiples of {block}: ONNX Runtime's blocked kernels pad them, {extra:.0%} more "
+        f"MACs than the model counts (prune with round_to={block} to avoid it)"
+    )

@@ -16,9 +16,22 @@ Runtimes:
 * ``"torchscript"``: traced, frozen and ``torch.jit.optimize_for_inference`` (which folds
   BatchNorm and fuses convolutions with their activations).
 * ``"onnxruntime"``: exported in memory (``torch.onnx.export``, no file) with a dynamic batch
-  axis, served by an ``onnxruntime.InferenceSession`` with every graph optimisation and
-  ``threads`` (default ``torch.get_num_threads()``) intra-op threads. Needs the optional extra:
-  ``pip install 'sparta[onnx]'``.
+  axis, served by an ``onnxruntime.InferenceSession`` with every graph optimisation (BatchNorm,
+  ReLU and residual additions fused into blocked NCHWc convolutions) and ``threads`` (default
+  ``torch.get_num_threads()``) intra-op threads that spin between the operators of a call and
+  stop when it returns (see :func:`~sparta.onnx_session.session_options`). Needs the optional
+  extra: ``pip install 'sparta[onnx]'``.
+
+Where a thin model loses speed at batch 1 (measured for a ResNet-50 pruned to 9-10x fewer MACs,
+ONNX Runtime, 2 threads): (1) waking a sleeping worker thread for every parallel operator
+(48 us per convolution, median, on a shared machine: 2 threads ran the compact model slower
+than 1) -- spinning within a call cuts it to 9 us; (2) the
+blocked kernels pad channel counts to multiples of 16 (AVX-512; 8 on AVX2): counts rounded to 8
+cost 16% more MACs than they count, and a 24-channel stem left its max-pool unblocked -- prune
+with ``round_to=16`` (the notes say how many MACs padding adds); (3) what remains is ~9 us of
+thread synchronisation per parallel operator, ~0.5 ms over a ResNet-50's 53 convolutions (the
+executor's own cost is under 1 us per operator and ~7 us per call). ``benchmarks/deploy.py``
+measures all three.
 
 Inputs are what the model takes: a tensor, positional tensors or keyword tensors (Hugging Face
 style), the same structure as the example inputs. Outputs keep the model's structure (a tensor,
@@ -31,7 +44,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +52,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConfigError, SpartaError, UnknownNameError
 from .inputs import input_spec
-from .onnx_session import load_onnxruntime, onnx_session
+from .onnx_session import blocked_padding, load_onnxruntime, onnx_session, padding_note
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 RTOL = 1e-4  # float32; lower precisions get a few of their own ulps (see _tolerance)
@@ -59,7 +72,9 @@ class Deployed:
             are what this returns; ``None`` when it returns what the model returns.
         error: the relative difference from the eager model on the example inputs (``None``
             when deployed with ``check=False``).
-        notes: what the deployment changed (BatchNorm folded, memory format, threads).
+        notes: what the deployment changed (BatchNorm folded, memory format, threads) and,
+            for ONNX Runtime, how many MACs its blocked kernels add by padding channel counts
+            (see :func:`~sparta.onnx_session.blocked_padding`).
         threads: intra-op threads (``None``: torch's current setting at each call).
         module: eager and TorchScript: the module that runs (the model's copy, BatchNorm
             folded; the frozen TorchScript module).
@@ -93,7 +108,7 @@ def deploy(
     threads: int | None = None,
     channels_last: bool | None = None,
     fold_bn: bool = True,
-    spin: bool = False,
+    spin: bool = True,
 ) -> Deployed:
     """``model`` served by ``runtime``, checked against the eager model on ``example_inputs``.
 
@@ -112,10 +127,13 @@ def deploy(
             and channels last together: 1.7x at batch 1, 1.9x at batch 32 for a compact
             ResNet-50; TorchScript's own MKLDNN layout makes it no faster there).
         fold_bn: eager: fold BatchNorm into the convolution it follows, where exact.
-        spin: ONNX Runtime: its worker threads spin-wait for work after each call (its own
-            default). Off here: it gains ~15% for one model called back to back but slows
-            every other model in the process (two spinning sessions called in turn ran a
-            ResNet-50 at 57-61 ms instead of 32 ms), which is what a bank of tasks does.
+        spin: ONNX Runtime: its worker threads spin-wait between the operators of a call
+            and stop when the call returns, so an idle session takes no CPU from other models
+            (ONNX Runtime's own default spins on after each call too: two such sessions called
+            in turn ran a ResNet-50 at 57-61 ms instead of 32 ms). Measured at batch 1 on 2
+            threads: ResNet-50 31 vs 41 ms, its 9x-pruned compact 4.5-4.9 vs 5.8 ms (median of
+            100, interleaved). ``False`` where the CPU is oversubscribed (more busy threads
+            than cores): a spinning thread then waits for a core and is slower than sleeping.
 
     Raises:
         UnknownNameError: ``runtime`` is not one of :data:`RUNTIMES`.
@@ -138,7 +156,8 @@ def deploy(
     ort = load_onnxruntime() if runtime == "onnxruntime" else None
     copied = _eval_copy(model)
     args, kwargs = _split(example_inputs)
-    with _threads(threads), torch.inference_mode():
+    padding = blocked_padding(copied) if ort is not None else nullcontext(None)
+    with _threads(threads), torch.inference_mode(), padding as counts:
         want = _reference(copied, args, kwargs)
     layout = _Layout(args, kwargs, want)
     if channels_last is None:  # measured: see the module notes
@@ -147,6 +166,7 @@ def deploy(
         )
     make = {"eager": _eager, "torchscript": _torchscript, "onnxruntime": _onnx}[runtime]
     deployed = make(copied, layout, threads, channels_last, fold_bn, ort, spin)
+    deployed.notes += [note] if counts and (note := padding_note(counts)) else []
     if check:
         deployed.error = _compare(deployed, args, kwargs, want, runtime)
     return deployed
@@ -312,7 +332,7 @@ def _onnx(model, layout, threads, channels_last, fold_bn, ort, spin) -> Deployed
         raise _export_error("onnxruntime", "export and run", exc) from exc
     deployed = Deployed("onnxruntime", run, layout, threads)
     deployed.notes = [f"ONNX Runtime {ort.__version__}, intra-op threads {threads_used}"]
-    deployed.notes += ["threads spin-wait"] if spin else []
+    deployed.notes += ["threads spin within a call"] if spin else []
     deployed.session = session
     return deployed
 
