@@ -69,6 +69,7 @@ def eval_command(
     from ..data import load_dataset
     from ..tasks import Task, build
     from ..train import evaluate
+    from ..train.build import tokenizer_for
     from ..train.compare import parameters
     from ..train.distributed import resolve_device
     from ..train.rebuild import find_task, resolve_base, run_accuracy, run_config
@@ -91,6 +92,8 @@ def eval_command(
                 download=download or bool(defaults.get("download")),
                 image_size=image_size if image_size is not None else defaults.get("image_size"),
                 seed=spec.seed,
+                tokenizer=tokenizer_for(name, spec.model),  # text: the model's tokenizer
+                max_length=defaults.get("max_length"),
             )
             base = spec.create()
             compact = build(base, loaded).to(dev)

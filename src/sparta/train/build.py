@@ -30,13 +30,8 @@ def load_datasets(config: RunConfig):
     """``sparta.data.load_dataset`` with the config's dataset settings; a text dataset is
     tokenised with the tokenizer of the run's ``hf:`` model, to ``max_length`` tokens."""
     from ..data import load_dataset
-    from ..data.text import TEXT_DATASETS
 
-    tokenizer = None
-    if config.dataset in TEXT_DATASETS and config.model.startswith("hf:"):
-        from ..models import load_tokenizer
-
-        tokenizer = load_tokenizer(config.model)
+    tokenizer = tokenizer_for(config.dataset, config.model)
     return load_dataset(
         config.dataset,
         data_dir=config.data_dir,
@@ -46,6 +41,18 @@ def load_datasets(config: RunConfig):
         tokenizer=tokenizer,
         max_length=config.max_length,
     )
+
+
+def tokenizer_for(dataset: str, model: str):
+    """The tokenizer of ``model`` when ``dataset`` is a text dataset and ``model`` an ``hf:``
+    one (the text is encoded with the model's own tokenizer), else ``None``."""
+    from ..data.text import TEXT_DATASETS
+
+    if dataset not in TEXT_DATASETS or not model.startswith("hf:"):
+        return None
+    from ..models import load_tokenizer
+
+    return load_tokenizer(model)
 
 
 def build_model(config: RunConfig, model, data, dist: DistState) -> nn.Module:
