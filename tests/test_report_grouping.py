@@ -151,3 +151,12 @@ def test_the_report_command_prints_the_notes_and_the_settings(tmp_path):
     shown = runner.invoke(app, ["report", str(tmp_path)])
     assert shown.exit_code == 0, shown.output
     assert "epochs=1" in shown.stdout and "counted once" in shown.stdout
+
+
+def test_csv_keeps_stdout_for_the_table_and_puts_the_notes_on_stderr(tmp_path):
+    _result(tmp_path / "a", accuracy=0.8, seed=0)
+    _result(tmp_path / "b", accuracy=0.8, seed=0)
+    shown = runner.invoke(app, ["report", str(tmp_path), "--format", "csv"])
+    assert shown.exit_code == 0, shown.output
+    assert "note" not in shown.stdout and shown.stdout.count("\n") == 2  # header and one row
+    assert "counted once" in shown.stderr

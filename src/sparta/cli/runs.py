@@ -232,10 +232,14 @@ def report_command(
 ) -> None:
     """Aggregate runs into a table like the paper's Table 1, and plot it.
 
-    One row per (model, dataset, method, criterion, target): test accuracy as mean ± std over
-    seeds, learned parameters, filter density reached, MACs and artifact bytes (means), number of
-    seeds. With --out, also writes report.md, report.csv and accuracy against learned
-    parameters (log scale), density and MACs as PNG files.
+    One row per group of runs whose every result-changing setting is equal (the seed, output
+    folder, device, workers and data folder are not; a seed found twice counts once): test
+    accuracy as mean ± std over seeds, learned parameters, filter density reached, MACs and the
+    saved file's bytes (means), the baseline's compact file and how many times smaller the
+    adapter's task file is, number of seeds. Rows that differ only in another setting (epochs,
+    steps, ...) name it in a settings column; notes follow the table (on stderr for csv/json).
+    With --out, also writes report.md, report.csv and accuracy against learned parameters (log
+    scale), density and MACs as PNG files.
 
     Example: `sparta report runs/ --out report`
     """
@@ -249,5 +253,7 @@ def report_command(
         typer.echo(json.dumps(list(rows), indent=2, default=str))
     else:
         typer.echo(results.to_csv(rows) if fmt == "csv" else results.to_markdown(rows), nl=False)
+    for note in rows.notes if fmt in ("csv", "json") else []:  # markdown prints them itself
+        stderr.print(f"note: {escape(note)}", soft_wrap=True)
     for path in written:  # on stderr: stdout is the table alone, for pipes
         stderr.print(f"wrote {escape(str(path))}", soft_wrap=True)
