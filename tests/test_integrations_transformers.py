@@ -15,7 +15,7 @@ from test_train import one_thread  # noqa: F401  (autouse: tiny matrices run fas
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from sparta.integrations.transformers import SpartaCallback  # noqa: E402
+from sparta.integrations.transformers import SpartaCallback, SpartaTrainer  # noqa: E402
 
 VOCAB, LENGTH = 60, 12
 
@@ -43,7 +43,7 @@ def _data(n: int = 48, seed: int = 0):
     return ids, [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
 
 
-def _train(tmp_path, callback, epochs: int = 3, model=None, **args):
+def _train(tmp_path, callback, epochs: int = 3, model=None, trainer_cls=None, before=(), **args):
     base = _base()
     ids, data = _data()
     options = dict(
@@ -58,11 +58,11 @@ def _train(tmp_path, callback, epochs: int = 3, model=None, **args):
         seed=0,
     )
     options.update(args)
-    trainer = transformers.Trainer(
+    trainer = (trainer_cls or transformers.Trainer)(
         model=model if model is not None else copy.deepcopy(base),
         args=transformers.TrainingArguments(str(tmp_path / "out"), **options),
         train_dataset=data,
-        callbacks=[callback],
+        callbacks=[*before, callback],
     )
     trainer.train()
     return base, trainer, ids
@@ -158,3 +158,26 @@ def test_channel_criteria_have_no_penalty(tmp_path):
     callback = SpartaCallback("splora", pruner_options={"criterion": "l1"}, penalty_weight=0.1)
     with pytest.raises(ConfigError, match="channel criteria have none"):
         _train(tmp_path, callback, epochs=1)
+
+
+class Recorder(transformers.TrainerCallback):
+    """Stands for a reporter (TensorBoard, W&B): called before the SpartaCallback."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+@pytest.mark.parametrize("trainer_cls", [None, SpartaTrainer])
+def test_sparta_trainer_shows_the_figures_to_earlier_callbacks(tmp_path, trainer_cls):
+    recorder = Recorder()
+    callback = SpartaCallback("splora", pruner_options={"criterion": "l1", "target": 0.5})
+    _, trainer, _ = _train(tmp_path, callback, 2, trainer_cls=trainer_cls, before=[recorder])
+    seen = [log.get("sparta/density") for log in recorder.seen]
+    if trainer_cls is None:  # a plain Trainer: only log_history and later callbacks have them
+        assert seen and all(d is None for d in seen)
+    else:
+        assert all(d is not None for d in seen) and seen[-1] < 1.0
+    assert trainer.state.log_history[-1]["sparta/density"] < 1.0

@@ -15,7 +15,10 @@ optimiser step over the run's ``max_steps``. A criterion's penalty (soft-movemen
 with ``penalty_weight``: the callback cannot change the trainer's loss, so it back-propagates
 ``penalty_weight * pruner.penalty()`` before each optimiser step, which adds the same gradient
 (no ``Trainer`` subclass is needed). Density, MACs and learned parameters go into every log
-(``logs`` of ``on_log`` and ``trainer.state.log_history``) as ``sparta/...``. At the end the
+(``logs`` of ``on_log`` and ``trainer.state.log_history``) as ``sparta/...``; the reporters
+of ``report_to`` (TensorBoard, W&B, ...) are called before user callbacks, so to have them
+record these too, train with :class:`SpartaTrainer` (or mix :class:`SpartaTrainerMixin` into
+your own ``Trainer`` subclass), which puts them in each log before anyone sees it. At the end the
 task is written atomically to ``export_path`` by the main process. Importing this module
 imports ``transformers`` (``pip install 'sparta[hf]'``); ``import sparta`` does not.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 try:
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "sparta.integrations.transformers needs the 'transformers' package: "
@@ -102,3 +105,20 @@ class SpartaCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.driver.finish(is_main=state.is_world_process_zero)
+
+
+class SpartaTrainerMixin:
+    """Mixed into a ``Trainer`` subclass (``class MyTrainer(SpartaTrainerMixin, Trainer)``):
+    every log gets the ``sparta/...`` figures of its :class:`SpartaCallback` before any
+    callback sees it, so the reporters of ``report_to`` (TensorBoard, W&B) record them too."""
+
+    def log(self, logs, *args, **kwargs):
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, SpartaCallback):
+                logs.update(callback.driver.metrics())
+        return super().log(logs, *args, **kwargs)
+
+
+class SpartaTrainer(SpartaTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose logs carry the :class:`SpartaCallback` figures for every
+    reporter; otherwise the same."""
