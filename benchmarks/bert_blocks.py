@@ -8,12 +8,23 @@ schedule) down to half of their blocks; then ``sparta.export`` -> ``sparta.build
 models timed interleaved in one run (``sparta.measure.latency``).
 
     .venv/bin/python benchmarks/bert_blocks.py [--layers 4] [--seq 128] [--batch 4]
+        [--rounds 5] [--json benchmarks/results/bert_blocks.json]
+
+The latency is measured in ``--rounds`` rounds of ``--repeats`` interleaved calls; the figure
+is the median of the round medians with their spread (min-max). ``--json`` records every figure
+with the machine, threads and load average; ``benchmarks/readme_bench.py`` writes README.md's
+block from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,7 +45,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     # One thread by default: on a shared 2-core machine two spinning threads time noise.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument("--rounds", type=int, default=5, help="latency rounds (for the spread)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
+    load_start = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -77,7 +91,12 @@ def main() -> None:
         return count(m.bert.encoder)
 
     inputs = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
-    times = latency({"dense base": base, "compact": compact}, inputs, args.repeats, warmup=2)
+    rounds = [
+        latency({"dense base": base, "compact": compact}, inputs, args.repeats, warmup=2)
+        for _ in range(args.rounds)
+    ]
+    times = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    speedups = [r["dense base"] / r["compact"] for r in rounds]
     print(
         f"BERT encoder: {args.layers} layers, hidden 768, 12 heads, FFN 3072; SPLoPA 32x32, "
         f"movement, {args.granularity}, {args.steps} steps (wrap+train+export+build "
@@ -100,8 +119,35 @@ def main() -> None:
     dense, small = times["dense base"], times["compact"]
     print(
         f"latency, batch {args.batch} x {args.seq} tokens, median of {args.repeats}: dense base "
-        f"{dense * 1e3:.1f} ms, compact {small * 1e3:.1f} ms, speed-up {dense / small:.2f}x"
+        f"{dense * 1e3:.1f} ms, compact {small * 1e3:.1f} ms, speed-up {dense / small:.2f}x "
+        f"(over {args.rounds} rounds: {min(speedups):.2f}-{max(speedups):.2f}x)"
     )
+    if args.json is not None:
+        record = {
+            "benchmark": "bert_blocks",
+            "args": vars(args) | {"json": str(args.json)},
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average": [round(x, 2) for x in (*load_start[:1], *os.getloadavg()[:1])],
+            "summary": {
+                k: summary[k]
+                for k in (
+                    "heads_removed",
+                    "heads_total",
+                    "neurons_removed",
+                    "neurons_total",
+                    "density",
+                )
+            },  # fmt: skip
+            "encoder_params": {"base": encoder(base), "compact": encoder(compact)},
+            "latency_ms": {
+                k: [round(1e3 * r[k], 2) for r in rounds] for k in ("dense base", "compact")
+            },
+            "speedup": [round(x, 3) for x in speedups],
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

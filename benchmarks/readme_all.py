@@ -11,6 +11,7 @@ own writer, which also takes a fresh benchmark output:
 | ``zoo`` (Supported models) | ``readme_zoo.py`` | ``benchmarks/results/zoo.json`` (``benchmarks/zoo.py``) |
 | ``deploy`` (deployment figures) | ``readme_deploy.py`` | ``benchmarks/results/deploy.json`` (``benchmarks/deploy.py``) |
 | ``paper`` (the paper's Table 1) | ``readme_paper.py`` | ``benchmarks/results/paper_table.json`` (``benchmarks/paper_table.py``) |
+| ``bert`` (block-pruned BERT) | ``readme_bench.py`` | ``benchmarks/results/bert_blocks.json`` (``benchmarks/bert_blocks.py --json``) |
 
 Nothing is measured or typed by hand here.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import readme_bench  # noqa: E402
 import readme_demo  # noqa: E402
 import readme_deploy  # noqa: E402
 import readme_paper  # noqa: E402
@@ -48,6 +50,13 @@ BLOCKS = (
         "paper",
         "paper_table.json",
         lambda text, d: readme_paper.update(text, readme_paper.section(d)),
+    ),
+    (
+        "bert",
+        "bert_blocks.json",
+        lambda text, d: replace_block(
+            text, readme_bench.section(d), readme_bench.START, readme_bench.END
+        ),
     ),
 )
 

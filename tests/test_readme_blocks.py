@@ -39,7 +39,7 @@ def test_every_generated_block_matches_its_results_file():
 def test_each_block_is_there_once_and_the_makefile_regenerates_them():
     text = README.read_text(encoding="utf-8")
     names = [b[0] for b in _readme_all().BLOCKS]
-    assert names == ["demo", "zoo", "deploy", "paper"]
+    assert names == ["demo", "zoo", "deploy", "paper", "bert"]
     for name in names:
         assert text.count(f"<!-- {name}:start -->") == text.count(f"<!-- {name}:end -->") == 1
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
