@@ -115,7 +115,7 @@ def test_each_adapter_is_compared_with_its_baselines_compact_file_at_each_densit
         for method, size in (("fine-pruning", fp_bytes), ("splora", adapter_bytes)):
             folder = tmp_path / f"{method}-{target}"
             _result(folder, accuracy=0.7, method=method, target=target, size=size)
-    _result(tmp_path / "ft", accuracy=0.9, method="finetune", steps=0, size=90_000)
+    _result(tmp_path / "ft", accuracy=0.9, method="finetune", steps=7, size=90_000)  # unused
     _result(tmp_path / "unpruned", accuracy=0.8, method="sppara", steps=0, size=9_000)
     rows = _rows(tmp_path)
     ratio = {(r["method"], r["target"]): r["bytes_ratio"] for r in rows}

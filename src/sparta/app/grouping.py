@@ -23,8 +23,13 @@ NOT_RESULTS = frozenset(
     {"seed", "output_dir", "device", "workers", "data_dir", "download", "recipe",
      "find_unused_parameters", "tensorboard", "tracking"}
 )  # fmt: skip
-#: Settings that a run which does not prune never uses (its criterion and target show as none).
-PRUNING_ONLY = frozenset({"criterion", "target"})
+#: Settings that a run which does not prune never uses: none for such a run, so that they never
+#: split its group (its criterion and target show as none).
+PRUNING_ONLY = frozenset(
+    {"criterion", "target", "steps", "step_fraction", "schedule", "ranking", "round_to",
+     "scoring_batches", "recovery_epochs", "pruner", "block_criterion", "granularity", "warmup",
+     "cooldown", "penalty"}
+)  # fmt: skip
 
 
 def _defaults() -> dict:
@@ -42,7 +47,7 @@ def settings_of(config: dict, prunes: bool) -> dict:
     merged = {**_defaults(), **(config if isinstance(config, dict) else {})}
     out = {k: v for k, v in merged.items() if k not in NOT_RESULTS}
     if not prunes:
-        out.update(dict.fromkeys(PRUNING_ONLY))
+        out.update(dict.fromkeys(PRUNING_ONLY & set(out)))
     return out
 
 
