@@ -75,6 +75,14 @@ def test_sparta_run_block_spa_from_flags(text_files, tmp_path):
     report = report[0] if isinstance(report, list) else report
     assert report["samples"] == 16
     assert report["accuracy"] == pytest.approx(record["final"]["accuracy"])
+    # sparta bench builds a batch of token ids and masks from the task's recorded inputs
+    bench = ["bench", str(out), "--batch-size", "3", "--repeats", "2", "--format", "json"]
+    timed = runner.invoke(app, [*bench, "--device", "cpu"])
+    assert timed.exit_code == 0, (timed.output, timed.exception)
+    data = json.loads(timed.stdout)
+    data = data[0] if isinstance(data, list) else data
+    assert data["inputs"] == {"input_ids": [3, 12], "attention_mask": [3, 12]}
+    assert data["macs"]["compact"] < data["macs"]["base"]
 
 
 @pytest.mark.parametrize(

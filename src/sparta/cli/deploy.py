@@ -157,7 +157,7 @@ def bench_command(
     Example: `sparta bench runs/digits --batch-size 32 --runtime onnxruntime`
     """
     from ..tasks import Task, build
-    from ..train.compare import compare, task_batch
+    from ..train.compare import compare, input_shapes, task_batch
     from ..train.distributed import resolve_device
     from ..train.rebuild import find_task, resolve_base, run_config
 
@@ -171,11 +171,11 @@ def bench_command(
         with stderr.status("building the base and the compact model"):
             base = spec.create()
             compact = build(base, loaded)
-        inputs = task_batch(loaded, batch_size, image_size).to(dev)
+        inputs = task_batch(loaded, batch_size, image_size, dev)
         measured = compare(
             base.to(dev), compact.to(dev), inputs, repeats, warmup, _bar("timing"), runtime
         )
-    data = {"task": str(path), "inputs": list(inputs.shape), "device": str(dev), **measured}
+    data = {"task": str(path), "inputs": input_shapes(inputs), "device": str(dev), **measured}
     _print_bench(data, repeats, fmt)
 
 

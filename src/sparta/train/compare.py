@@ -13,21 +13,45 @@ from ..measure import MacCounter, latency
 from ..runtime import RUNTIMES, deploy
 
 
-def task_batch(task, batch_size: int, image_size: int | None = None):
-    """An example batch of the shape the task recorded, with ``batch_size`` examples and
-    (for image inputs) ``image_size`` sides."""
+def task_batch(task, batch_size: int, image_size: int | None = None, device=None):
+    """An example batch of the shapes the task recorded (a tensor, or a dict / tuple of them
+    such as token ids and attention masks), with ``batch_size`` examples and (for image
+    inputs) ``image_size`` sides, on ``device``."""
     spec = copy.deepcopy(task.manifest.get("inputs"))
-    if not spec or "tensor" not in spec:
-        raise ConfigError("the task records no single-tensor input shape to benchmark with")
-    shape = spec["tensor"]["shape"]
+    if not spec:
+        raise ConfigError("the task records no input shape to benchmark with")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    shape[0] = batch_size
+    leaves = _leaf_specs(spec)
+    for leaf in leaves:
+        leaf["shape"][0] = batch_size
+    shape = leaves[0]["shape"]
     if image_size is not None:
-        if len(shape) != 4 or image_size < 1:
+        if len(leaves) != 1 or len(shape) != 4 or image_size < 1:
             raise ConfigError("--image-size needs image inputs (N, C, H, W) and a size >= 1")
         shape[2] = shape[3] = image_size
-    return make_inputs(spec)
+    return make_inputs(spec, device=device)
+
+
+def _leaf_specs(spec) -> list[dict]:
+    """The ``{"shape", "dtype"}`` entries of an input spec (see :mod:`sparta.inputs`)."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"the task's recorded inputs are not an input spec: {spec!r:.80}")
+    ((kind, value),) = spec.items()
+    if kind == "tensor":
+        return [value]
+    parts = value.values() if kind == "dict" else value
+    return [leaf for part in parts for leaf in _leaf_specs(part)]
+
+
+def input_shapes(inputs):
+    """The shape of a batch as JSON data: a list for a tensor, a dict or list of them for a
+    dict or tuple of tensors (token ids and attention masks)."""
+    if isinstance(inputs, dict):
+        return {k: input_shapes(v) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return [input_shapes(v) for v in inputs]
+    return list(inputs.shape)
 
 
 def parameters(model: nn.Module) -> int:
