@@ -175,7 +175,7 @@ class Builder:
             model, report = self._from_plan(task, verify)
         else:
             model, report = self._from_graph(task, verify)
-        if storages(model) & self._protected:  # never expected: the last line of defence
+        if _storages(model) & self._protected:  # never expected: the last line of defence
             raise SpartaError("the compact model shares storage with the base; refused")
         return model, report
 
@@ -236,6 +236,25 @@ def build(base: nn.Module, task: Task, example_inputs=None, verify: bool = True)
     model, report = Builder(base, example_inputs).build(task, verify=verify)
     model.sparta_compact = report
     return model.eval()
+
+
+def _storages(model: nn.Module) -> set[int]:
+    """:func:`.apply.storages` of ``model`` in one walk of its modules' own tensor dicts (no
+    generators of generators: it runs once per task switch)."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                if t is not None and t.numel():
+                    found.add(t.untyped_storage().data_ptr())
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return found
 
 
 def _describe(spec) -> str:

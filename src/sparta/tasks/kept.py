@@ -87,6 +87,7 @@ class Stored(dict):
         self.stored, self.table, self.path = tensors, table, path
         self.kept = kept_indices(tensors, table, path)
         self._equal: dict[tuple[int, int], tuple] = {}  # holds the pair: ids are not reused
+        self._ones: dict[tuple, Tensor] = {}
 
     def __missing__(self, key: str) -> Tensor:
         t, e = self._read(key)
@@ -100,14 +101,16 @@ class Stored(dict):
         """``(full[rows][:, cols], fresh)`` (``None``: all) of tensor ``key``; ``fresh``: a
         new tensor (else it shares the task's storage and must be copied before it is kept)."""
         t, e = self._read(key)
-        have = (None, None)
-        if "stored" in e:
-            have = tuple(self.kept.get(e.get(side)) for side in ("rows", "cols"))
+        if "stored" not in e:
+            have = (None, None)
+        else:
+            have = (self.kept.get(e.get("rows")), self.kept.get(e.get("cols")))
         fresh = False
         for dim, want, kept in ((0, rows, have[0]), (1, cols, have[1])):
-            if kept is not None and want is not None and self._same(want, kept):
-                continue  # the stored entries are the cut
-            if kept is not None:  # pruned entries the cut keeps (or no cut): expand this side
+            if kept is not None:
+                if self._same(want, kept, e["shape"][dim]):
+                    continue  # the stored entries are the cut
+                # pruned entries the cut keeps (or no cut): expand this side
                 size = list(t.shape)
                 size[dim] = e["shape"][dim]
                 t, fresh = torch.zeros(size, dtype=t.dtype).index_copy_(dim, kept, t), True
@@ -115,13 +118,48 @@ class Stored(dict):
                 t, fresh = t.index_select(dim, want), True
         return t, fresh
 
-    def _same(self, a: Tensor, b: Tensor) -> bool:
-        """Whether index sets ``a`` and ``b`` are equal (compared once per pair: a plan's
-        set and a mask's kept indices are shared by all tensors of a layer)."""
-        key = (id(a), id(b))
+    def mask_cut(self, key: str, want: Tensor | None) -> tuple[Tensor, bool]:
+        """``(mask[want], keeps)`` of 1-D mask ``key`` (``None``: all of it); ``keeps``:
+        whether it keeps every entry of ``want``. Read from its kept indices where they say
+        (the mask keeps everything, or exactly ``want``, as where the plan cut what the mask
+        pruned): the cut is then all ones (:meth:`ones`), and the mask is not read."""
+        t, _ = self._read(key)
+        kept = self.kept_of(key)
+        n = t.shape[0] if want is None else want.shape[0]
+        if kept.shape[0] == t.shape[0] or self._same(want, kept, t.shape[0]):
+            return self.ones(n, t.dtype), True
+        cut = t if want is None else t.index_select(0, want)
+        return cut, bool(cut.all())
+
+    def kept_of(self, key: str) -> Tensor:
+        """The kept indices of 1-D mask ``key`` (those :func:`kept_indices` found, else found
+        now and kept for the build)."""
+        kept = self.kept.get(key)
+        if kept is None:
+            t, _ = self._read(key)
+            kept = self.kept[key] = torch.from_numpy(np.flatnonzero(t.numpy()))
+        return kept
+
+    def ones(self, n: int, dtype: torch.dtype) -> Tensor:
+        """A tensor of ``n`` ones (shared by the build; read, never written or kept)."""
+        key = (n, dtype)
+        t = self._ones.get(key)
+        if t is None:
+            t = self._ones[key] = torch.ones(n, dtype=dtype)
+        return t
+
+    def _same(self, want: Tensor | None, kept: Tensor, width: int) -> bool:
+        """Whether index set ``want`` (``None``: all of ``range(width)``) is ``kept``; sets
+        are compared once per pair: a plan's set and a mask's kept indices are shared by all
+        the tensors of a layer."""
+        if want is None:
+            return kept.shape[0] == width
+        if want is kept:
+            return True
+        key = (id(want), id(kept))
         if key not in self._equal:
-            same = a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
-            self._equal[key] = (a, b, same)
+            same = want.shape == kept.shape and bool(torch.equal(want, kept))
+            self._equal[key] = (want, kept, same)
         return self._equal[key][2]
 
     def _read(self, key: str) -> tuple[Tensor, dict]:

@@ -37,7 +37,9 @@ def decode_set(entry: list, path: str = "<task>") -> Tensor:
 
 def _like_float(t: Tensor, like: Tensor) -> Tensor:
     """``t`` on ``like``'s device, and dtype if floating point (masks keep theirs)."""
-    return _like(t, like) if t.is_floating_point() else t.to(like.device)
+    if t.is_floating_point():
+        return _like(t, like)
+    return t if t.device == like.device else t.to(like.device)
 
 
 def _like(t: Tensor, like: Tensor | None) -> Tensor:
@@ -99,34 +101,37 @@ def _out_width(module: nn.Module) -> int | None:
 
 def _cut(value: Tensor, attr: str, width, out_keep, in_keep) -> Tensor:
     """A fresh copy of ``value`` with the kept entries: dim 0 of every per-channel tensor, and
-    dim 1 of the weight."""
-    value = value.detach()
+    dim 1 of the weight (indices on ``value``'s device; no autograd: the build runs under
+    ``no_grad``, so no copy is detached)."""
     fresh = False
     if out_keep is not None and value.dim() >= 1 and value.shape[0] == width:
-        value, fresh = value.index_select(0, out_keep.to(value.device)), True
+        value, fresh = value.index_select(0, out_keep), True
     if in_keep is not None and attr == "weight":
-        value, fresh = value.index_select(1, in_keep.to(value.device)), True
+        value, fresh = value.index_select(1, in_keep), True
     return value if fresh else value.clone()
 
 
 def _take(value: Tensor, out_keep, in_keep) -> Tensor:
+    """``value[out_keep][:, in_keep]`` (``None``: all; ``value`` itself when both are)."""
     if out_keep is not None:
-        value = value.index_select(0, out_keep.to(value.device))
+        value = value.index_select(0, out_keep)
     if in_keep is not None:
-        value = value.index_select(1, in_keep.to(value.device))
+        value = value.index_select(1, in_keep)
     return value
 
 
 def _all(keep: Tensor | None, width: int, like: Tensor) -> Tensor:
-    return torch.arange(width, device=like.device) if keep is None else keep.to(like.device)
+    return torch.arange(width, device=like.device) if keep is None else keep
 
 
 def _with_delta(weight: Tensor, delta: Tensor) -> Tensor:
     """``weight`` (a fresh tensor) plus ``delta`` at the kernel's centre tap, in place."""
-    if weight.dim() == 2 or all(k == 1 for k in weight.shape[2:]):
-        weight += delta.view(weight.shape)
+    if weight.dim() == 2:
+        weight.add_(delta)
+    elif all(k == 1 for k in weight.shape[2:]):
+        weight.add_(delta.view(weight.shape))
     else:
-        weight[(slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))] += delta
+        weight[(slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))].add_(delta)
     return weight
 
 

@@ -6,25 +6,19 @@ hold), and cut as the plan says. Used by :class:`.from_plan.PlanBuilder`.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from ..adapters.base import get_adapter, grouped_mask
-from ..adapters.forms import form_of
 from ..utils import NORMS
 from .kept import Stored
 from .manifest import BASELINES, ArtifactError
 from .plan_cuts import (  # noqa: F401  (_cut_widths, decode_set: re-exported)
-    _all,
-    _all_kept,
     _check_groups,
     _cut,
     _cut_widths,
-    _depthwise,
     _is_layer,
     _like,
     _like_float,
@@ -32,9 +26,9 @@ from .plan_cuts import (  # noqa: F401  (_cut_widths, decode_set: re-exported)
     _set_widths,
     _spread,
     _take,
-    _with_delta,
     decode_set,
 )
+from .plan_fuse import fused_layer
 
 _QKV = "qkv"  # adapters of a packed projection, in row order; "out" alone on out_proj
 _BIAS_OF = {"bias": ("weight",), "in_proj_bias": ("in_proj_weight", "q_proj_weight",
@@ -47,6 +41,8 @@ class _Job:
     def __init__(self, builder, task, path: str):  # builder: a from_plan.PlanBuilder
         m = task.manifest
         self.builder, self.path = builder, path
+        self.device = builder.device
+        self._moved: dict[int, tuple[Tensor, Tensor]] = {}
         self.table = m["tensors"]
         # Not Task.full_tensors(), which keeps them on the task: a bank holds its tasks, and
         # a cached task costs its compact model only.
@@ -104,6 +100,19 @@ class _Job:
         return out
 
     # -- tensors -----------------------------------------------------------------------------------
+    def on(self, index: Tensor | None) -> Tensor | None:
+        """Index set ``index`` (on the CPU, as decoded) on the base's device, moved once."""
+        if index is None or self.device.type == "cpu":
+            return index
+        moved = self._moved.get(id(index))
+        if moved is None:
+            moved = self._moved[id(index)] = (index, index.to(self.device))
+        return moved[1]
+
+    def like(self, t: Tensor, like: Tensor) -> Tensor:
+        """Task tensor ``t`` on ``like``'s device, and dtype if floating point."""
+        return _like_float(t, like)
+
     def take(
         self, roles: dict, role: tuple, like: Tensor | None = None, kind: str = "param"
     ) -> Tensor | None:
@@ -143,12 +152,19 @@ class _Job:
             )
         return key
 
-    def view(
-        self, roles: dict, prefix: tuple, out: int, inp: int, groups: int, like: Tensor, cut=None
-    ):
-        """The adapter (``Adapter.view``) over the task tensors with roles ``prefix + (name,)``;
-        with ``cut`` (kept rows, cols), the same restricted to them, or ``None`` (see
-        :meth:`_cut_view`)."""
+    def view(self, roles: dict, prefix: tuple, out: int, inp: int, groups: int, like: Tensor):
+        """The adapter (``Adapter.view``) over the task tensors with roles ``prefix + (name,)``."""
+        got = self.adapter_keys(roles, prefix, out, inp, groups)
+        return self.view_of(got, out, inp, groups, like)
+
+    def view_of(self, got: dict, out: int, inp: int, groups: int, like: Tensor):
+        """The adapter over the whole task tensors ``got`` (``{name: key}``, checked)."""
+        tensors = {name: self.like(self.tensors[key], like) for name, key in got.items()}
+        return self.cls.view(out, inp, groups, self.options, tensors)
+
+    def adapter_keys(self, roles: dict, prefix: tuple, out: int, inp: int, groups: int) -> dict:
+        """``{adapter tensor name: task key}`` of the roles ``prefix + (name,)``, checked: the
+        names, shapes and kinds an adapter of this geometry holds."""
         expected = self.builder.adapter_shapes(self.cls, out, inp, groups, self.options, self.label)
         n = len(prefix)
         got = {r[n]: k for r, k in roles.items() if r[:n] == prefix and len(r) == n + 1}
@@ -171,133 +187,51 @@ class _Job:
                     f"{self.table[key]['kind']}, the adapter holds a {kind}"
                 )
             self.used.add(key)
-        if cut is not None:
-            return self._cut_view(got, cut, like)
-        tensors = {name: _like_float(self.tensors[key], like) for name, key in got.items()}
-        return self.cls.view(out, inp, groups, self.options, tensors)
-
-    def _cut_view(self, got: dict, cut: tuple[Tensor, Tensor], like: Tensor):
-        """The adapter restricted to rows x cols ``cut`` (a view of that geometry over the
-        cut tensors, read from the stored entries), or ``None`` unless it is one: the
-        adapter's masks are its two channel masks, and each other tensor is stored by the
-        rows of ``mask_out`` on its first axis and/or the columns of ``mask_in`` on its second
-        (as export writes an adapter whose delta is cut entry by entry, the same assumption
-        that lets it drop the pruned entries), at the shapes an adapter of that size holds."""
-        if tuple(self.cls.mask_names) != ("mask_out", "mask_in"):
-            return None
-        rows, cols = cut
-        axes = {got["mask_out"]: (rows, None), got["mask_in"]: (cols, None)}
-        for _name, key in got.items():
-            e = self.table[key]
-            if key in axes:
-                continue
-            if "stored" not in e or e.get("rows") not in (None, got["mask_out"]):
-                return None
-            if e.get("cols") not in (None, got["mask_in"]):
-                return None
-            axes[key] = (rows if e.get("rows") else None, cols if e.get("cols") else None)
-        shapes = self.builder.adapter_shapes(
-            self.cls, len(rows), len(cols), 1, self.options, self.label
-        )
-        tensors = {name: self.tensors.cut(key, *axes[key])[0] for name, key in got.items()}
-        if any(tuple(t.shape) != shapes[name] for name, t in tensors.items()):
-            return None
-        tensors = {name: _like_float(t, like) for name, t in tensors.items()}
-        return self.cls.view(len(rows), len(cols), 1, self.options, tensors)
+        return got
 
     # -- adapted layers ----------------------------------------------------------------------------
-    def fused_layer(self, name: str, src: nn.Module, cut) -> nn.Module:
-        roles = self.owners.get(name, {})
-        out_f, in_f = src.weight.shape[0], src.weight.shape[1] * getattr(src, "groups", 1)
-        groups = getattr(src, "groups", 1)
-        weight = src.weight.detach()
-        out_keep, in_keep = cut if cut is not None else (None, None)
-        form = form_of(src)
-        depthwise, by_group = _depthwise(src), groups > 1 and not _depthwise(src)
-        small = None
-        if form.standardise is None and groups == 1:  # the kept block alone, when it can be
-            rows, cols = _all(out_keep, out_f, weight), _all(in_keep, in_f, weight)
-            small = self.view(roles, ("adapter",), out_f, in_f, 1, weight, cut=(rows, cols))
-        adapter = small or self.view(roles, ("adapter",), out_f, in_f, groups, weight)
-        with torch.no_grad():
-            if small is not None:
-                weight = _with_delta(
-                    weight.index_select(0, rows).index_select(1, cols), small.delta()
-                )
-                if not (bool(small.mask_out.all()) and bool(small.mask_in.all())):
-                    weight *= _spread(small.mask_matrix().to(weight.dtype), weight)
-                kept_out = small.mask_out
-            elif form.standardise is not None:  # its weight depends on whole rows: fuse, then cut
-                mask = _spread(adapter.mask_matrix(), weight)
-                fused = _with_delta(weight.clone(), adapter.delta()) * mask
-                weight = _take(form.standardise(src, fused) * mask, out_keep, in_keep)
-            else:
-                rows = _all(out_keep, out_f, weight)
-                if depthwise or by_group:
-                    weight = weight.index_select(0, rows)
-                    delta = adapter.delta_at(rows, None)
-                    mask = adapter.mask_matrix().index_select(0, rows)
-                else:
-                    cols = _all(in_keep, in_f, weight)
-                    weight = weight.index_select(0, rows).index_select(1, cols)
-                    delta = adapter.delta_at(rows, cols)
-                    mask = None if _all_kept(adapter, rows, cols) else adapter.mask_at(rows, cols)
-                weight = _with_delta(weight, delta)
-                if mask is not None and not bool(mask.all()):
-                    weight *= _spread(mask, weight)
-            if small is None:
-                kept_out = _take(adapter.mask_out, out_keep, None)
-            if src.bias is None and ("base", "bias") in roles:
-                raise ArtifactError(
-                    f"task {self.path!r}: it holds a bias of {name!r}, which has none"
-                )
-            bias = self.take(roles, ("base", "bias"), src.bias)
-            trained = bias is not None
-            bias = src.bias if bias is None else bias
-            if bias is not None:
-                bias = _take(bias.detach(), out_keep, None) * kept_out.to(bias.dtype)
-        plain = copy.copy(src)
-        for slot in ("_parameters", "_buffers", "_modules"):
-            plain.__dict__[slot] = dict(plain.__dict__[slot])
-        cls = form.plain_class(src)
-        if cls is not type(plain):
-            plain.__class__ = cls
-            for extra in set(plain._parameters) - {"weight", "bias"}:  # e.g. a gain
-                del plain._parameters[extra]
-        plain._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            plain._parameters["bias"] = nn.Parameter(bias, requires_grad=trained)
-        if cut is not None:
-            _set_widths(plain)
-        return plain
+    def fused_layer(self, name: str, target: nn.Module, src: nn.Module, cut) -> None:
+        """``target`` (the skeleton's copy of adapted layer ``src``) made the task's plain
+        fused layer (:func:`.plan_fuse.fused_layer`)."""
+        fused_layer(self, name, target, src, cut)
 
     # -- every other module ------------------------------------------------------------------------
     def fill(self, name: str, target: nn.Module, src: nn.Module, cut) -> None:
         """Fresh tensors for ``target`` (a skeleton copy of base module ``src``)."""
         roles = self.owners.get(name, {})
         out_keep, in_keep = cut if cut is not None else (None, None)
+        params = target._parameters
+        if params:
+            width = _out_width(src)
+            for attr, p in list(params.items()):
+                if p is not None:
+                    value, trained = self.value(name, src, roles, attr, (width, out_keep, in_keep))
+                    params[attr] = nn.Parameter(value, requires_grad=trained)
+        self.fill_buffers(name, target, src, roles, out_keep)
+        if cut is not None:
+            _set_widths(target)
+
+    def fill_buffers(self, name: str, target: nn.Module, src: nn.Module, roles: dict, rows):
+        """Fresh buffers for ``target``: the task's statistics (BatchNorm only), else the
+        base's, cut to the kept rows where they are per output channel."""
+        buffers = target._buffers
+        if not buffers:
+            return
         width = _out_width(src)
-        for attr, p in list(target._parameters.items()):
-            if p is None:
-                continue
-            value, trained = self.value(name, src, roles, attr, (width, out_keep, in_keep))
-            target._parameters[attr] = nn.Parameter(value, requires_grad=trained)
-        for attr, b in list(target._buffers.items()):
+        for attr, b in list(buffers.items()):
             if b is None:
                 continue
-            rows = out_keep if b.dim() >= 1 and b.shape[0] == width else None
-            stat, fresh = self.take_cut(roles, ("value", attr), b, "stat", rows, None)
+            cut = rows if b.dim() >= 1 and b.shape[0] == width else None
+            stat, fresh = self.take_cut(roles, ("value", attr), b, "stat", cut, None)
             if stat is not None and not isinstance(src, _BatchNorm):
                 raise ArtifactError(
                     f"task {self.path!r}: it holds buffer {attr!r} of {name!r}, a "
                     f"{type(src).__name__}; a task holds BatchNorm statistics only"
                 )
             if stat is None:
-                target._buffers[attr] = _cut(b.detach(), attr, width, out_keep, None)
+                buffers[attr] = _cut(b, attr, width, self.on(cut), None)
             else:
-                target._buffers[attr] = stat if fresh else stat.clone()
-        if cut is not None:
-            _set_widths(target)
+                buffers[attr] = stat if fresh else stat.clone()
 
     def value(
         self, name: str, src: nn.Module, roles: dict, attr: str, cut: tuple
@@ -305,43 +239,77 @@ class _Job:
         """``(value, trained)``: a fresh tensor of a parameter's value as the task model
         computes it (masks and adapters applied), cut as ``cut`` = ``(width, out_keep,
         in_keep)`` says (:func:`_cut`), computed on the kept entries where it can be."""
-        base = src._parameters[attr].detach()
         if not roles.get(("adapters of", attr)):
             return self._masked_cut(name, src, roles, attr, cut)
+        base = src._parameters[attr]
         own = self.take(roles, ("value", attr), base)
         self._check_may_hold(own, name, src, attr)
         value = base if own is None else own
         adapters = roles[("adapters of", attr)]  # attention projections: (W + delta) * M each
-        with torch.no_grad():
-            rows = value.shape[0] // len(adapters)
-            parts = value.split(rows)
-            views = [
-                self.view(roles, ("adapters", attr, a), rows, value.shape[1], 1, value)
-                for a in adapters
-            ]
-            value = torch.cat([(w + v.delta()) * v.mask_matrix() for w, v in zip(parts, views)])
-        return _cut(value, attr, *cut), own is not None
+        rows = value.shape[0] // len(adapters)
+        parts = value.split(rows)
+        views = [
+            self.view(roles, ("adapters", attr, a), rows, value.shape[1], 1, value)
+            for a in adapters
+        ]
+        value = torch.cat([(w + v.delta()) * v.mask_matrix() for w, v in zip(parts, views)])
+        width, out_keep, in_keep = cut
+        return _cut(value, attr, width, self.on(out_keep), self.on(in_keep)), own is not None
 
     def _masked_cut(self, name: str, src: nn.Module, roles: dict, attr: str, cut: tuple):
         """:meth:`value` of a parameter without adapters: its kept entries times theirs of
         its mask, read from the task's stored entries (``cut(v * m) == cut(v) * cut(m)``)."""
-        base = src._parameters[attr].detach()
+        base = src._parameters[attr]
         width, out_keep, in_keep = cut
         rows = out_keep if base.dim() >= 1 and base.shape[0] == width else None
         cols = in_keep if attr == "weight" else None
         own, fresh = self.take_cut(roles, ("value", attr), base, "param", rows, cols)
-        self._check_may_hold(own, name, src, attr)
-        if own is None:
-            value, fresh = _take(base, rows, cols), rows is not None or cols is not None
-        else:
+        if own is not None:
+            self._check_may_hold(own, name, src, attr)
             value = own
-        with torch.no_grad():
-            mask = self.mask(roles, attr, base, src)
-            if mask is not None:
-                wide = mask.dim() >= 2 and mask.shape[1] != 1
-                mask = _take(mask, rows if mask.shape[0] != 1 else None, cols if wide else None)
-                value, fresh = value * mask, True
+        else:
+            value, fresh = (
+                _take(base, self.on(rows), self.on(cols)),
+                rows is not None or cols is not None,
+            )
+        mask = self._cut_mask(roles, attr, base, src, rows, cols)
+        if mask is not None:
+            value, fresh = value * mask, True
         return (value if fresh else value.clone()), own is not None
+
+    def _cut_mask(self, roles: dict, attr: str, base: Tensor, src: nn.Module, rows, cols):
+        """The mask of parameter ``attr`` cut as its value (:meth:`mask`), or ``None`` where
+        it keeps every entry of the cut. A mask of rows alone (a norm's, a bias's) is read
+        from its kept indices (:meth:`.kept.Stored.mask_cut`): no op where the plan cuts
+        what it pruned."""
+        key = self._row_mask_key(roles, attr, base)
+        if key is not None:
+            mask, keeps = self.tensors.mask_cut(key, rows)
+            if keeps:
+                return None
+            return _on(mask.view(-1, *([1] * (base.dim() - 1))), base.device)
+        mask = self.mask(roles, attr, base, src)
+        if mask is None:
+            return None
+        wide = mask.dim() >= 2 and mask.shape[1] != 1
+        on_rows = self.on(rows) if mask.shape[0] != 1 else None
+        return _take(mask, on_rows, self.on(cols) if wide else None)
+
+    def _row_mask_key(self, roles: dict, attr: str, value: Tensor) -> str | None:
+        """The key of the one 1-D mask of ``value``'s rows (its own ``mask_out`` when it has
+        no ``mask_in`` or is 1-D; a bias: its weight's ``mask_out``), checked to fit it;
+        ``None``: any other case (:meth:`mask` then reads, checks and refuses)."""
+        key = roles.get(("mask", attr, "mask_out"))
+        if key is not None:
+            if ("mask", attr, "mask_in") in roles:
+                return None
+        elif attr == "bias":
+            key = roles.get(("mask", "weight", "mask_out"))
+        e = None if key is None else self.table[key]
+        if e is None or e["kind"] != "mask" or e["shape"] != [value.shape[0]]:
+            return None
+        self.used.add(key)
+        return key
 
     def _check_may_hold(self, own: Tensor | None, name: str, src: nn.Module, attr: str) -> None:
         if own is not None and not self._may_hold(name, src, attr):
@@ -361,8 +329,8 @@ class _Job:
             ):
                 raise ArtifactError(f"task {self.path!r}: a mask of {attr!r} does not fit it")
             if value.dim() == 1 or inp is None:
-                return out.view(-1, *([1] * (value.dim() - 1))).to(value.device)
-            return _spread(grouped_mask(out, inp, groups), value).to(value.device)
+                return _on(out.view(-1, *([1] * (value.dim() - 1))), value.device)
+            return _on(_spread(grouped_mask(out, inp, groups), value), value.device)
         return self._bias_mask(roles, attr, value)
 
     def _bias_mask(self, roles: dict, attr: str, value: Tensor) -> Tensor | None:
@@ -387,7 +355,7 @@ class _Job:
         mask = torch.cat(parts) if len(parts) > 1 else parts[0]
         if mask.shape[0] != value.shape[0]:
             raise ArtifactError(f"task {self.path!r}: the mask of {attr!r} does not fit it")
-        return mask.to(value.device)
+        return _on(mask, value.device)
 
     def _may_hold(self, name: str, src: nn.Module, attr: str) -> bool:
         """Which plain tensors a task may replace (as the task model's trainable ones, see
@@ -408,3 +376,7 @@ class _Job:
                 f"task {self.path!r}: tensors {left[:3]} fit no module of this base as the task "
                 "model would use them; the file was edited or made for another model"
             )
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.device == device else t.to(device)
