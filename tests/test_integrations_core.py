@@ -12,7 +12,7 @@ from torch import nn
 
 import sparta
 from sparta.errors import ConfigError
-from sparta.integrations.core import PruningDriver, default_loss, default_split
+from sparta.integrations.core import PruningDriver, default_loss, default_split, in_order
 from test_train import one_thread  # noqa: F401  (autouse: tiny matrices run faster on 1 thread)
 from tiny_models import MLP
 
@@ -71,6 +71,20 @@ def test_prepare_wraps_in_place_and_refuses_what_cannot_export():
         PruningDriver(export_path="t.sparta").prepare(MLP())
     with pytest.raises(ConfigError, match="given without an adapter"):
         PruningDriver(adapter_options={"rank": 2}).prepare(MLP())
+    wrapped = sparta.wrap(MLP(), "splora", rank=2)
+    assert PruningDriver("splora").prepare(wrapped) is wrapped  # taken as it is
+    with pytest.raises(ConfigError, match="already wrapped with 'splora', not 'sppara'"):
+        PruningDriver("sppara").prepare(wrapped)
+
+
+def test_scoring_reads_the_dataset_in_order_without_touching_the_random_state():
+    data = torch.utils.data.TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
+    state = torch.random.get_rng_state()
+    batches = [y.tolist() for _, y in in_order(loader)]
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert in_order([(1, 2)]) == [(1, 2)]  # not a loader: read as it is
 
 
 def _schedule(unit: str, every: int, start: int, steps: int, length: int) -> list[int]:

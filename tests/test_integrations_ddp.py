@@ -1,7 +1,8 @@
 """The callbacks' pruning under data parallelism, as ``sparta run`` does it: two gloo
-processes, each scoring different data, take the same decision, and it is the decision one
-process takes on both ranks' data (scores summed over ranks; learned gates' gradients averaged).
-"""
+processes take the same decision, and it is the decision one process takes on all the data.
+Scoring batches are dealt round-robin (rank r scores batches r, r + 2, ...) and the scores
+summed over ranks; block criteria learn from each rank's own training batch (accumulated scores
+summed, learned gates' gradients averaged)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ def _masks(model) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items() if "mask" in k}
 
 
-def _run(name: str, batches: list) -> dict:
-    """One pruning step on ``batches``; in a process group, this rank's share of the data."""
+def _run(name: str, batches: list, train: list) -> dict:
+    """One pruning step: channel criteria score ``batches`` (this rank's share of them in a
+    process group), block criteria learn from the training passes on ``train``."""
     adapter, options = JOBS[name]
     model = _model(adapter)
     blocks = adapter["adapter"] == "splopa"
@@ -57,9 +59,8 @@ def _run(name: str, batches: list) -> dict:
     )
     driver.begin(model, batches, total_steps=1, epochs=1)
     if blocks:  # the training pass feeds the block criteria (scores or gate gradients)
-        for x, y in batches:
-            loss = default_loss(model(x), y)
-            (loss / len(batches) if not dist.is_initialized() else loss).backward()
+        for x, y in train:
+            (default_loss(model(x), y) / len(train)).backward()
     assert driver.after_optimizer_step(lambda: batches)
     return _masks(model)
 
@@ -70,7 +71,8 @@ def _worker(rank: int, port: int, dump: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        out = {name: _run(name, [_data(rank)]) for name in JOBS}
+        every = [_data(r) for r in range(WORLD)]
+        out = {name: _run(name, every, [_data(rank)]) for name in JOBS}
     finally:
         dist.destroy_process_group()
     torch.save(out, f"{dump}/rank{rank}.pt")
@@ -97,10 +99,11 @@ def test_ranks_decide_alike_and_as_one_process(ranks, name):
         assert torch.equal(first[key], second[key]), key
     pruned = sum(int((m == 0).sum()) for m in first.values())
     assert pruned > 0
-    # one process on both ranks' data (block gradients averaged as DDP averages the loss)
-    alone = _run(name, [_data(r) for r in range(WORLD)])
+    # one process on all the data (the mean loss over both batches, as DDP averages)
+    every = [_data(r) for r in range(WORLD)]
+    alone = _run(name, every, every)
     for key in first:
         assert torch.equal(first[key], alone[key]), key
     # without the sum, a rank alone would have decided differently
-    own = [_run(name, [_data(r)]) for r in range(WORLD)]
+    own = [_run(name, [_data(r)], [_data(r)]) for r in range(WORLD)]
     assert any(not torch.equal(own[0][k], own[1][k]) for k in first)

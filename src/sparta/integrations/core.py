@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from .. import export, make_pruner, wrap
 from ..adapters import AdaptedLayer
 from ..errors import ConfigError
 from ..pruning.factory import infer_granularity
-from ..train.distributed import DistState, all_reduce_sum, reduce_scores
+from ..train.distributed import DistState, all_reduce_sum, reduce_scores, scoring_share
 from ..utils import evaluating
 
 UNITS = ("epochs", "steps")
@@ -150,6 +151,11 @@ class PruningDriver:
             raise ConfigError(f"expected the model to train (an nn.Module), got {model!r}")
         if self.adapter is not None and not is_wrapped(model):
             wrap(model, self.adapter, inplace=True, **self.adapter_options)
+        elif self.adapter is not None and model.sparta_report.adapter != self.adapter:
+            raise ConfigError(
+                f"the model is already wrapped with {model.sparta_report.adapter!r}, not "
+                f"{self.adapter!r}: pass adapter=None to take it as it is, or the plain model"
+            )
         elif self.adapter_options and not is_wrapped(model):
             raise ConfigError(
                 f"adapter_options {sorted(self.adapter_options)} were given without an adapter; "
@@ -170,7 +176,7 @@ class PruningDriver:
             self.prepare(model)
         if self.pruner is not None:
             return
-        example, _ = self.split(_first(batches))
+        example, _ = self.split(_first(in_order(batches)))
         example = _to_device(example, _device(model))
         options = dict(self.options)
         kind = self.granularity
@@ -232,19 +238,22 @@ class PruningDriver:
             return False
         state = _dist_state(self.model)
         if self.pruner.needs_scoring:
-            loader = batches()
-            scored = self.pruner.score(self._scoring(loader), self.loss_fn)
+            scored = self.pruner.score(self._scoring(in_order(batches()), state), self.loss_fn)
             if not scored and not state.enabled:
                 raise ConfigError("the training data gave no batch to score")
         self.pruner.step(reduce_scores(self.pruner, state))
         self._metrics = self._measure()
         return True
 
-    def _scoring(self, loader: Iterable) -> Iterator:
-        device = _device(self.model)
+    def _scoring(self, loader: Iterable, state: DistState) -> Iterator:
+        """This rank's share of the first ``scoring_batches`` batches (whole batches dealt
+        round-robin, as ``sparta run`` deals them), on the model's device."""
+        device, mine = _device(self.model), set(scoring_share(self.scoring_batches, state))
         for i, batch in enumerate(loader):
             if i >= self.scoring_batches:
                 return
+            if i not in mine:
+                continue
             inputs, targets = self.split(batch)
             yield _to_device(inputs, device), _to_device(targets, device)
 
@@ -296,6 +305,23 @@ class PruningDriver:
             self.task = export(self.model)
         self.task.save(self.export_path)
         return self.task
+
+
+def in_order(loader: Iterable) -> Iterable:
+    """The batches of ``loader``'s dataset in order, from a plain ``DataLoader`` of its own
+    (same batch size and collate function): reading them draws nothing from the random
+    generators and leaves the trainer's loader (and a distributed sampler's shard) alone. A
+    loader that cannot be rebuilt so (an iterable dataset, no batch size) is read as it is."""
+    dataset = getattr(loader, "dataset", None)
+    size = getattr(loader, "batch_size", None)
+    size = size or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    if dataset is None or not size or isinstance(dataset, IterableDataset):
+        return loader
+    # a generator of its own: a DataLoader draws a seed for its workers at every iteration
+    own = torch.Generator().manual_seed(0)
+    return DataLoader(
+        dataset, batch_size=size, shuffle=False, collate_fn=loader.collate_fn, generator=own
+    )
 
 
 def _check_count(name: str, value, low: int) -> None:
