@@ -147,6 +147,9 @@ def test_a_crafted_plan_or_tensor_is_refused_and_the_base_is_untouched():
     wide["plan"]["cuts"][first] = [len(wide["plan"]["sets"]), None]  # a set that does not exist
     with pytest.raises(ArtifactError):
         Task.from_bytes(Task(dict(task.tensors), wide).to_bytes())
+    for edit in ({"adapted": ["0"]}, {"adapter": {"name": "fine-pruning", "options": {"r": 1}}}):
+        with pytest.raises(ArtifactError, match="baseline has no adapter options"):
+            Task.from_bytes(Task(dict(task.tensors), {**task.manifest, **edit}).to_bytes())
     tensors = dict(task.tensors)
     key = next(k for k in tensors if k.endswith("original"))
     tensors[key] = tensors[key][:-1]  # one row short of what its masks keep

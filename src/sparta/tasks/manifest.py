@@ -84,7 +84,7 @@ def check_manifest(m, path: str) -> None:
         )
     if (m["version"] >= 3 or "plan" in m) and (problem := plan_problem(m, m["version"])):
         raise ArtifactError(f"task file {path!r}: its compact plan is malformed ({problem})")
-    _check_adapter(m["adapter"], path)
+    _check_adapter(m["adapter"], path, m["adapted"])
 
 
 def _schema_problem(m: dict) -> str | None:
@@ -197,10 +197,16 @@ def _shapes_ok(shapes: list) -> bool:
     )
 
 
-def _check_adapter(adapter: dict, path: str) -> None:
+def _check_adapter(adapter: dict, path: str, adapted: list) -> None:
     """The adapter is a registered one and its options pass its own checks (a baseline's,
-    :data:`BASELINES`, has no options)."""
-    if adapter["name"] in BASELINES and not adapter["options"]:
+    :data:`BASELINES`, has no options and adapts no layer)."""
+    if adapter["name"] in BASELINES:
+        if adapter["options"] or adapted:
+            raise ArtifactError(
+                f"task file {path!r}: a {adapter['name']} baseline has no adapter options and "
+                f"adapts no layer, but this one lists {len(adapter['options'])} option(s) and "
+                f"{len(adapted)} adapted layer(s); the file was edited"
+            )
         return
     try:
         get_adapter(adapter["name"]).resolve_options(dict(adapter["options"]))
