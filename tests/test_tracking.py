@@ -96,3 +96,14 @@ def test_missing_tensorboard_is_a_config_error_naming_the_extra(tmp_path, monkey
         Tracker(tmp_path / "tb")
     Tracker(tmp_path / "off", enabled=False).scalar("x", 1.0, 0)  # disabled: no import
     assert not (tmp_path / "off").exists()
+
+
+def test_a_fresh_run_replaces_the_events_of_an_earlier_one(tmp_path):
+    config = small_config(tmp_path, tensorboard=True, epochs=1, steps=1, recovery_epochs=0)
+    with torch.random.fork_rng():
+        torch.set_num_threads(1)
+        for _ in range(2):
+            run(config, tiny_cnn(), tiny_data(), progress=False)
+    assert len(list((tmp_path / FOLDER).glob("events.out.tfevents.*"))) == 1
+    scalars = _scalars(tmp_path / FOLDER)
+    assert len(scalars["eval/accuracy"]) == 2  # one run's two evaluations, not four

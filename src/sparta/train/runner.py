@@ -169,7 +169,7 @@ class _Runner:
         else:
             self.pruner = make_pruner(config, self.model, self.example) if config.prunes else None
         self.macs = self.pruner.macs if self.pruner else MacCounter(self.model, self.example)
-        self.tracker = Tracker(self.out / FOLDER, enabled=config.tensorboard and dist.is_main)
+        self.tracker = Tracker(self.out / FOLDER, enabled=False)  # see execute
         self.stages = block_stages(config) if self.blocks else _stages(config)
         self.cursor, self.epoch, self.phase, self.saves = 0, 0, None, 0
         self.optimizer = self.scheduler = None
@@ -186,6 +186,8 @@ class _Runner:
         elif self.dist.is_main:
             path.unlink(missing_ok=True)
             (self.out / RESULT).unlink(missing_ok=True)
+        enabled = self.config.tensorboard and self.dist.is_main
+        self.tracker = Tracker(self.out / FOLDER, enabled, fresh=not self.resumed)
         self.ddp = D.wrap_ddp(self.model, self.dist, self.config.find_unused_parameters)
         LOGGER.info(
             "%s run %s: %d of %d stages done, %d process(es) on %s",

@@ -38,10 +38,16 @@ EVAL_KEYS = (
 
 class Tracker:
     """Writes scalars to ``log_dir`` (TensorBoard event files). A closed tracker, or one made
-    with ``enabled=False``, writes nothing."""
+    with ``enabled=False``, writes nothing. ``fresh=True`` (a run started afresh, not resumed)
+    first removes the event files an earlier run left in ``log_dir``."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool = True):
-        self.writer = _writer(Path(log_dir)) if enabled else None
+    def __init__(self, log_dir: str | Path, enabled: bool = True, fresh: bool = False):
+        self.writer = None
+        if enabled:
+            if fresh and Path(log_dir).is_dir():
+                for old in Path(log_dir).glob("events.out.tfevents.*"):
+                    old.unlink(missing_ok=True)
+            self.writer = _writer(Path(log_dir))
 
     def scalar(self, tag: str, value, step: int) -> None:
         if self.writer is None or value is None:
