@@ -3,7 +3,6 @@ torchvision model adapts and learns, from :mod:`sparta.app.inspection`)."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -13,24 +12,29 @@ from rich.table import Table
 from .. import get_adapter, list_adapters
 from ..app.inspection import adapter_options, inspect_summary
 from .console import app, stderr, stdout, user_errors
+from .options import FormatOpt, JsonOpt, output_format, print_result
 
 
 # -- sparta adapters -----------------------------------------------------------------------------
 @app.command("adapters")
-def adapters_command() -> None:
+def adapters_command(fmt: FormatOpt = "table") -> None:
     """List the registered adapters, the layer kinds each adapts and its options.
 
-    Example: `sparta adapters`
+    Example: `sparta adapters`, `sparta adapters --format csv`
     """
+    with user_errors():
+        fmt = output_format(fmt)
     table = Table(title="registered adapters")
     for column in ("name", "layer kinds", "options (defaults)"):
         table.add_column(column)
+    data = []
     for name in list_adapters():
         cls = get_adapter(name)
         options = cls.resolve_options({})
         shown = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "(none)"
         table.add_row(name, ", ".join(cls.kinds), escape(shown))
-    stdout.print(table)
+        data.append({"name": name, "kinds": list(cls.kinds), "options": options})
+    print_result(data, fmt, table)
 
 
 # -- sparta inspect ------------------------------------------------------------------------------
@@ -89,7 +93,8 @@ def inspect_command(
     exclude: Annotated[
         list[str] | None, typer.Option(help="Do not adapt modules matching this glob (repeatable).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON dict instead.")] = False,
+    fmt: FormatOpt = "table",
+    as_json: JsonOpt = False,
 ) -> None:
     """Wrap a torchvision model (random weights, nothing downloaded) and count what it learns.
 
@@ -101,13 +106,14 @@ def inspect_command(
     source = ctx.get_parameter_source("rank")  # typer vendors click: compare by name
     rank_given = source is not None and source.name == "COMMANDLINE"
     with user_errors():
+        fmt = output_format(fmt, as_json)
         options, takes_rank = adapter_options(adapter, rank)
         if rank_given and not takes_rank:
             stderr.print(f"note: adapter {adapter!r} has no rank option; --rank ignored")
         summary = inspect_summary(
             model, num_classes, adapter, options, include or None, exclude or None
         )
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-    else:
+    if fmt == "table":
         _print_summary(summary)
+    else:  # csv: the parameter table (the one table every model has)
+        print_result(summary, fmt, _params_table(summary["adapter"], summary["params"]))

@@ -8,6 +8,7 @@ import csv
 import inspect
 import io
 import json
+import re
 from typing import Annotated
 
 import typer
@@ -112,8 +113,13 @@ def table_csv(table: Table) -> str:
 
 
 def _plain(cell) -> str:
+    """A cell's text; a number shown with thousands separators ("1,234") as a plain one."""
     text = cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
-    return " ".join(text.split())
+    text = " ".join(text.split())
+    return text.replace(",", "") if _GROUPED.fullmatch(text) else text
+
+
+_GROUPED = re.compile(r"-?\d{1,3}(,\d{3})+")
 
 
 def print_result(data, fmt: str | bool, table: Table) -> None:

@@ -120,6 +120,17 @@ def summary_table(results: list) -> Table:
     return table
 
 
+def _check_models(configs: list[RunConfig]) -> None:
+    """Refuse an unknown model name before anything runs (and warns); a prefixed name
+    (``timm:``, ``hf:``) is checked where it is built."""
+    from ..errors import UnknownNameError
+    from ..models import list_models
+
+    for config in configs:
+        if ":" not in config.model and config.model not in (known := list_models()):
+            raise UnknownNameError("model", config.model, known)
+
+
 @contextmanager
 def progress_lines(enabled: bool) -> Iterator[None]:
     """While active, each line the run logs (an epoch, a pruning step, an evaluation) is also
@@ -178,13 +189,15 @@ def run_command(
         if resume and overwrite:
             raise ConfigError("--resume continues a run, --overwrite replaces it: pass one")
         config = run_folder.resolve(*split_given(config_file, given(ctx, fields)), resume)
-        run_folder.prepare(config, resume, overwrite, main)
         configs = config.runs() if isinstance(config, GridConfig) else [config]
+        _check_models(configs)
+        run_folder.prepare(config, resume, overwrite, main)
+        note = stdout if fmt == "table" else stderr  # stdout: the csv/json alone
         results = []
         with progress_lines(main and not progress):
             for index, one in enumerate(configs, 1):
                 if main and len(configs) > 1:
-                    stdout.print(f"[bold]run {index}/{len(configs)}[/]: {escape(one.name)}")
+                    note.print(f"[bold]run {index}/{len(configs)}[/]: {escape(one.name)}")
                 again = not overwrite and (resume or isinstance(config, GridConfig))
                 try:
                     results.append(run(one, progress=progress, resume=again))
@@ -196,7 +209,7 @@ def run_command(
                         )
                     raise typer.Exit(130) from None
                 if main and results[-1].skipped:
-                    stdout.print(
+                    note.print(
                         f"{escape(one.name)}: done before "
                         f"({escape(str(one.output_dir))}/result.json)",
                         soft_wrap=True,
