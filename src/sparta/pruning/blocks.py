@@ -48,6 +48,7 @@ from ..inputs import check_nonempty, input_spec
 from ..masks import alive_units, kept_weights
 from ..measure import MacCounter
 from .block_criteria import PrunerHook, get_block_criterion
+from .block_select import choose_units, given_scores
 from .block_units import block_units, splopa_layers, structured_units
 from .checks import bad_count, check_int, check_weights, finite, nonfinite
 from .groups import _transformer_groups
@@ -205,7 +206,7 @@ class BlockPruner(PrunerBase):
         if self.done:
             raise ConfigError(f"all {self.total_steps} block pruning steps are done")
         if scores is not None:
-            scores = _given_scores(scores, self.criterion.total)
+            scores = given_scores(scores, self.criterion.total)
         t = self.steps_done + 1
         level = level_at(
             t, self.total_steps, self.target, self.schedule, self.warmup, self.cooldown
@@ -369,7 +370,9 @@ class BlockPruner(PrunerBase):
         kept = torch.zeros(len(u.names), dtype=torch.long).index_add_(0, group, (cost > 0).long())
         chosen = []
         for members in sets:
-            chosen += self._choose(members, level, cost, size, score, shut, kept, group)
+            chosen += choose_units(
+                members, level, self.target, cost, size, score, shut, kept, group
+            )
         if not chosen:
             return 0
         blocks = u.block_of[torch.isin(u.unit_of, torch.tensor(chosen))]
@@ -380,42 +383,3 @@ class BlockPruner(PrunerBase):
                     (local - lay.offset).to(lay.adapter.mask_block.device)
                 ] = 0
         return int(live[blocks].sum())
-
-    def _choose(self, members, level, cost, size, score, shut, kept, group) -> list[int]:
-        """Least useful units first (switched-off ones before the rest) until the live blocks
-        of ``members`` are at most ``level`` of their blocks; switched-off units go even
-        past the level, but never past the target."""
-        total = float(size[members].sum())
-        goal, floor = level * total + 1e-9, self.target * total - 1e-9
-        now = float(cost[members].sum())
-        alive = members[cost[members] > 0].tolist()
-        alive.sort(key=lambda i: (not bool(shut[i]), float(score[i])))
-        chosen = []
-        for i in alive:
-            if now <= goal:  # the level is reached: only switched-off units, down to the target
-                if not shut[i]:
-                    break
-                if now - float(cost[i]) < floor:
-                    continue
-            if kept[group[i]] <= 1:  # every group keeps a unit
-                continue
-            chosen.append(i)
-            now -= float(cost[i])
-            kept[group[i]] -= 1
-        return chosen
-
-
-def _given_scores(scores, total: int) -> Tensor:
-    """Scores from the caller (``BlockPruner.step(scores)``): one number per block."""
-    try:
-        out = torch.as_tensor(scores).detach().double().cpu()
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(
-            f"scores must be numbers, one per block ({total}), got {type(scores).__name__}"
-        ) from None
-    if tuple(out.shape) != (total,):
-        raise ConfigError(
-            f"scores must hold one number per block of the pruned layers: expected shape "
-            f"({total},), got {tuple(out.shape)}; pass what BlockPruner.importance() returns"
-        )
-    return out
