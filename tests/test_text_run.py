@@ -102,11 +102,12 @@ def test_channel_spa_run_of_an_hf_model_on_jsonl_builds_a_smaller_model(files, t
     root, _ = files
     config = _config(
         files, tmp_path / "channels", data_dir=str(root / "all.jsonl"), method="splora",
-        rank=2, criterion="taylor", target=0.5, steps=2, recovery_epochs=1,
+        rank=2, criterion="taylor", target=0.5, steps=2, recovery_epochs=1, val_fraction=0.25,
     )  # fmt: skip
     assert not config.prunes_blocks
     r = _run(config)
-    assert r.result["data"] == {"train": 64, "val": 0, "test": 16}
+    assert r.result["data"] == {"train": 48, "val": 16, "test": 16}  # 80 = 64 + 16, 64 = 48 + 16
+    assert all(s["val_accuracy"] is not None for s in r.result["steps"])
     assert r.final["density"] == pytest.approx(0.5, abs=0.1)
     assert [s["step"] for s in r.result["steps"]] == [0, 1, 2]
     compact, base = _check_builds_exactly(r)
