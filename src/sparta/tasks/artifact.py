@@ -218,14 +218,16 @@ def export(model: nn.Module, example_inputs=None) -> Task:
     if report is None or not _is_wrapped(model):
         raise ConfigError("export expects a model returned by sparta.wrap (it has no adapters)")
     adapter = {"name": report.adapter, "options": dict(report.options)}
-    return export_layout(model, adapter, list(report.adapted), list(report.head), example_inputs)
+    task = export_layout(model, adapter, list(report.adapted), list(report.head), example_inputs)
+    return with_plan(task, plan_of(model, task))  # called here: its warning names the caller
 
 
 def export_layout(
     model: nn.Module, adapter: dict, adapted: list, head: list, example_inputs=None
 ) -> Task:
-    """:func:`export` with the layout given: ``adapter`` (``{"name", "options"}``), the
-    ``adapted`` layers and the ``head``. On a plain model (a baseline, see
+    """:func:`export` with the layout given, without the plan (a version 2 task; see
+    :func:`with_plan`): ``adapter`` (``{"name", "options"}``), the ``adapted`` layers and the
+    ``head``. On a plain model (a baseline, see
     :mod:`sparta.tasks.baseline`) every trainable tensor is the task's and the base's
     fingerprint covers its frozen tensors (none, when everything was trained) and structure."""
     sd = model.state_dict()
@@ -271,11 +273,15 @@ def export_layout(
     if spec is not None:
         manifest["inputs"] = spec
     json.dumps(manifest)  # options must be JSON data; fail here, not at save time
-    task = Task(tensors, {**manifest, "version": 2})
-    plan = plan_of(model, task)  # verified against the masked model here, once
-    if plan is not None:
-        task = Task(tensors, {**manifest, "plan": plan})
-    return task
+    return Task(tensors, {**manifest, "version": 2})
+
+
+def with_plan(task: Task, plan: dict | None) -> Task:
+    """``task`` (from :func:`export_layout`) with ``plan`` (``plan_of(model, task)``, verified
+    against the masked model there, once) as a version 3 task; without one, as it is."""
+    if plan is None:
+        return task
+    return Task(task.tensors, {**task.manifest, "version": VERSION, "plan": plan})
 
 
 def _spec_to_record(example_inputs, model: nn.Module) -> dict | None:

@@ -28,7 +28,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..heads import static_head
-from .artifact import Task, _is_wrapped, export_layout
+from .artifact import Task, _is_wrapped, export_layout, with_plan
+from .make_plan import plan_of
 from .manifest import BASELINES, ArtifactError
 
 
@@ -58,6 +59,7 @@ def export_baseline(model: nn.Module, method: str, example_inputs=None) -> Task:
         raise ConfigError("the model trains no parameter: a baseline stores what it trained")
     adapter = {"name": method, "options": {}}
     task = export_layout(model, adapter, [], static_head(model), example_inputs)
+    task = with_plan(task, plan_of(model, task))  # called here: its warning names the caller
     if task.plan is None:
         raise ArtifactError(
             "the baseline's compact form cannot be recorded as a plan"
@@ -68,7 +70,6 @@ def export_baseline(model: nn.Module, method: str, example_inputs=None) -> Task:
             )
         )
     return task
-
 
 
 def save_baseline(model: nn.Module, path, method: str, example_inputs=None) -> dict:
