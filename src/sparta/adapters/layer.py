@@ -48,6 +48,11 @@ class TensorMemo:
         self._value = None
 
     def get(self, tensors: Sequence[Tensor], compute: Callable[[], object]):
+        if torch.compiler.is_compiling():
+            # A compiled graph recomputes the value in place (the compiler fuses it); reading
+            # version counters and storing Python state would guard or break the graph.
+            with torch.no_grad():
+                return compute()
         key = [(t, t._version) for t in tensors]
         same = len(key) == len(self._key) and all(
             a is b and va == vb for (a, va), (b, vb) in zip(key, self._key)
@@ -311,8 +316,10 @@ class AdaptedLayer(nn.Module):
         return DeltaLayerFn.apply(x, weight, bias, left, right, self.geometry)
 
     def _masked_base_weight(self) -> Tensor:
-        if all(bool(m.all()) for m in self.adapter.masks()):
-            return self.base.weight  # nothing pruned: no copy
+        # Nothing pruned: no copy (eager only; a compiled graph multiplies, without reading
+        # the masks' values in Python).
+        if not torch.compiler.is_compiling() and all(bool(m.all()) for m in self.adapter.masks()):
+            return self.base.weight
         return self.base.weight * self._weight_mask()
 
     def extra_repr(self) -> str:
