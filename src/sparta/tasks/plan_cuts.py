@@ -126,12 +126,13 @@ def _all(keep: Tensor | None, width: int, like: Tensor) -> Tensor:
 
 def _with_delta(weight: Tensor, delta: Tensor) -> Tensor:
     """``weight`` (a fresh tensor) plus ``delta`` at the kernel's centre tap, in place."""
-    if weight.dim() == 2:
+    taps = weight.shape[2:]
+    if not taps:
         weight.add_(delta)
-    elif all(k == 1 for k in weight.shape[2:]):
+    elif max(taps) == 1:
         weight.add_(delta.view(weight.shape))
     else:
-        weight[(slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))].add_(delta)
+        weight[(slice(None), slice(None), *(k // 2 for k in taps))].add_(delta)
     return weight
 
 
@@ -142,16 +143,16 @@ def _spread(mask: Tensor, like: Tensor) -> Tensor:
 def _set_widths(module: nn.Module) -> None:
     """The width attributes of a cut layer, from its (cut) weight."""
     d = module.__dict__
+    shape = module._parameters["weight"].shape
     if isinstance(module, _BatchNorm):
-        d["num_features"] = module.weight.shape[0]
+        d["num_features"] = shape[0]
     elif isinstance(module, nn.Linear):
-        d["out_features"] = module.weight.shape[0]
-        d["in_features"] = module.weight.shape[1]
+        d["out_features"], d["in_features"] = shape[0], shape[1]
+    elif d["groups"] == 1:
+        d["out_channels"], d["in_channels"] = shape[0], shape[1]
     elif _depthwise(module):
-        d["out_channels"] = d["in_channels"] = d["groups"] = module.weight.shape[0]
-    elif module.groups > 1:  # whole groups: fewer groups, the same width per group
-        per_out, per_in = module.out_channels // module.groups, module.in_channels // module.groups
-        d["groups"] = module.weight.shape[0] // per_out
-        d["out_channels"], d["in_channels"] = module.weight.shape[0], d["groups"] * per_in
-    else:
-        d["out_channels"], d["in_channels"] = module.weight.shape[:2]
+        d["out_channels"] = d["in_channels"] = d["groups"] = shape[0]
+    else:  # whole groups: fewer groups, the same width per group
+        per_out, per_in = d["out_channels"] // d["groups"], d["in_channels"] // d["groups"]
+        d["groups"] = shape[0] // per_out
+        d["out_channels"], d["in_channels"] = shape[0], d["groups"] * per_in

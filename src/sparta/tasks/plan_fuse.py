@@ -25,8 +25,8 @@ def fused_layer(job, name: str, target: nn.Module, src: nn.Module, cut) -> None:
     """Turn ``target`` (the skeleton's copy of adapted layer ``src``) into the plain layer of
     the task: fused weight, the task's (or base's) bias, widths of the cut."""
     roles = job.owners.get(name, {})
-    weight = src.weight
-    groups = getattr(src, "groups", 1)
+    weight = src._parameters["weight"]
+    groups = src.__dict__.get("groups", 1)
     out_f, in_f = weight.shape[0], weight.shape[1] * groups
     rows, cols = cut if cut is not None else (None, None)
     form = form_of(src)
@@ -95,7 +95,7 @@ def _whole(job, got: dict, src: nn.Module, form, geometry: tuple, rows, cols):
     """:func:`_block` for any layer: the adapter over its whole stored tensors, its delta at
     the kept rows (columns), masked; a standardising layer is fused whole, then cut."""
     out_f, in_f, groups = geometry
-    weight = src.weight
+    weight = src._parameters["weight"]
     adapter = job.view_of(got, out_f, in_f, groups, weight)
     rows_d, cols_d = job.on(rows), job.on(cols)
     if form.standardise is not None:  # its weight depends on whole rows: fuse, then cut
@@ -122,7 +122,7 @@ def _whole(job, got: dict, src: nn.Module, form, geometry: tuple, rows, cols):
 def _bias(job, name: str, roles: dict, src: nn.Module, rows, kept_out) -> tuple:
     """``(bias or None, trained)``: the task's bias of the layer (else the base's), cut to
     the kept rows, times the kept-output mask where it does not keep them all."""
-    base = src.bias
+    base = src._parameters.get("bias")
     if base is None:
         if ("base", "bias") in roles:
             raise ArtifactError(f"task {job.path!r}: it holds a bias of {name!r}, which has none")

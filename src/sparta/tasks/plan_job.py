@@ -360,14 +360,14 @@ class _Job:
     def _may_hold(self, name: str, src: nn.Module, attr: str) -> bool:
         """Which plain tensors a task may replace (as the task model's trainable ones, see
         ``wrap``): anything in the head, norms, and the biases of adapted attention."""
-        if self.baseline:
+        if self.baseline or isinstance(src, NORMS):
             return True
         in_head = any(name == h or name.startswith(h + ".") for h in self.head)
         parent, _, child = name.rpartition(".")
         attention_bias = (attr == "in_proj_bias" and name in self.adapted) or (
             attr == "bias" and child == "out_proj" and parent in self.adapted
         )
-        return in_head or attention_bias or isinstance(src, NORMS)
+        return in_head or attention_bias
 
     def finish(self) -> None:
         left = sorted(set(self.table) - self.used)
