@@ -22,6 +22,7 @@ written atomically to ``export_path`` by global rank 0. Importing this module im
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 try:
@@ -95,7 +96,13 @@ class SpartaCallback(Callback):
             self.driver.prepare(self.network(pl_module))
 
     def on_train_start(self, trainer, pl_module) -> None:
-        total = int(trainer.estimated_stepping_batches)
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError(
+                "the run's length is unknown (an endless or sized-less training loader): set "
+                "max_steps on the Trainer so that the pruning schedule can be laid out"
+            )
+        total = int(total)
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else total
         self.driver.begin(self.network(pl_module), trainer.train_dataloader, total, epochs)
         self._seen_step = trainer.global_step

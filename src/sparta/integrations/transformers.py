@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'sparta[hf]'"
     ) from exc
 
+from ..errors import ConfigError
 from .core import PruningDriver
 
 
@@ -82,6 +83,11 @@ class SpartaCallback(TrainerCallback):
             self.driver.prepare(model)
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
+        if self.driver.penalty_weight and not hasattr(TrainerCallback, "on_pre_optimizer_step"):
+            raise ConfigError(
+                "penalty_weight needs transformers >= 4.43 (the on_pre_optimizer_step event, "
+                "where the penalty's gradient is added): pip install -U transformers"
+            )
         self.driver.begin(model, train_dataloader, state.max_steps, int(state.num_train_epochs))
         self._loader = train_dataloader
 
