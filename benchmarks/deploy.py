@@ -92,6 +92,9 @@ def timed(models: dict, inputs, repeats: int, warmup: int = 1) -> dict[str, dict
 
 # -- 1. task switch -------------------------------------------------------------------------------
 def switch_section(base, task: Task, switches: int, folder: Path) -> dict:
+    """Median, min and max of ``switches`` task switches (``Task.load`` + ``Builder.build``)
+    per format and torch thread count (1 and 2), all interleaved: one switch of each in turn,
+    so machine load hits them alike; plus the torch ops one build runs (torch.profiler)."""
     formats = {"v3 (plan inside)": task}
     if hasattr(Task, "without_plan"):
         formats["old format (no plan)"] = task.without_plan()
@@ -103,23 +106,42 @@ def switch_section(base, task: Task, switches: int, folder: Path) -> dict:
         t.save(paths[label])
         builders[label] = Builder(base)  # one bank per format; first use pays the base checks
         builders[label].build(Task.load(paths[label]), verify=False)
-    times: dict[str, list[float]] = {label: [] for label in formats}
-    for _ in range(switches):
-        for label in formats:
-            start = time.perf_counter()
-            builders[label].build(Task.load(paths[label]), verify=False)
-            times[label].append(time.perf_counter() - start)
+    threads_before = torch.get_num_threads()
+    counts = (1, 2)
+    times: dict[tuple, list[float]] = {(label, n): [] for label in formats for n in counts}
+    try:
+        for _ in range(switches):
+            for label, n in times:
+                torch.set_num_threads(n)
+                start = time.perf_counter()
+                builders[label].build(Task.load(paths[label]), verify=False)
+                times[label, n].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads_before)
+    ops = {label: _ops(builders[label], paths[label]) for label in formats}
     out = {}
-    for label, t in times.items():
+    for (label, n), t in times.items():
         s = spread(t)
         met = s["median_ms"] <= SWITCH_TARGET_MS
-        out[label] = s | {"met": met, "file_bytes": paths[label].stat().st_size}
+        row = s | {"met": met, "file_bytes": paths[label].stat().st_size}
+        out[f"{label}, {n} thread{'s' if n > 1 else ''}"] = row | {"threads": n, "ops": ops[label]}
         print(
-            f"   {label:<21}: median {s['median_ms']:6.1f} ms, min {s['min_ms']:6.1f}, max "
-            f"{s['max_ms']:6.1f} over {s['n']} switches ({out[label]['file_bytes'] / 1e6:.2f} "
-            f"MB file); target <= {SWITCH_TARGET_MS:.0f} ms median: {_met(met)}"
+            f"   {label:<21} {n} thread{'s' if n > 1 else ' '}: median {s['median_ms']:6.1f} ms, "
+            f"min {s['min_ms']:6.1f}, max {s['max_ms']:6.1f} over {s['n']} switches "
+            f"({row['file_bytes'] / 1e6:.2f} MB file, {ops[label]:,} torch ops per build); "
+            f"target <= {SWITCH_TARGET_MS:.0f} ms median: {_met(met)}"
         )
     return out
+
+
+def _ops(builder: Builder, path: Path) -> int:
+    """Top-level torch ops of one build of the task at ``path`` (its load excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    loaded = Task.load(path)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        builder.build(loaded, verify=False)
+    return sum(1 for e in prof.events() if e.cpu_parent is None)
 
 
 # -- 2. latency -----------------------------------------------------------------------------------
