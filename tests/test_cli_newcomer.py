@@ -166,6 +166,10 @@ def test_a_second_run_into_a_run_folder_is_refused_unless_overwrite(done, tmp_pa
     assert f"already holds run '{NAME}' (finished)" in line
     assert "--resume" in line and "--overwrite" in line
     assert (done / "result.json").read_text() == before
+    failed = _run(*FAST, "--output-dir", str(done), "--dataset", "no-such-data", "--overwrite")
+    assert failed.exit_code == 2  # a new run that fails before it starts...
+    again = _ok(_run("--output-dir", str(done), "--resume")).stdout
+    assert f"{NAME}: done before" in again  # ...leaves the finished run as it was
     assert "pass one" in _one_red_line(_run("--output-dir", str(done), "--resume", "--overwrite"))
 
     other = tmp_path / "other"
@@ -255,6 +259,7 @@ def test_an_unknown_model_gets_close_names_not_the_whole_list(tmp_path):
         ("train it and pass checkpoint=... instead", "pass --checkpoint ... instead"),
         ("set cifar_stem=False", "set --no-cifar-stem"),
         ("target macs=0.1 stays", "target macs=0.1 stays"),
+        ("pass download=True (--download) to fetch it", "pass --download to fetch it"),
     ],
 )
 def test_messages_name_cli_flags(library, cli):

@@ -60,7 +60,8 @@ def one_line(message: str) -> str:
             return f"--{name}"
         return f"--no-{name}" if value == "False" else f"--{name} ..."
 
-    return re.sub(r"(?<![\w.-])([a-z][a-z_]*)=(True|False|\.\.\.)", as_flag, message)
+    message = re.sub(r"(?<![\w.-])([a-z][a-z_]*)=(True|False|\.\.\.)", as_flag, message)
+    return re.sub(r"(--[\w-]+) \(\1\)", r"\1", message)  # "--download (--download)": once
 
 
 def error_line(message: str) -> None:

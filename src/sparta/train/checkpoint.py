@@ -155,7 +155,7 @@ def write_run_config(out, config: dict) -> Path:
 
 def saved_run(out) -> SavedRun | None:
     """The run recorded in folder ``out`` (``None``: no config.json, checkpoint or result).
-    The config comes from ``config.json``, else ``result.json``, else the checkpoint."""
+    The config comes from ``result.json``, else the checkpoint, else ``config.json``."""
     from .records import CHECKPOINT, RESULT
 
     out = Path(out)
@@ -169,7 +169,9 @@ def saved_run(out) -> SavedRun | None:
         state = "interrupted"
     else:
         state = "started"
-    for name in (RUN_CONFIG, RESULT, CHECKPOINT):
+    # What ran wins over what was about to run: a config.json written for a new run that
+    # failed before its first checkpoint does not rename the finished run still there.
+    for name in (RESULT, CHECKPOINT, RUN_CONFIG):
         if name in present:
             config = _config_in(present[name])
             grid = name == RUN_CONFIG and any(k in config for k in GRID_KEYS)
