@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("measure", "wrapping"),
     ("heads", "masks"),
     ("adapters", "models", "data"),
-    ("inputs", "io", "utils", "registry", "devices", "onnx_session"),
+    ("inputs", "io", "utils", "registry", "devices", "onnx_session", "outputs"),
     ("errors",),
 )
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

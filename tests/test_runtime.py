@@ -315,6 +315,8 @@ def test_bad_requests_raise_sparta_errors():
         sparta.deploy(nn.Linear(3, 2), "images")
     with pytest.raises(ConfigError, match="threads"):
         sparta.deploy(nn.Linear(3, 2), x, threads=0)
+    with pytest.raises(ConfigError, match="spin must be True or False, got 'no'"):
+        sparta.deploy(nn.Linear(3, 2), x, runtime="onnxruntime", spin="no")
     with pytest.raises(DeployError, match="fails on the example inputs"):
         sparta.deploy(nn.Linear(4, 2), x)
     with pytest.raises(DeployError, match="does not reproduce the model"):
@@ -371,3 +373,23 @@ def test_bank_deployed_refuses_an_unknown_runtime(tmp_path):
     bank = _bank_of_two(tmp_path)
     with pytest.raises(UnknownNameError, match="runtime"):
         bank.deployed("t0", runtime="tensorrt")
+
+
+def test_outputs_difference_over_structures_nan_and_dtypes():
+    from sparta.outputs import RTOL, difference, tolerance_of
+
+    a = torch.tensor([1.0, -4.0, 2.0])
+    assert difference(a, a) == 0.0
+    assert difference(a + torch.tensor([0.0, 0.0, 0.4]), a) == pytest.approx(0.1)  # 0.4 / 4
+    nested = (a, {"b": 2 * a})  # the largest entry of any leaf is the scale
+    shifted = (a, {"b": 2 * a + torch.tensor([0.8, 0.0, 0.0])})
+    assert difference(shifted, nested) == pytest.approx(0.1)
+    assert difference((a,), nested) == float("inf")  # another structure
+    assert difference(a[:2], a) == float("inf")  # another shape
+    nan = torch.tensor([float("nan"), 1.0])
+    assert difference(nan, nan) == 0.0  # NaN where the model has NaN is reproduced
+    assert difference(torch.tensor([0.0, 1.0]), nan) == float("inf")
+    assert tolerance_of(a) == RTOL and tolerance_of(a.half()) == 8 * torch.finfo(torch.half).eps
+    inf = torch.tensor([float("inf"), 2.0])
+    assert difference(inf, inf) == 0.0 and difference(torch.tensor([1.0, 2.0]), inf) == float("inf")
+    assert difference(torch.tensor([float("inf"), 2.2]), inf) == pytest.approx(0.1)

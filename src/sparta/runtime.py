@@ -53,9 +53,9 @@ from torch.utils import _pytree as pytree
 from .errors import ConfigError, SpartaError, UnknownNameError
 from .inputs import input_spec
 from .onnx_session import blocked_padding, load_onnxruntime, onnx_session, padding_note
+from .outputs import difference, hf_logits, pick, tolerance_of
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
-RTOL = 1e-4  # float32; lower precisions get a few of their own ulps (see _tolerance)
 
 
 class DeployError(SpartaError, RuntimeError):
@@ -138,7 +138,8 @@ def deploy(
     Raises:
         UnknownNameError: ``runtime`` is not one of :data:`RUNTIMES`.
         ConfigError: ``model`` is not a module, inputs are not tensors, ``threads`` is not a
-            positive integer, or onnxruntime is missing (``pip install 'sparta[onnx]'``).
+            positive integer, ``spin`` not a bool, or onnxruntime is missing
+            (``pip install 'sparta[onnx]'``).
         DeployError: the model fails on the inputs, cannot be exported, or the runtime's
             outputs differ from the model's.
     """
@@ -152,6 +153,8 @@ def deploy(
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
     ):
         raise ConfigError(f"threads must be an integer >= 1 or None, got {threads!r}")
+    if not isinstance(spin, bool):
+        raise ConfigError(f"spin must be True or False, got {spin!r}")
     input_spec(example_inputs)  # a tensor or a tuple/list/dict of tensors, or a ConfigError
     ort = load_onnxruntime() if runtime == "onnxruntime" else None
     copied = _eval_copy(model)
@@ -181,8 +184,8 @@ class _Layout:
         self.names = list(kwargs)
         leaves, self.in_spec = pytree.tree_flatten((args, kwargs))
         self.count = len(leaves)
-        self.output = "logits" if _hf_logits(want) is not None else None
-        out_leaves, self.out_spec = pytree.tree_flatten(_pick(want))
+        self.output = "logits" if hf_logits(want) is not None else None
+        out_leaves, self.out_spec = pytree.tree_flatten(pick(want))
         bad = [type(x).__name__ for x in out_leaves if not isinstance(x, Tensor)]
         if bad:
             raise DeployError(
@@ -221,7 +224,7 @@ class _Flat(nn.Module):
 
     def forward(self, *leaves):
         args, kwargs = pytree.tree_unflatten(list(leaves), self._layout.in_spec)
-        return tuple(pytree.tree_leaves(_pick(self.model(*args, **kwargs))))
+        return tuple(pytree.tree_leaves(pick(self.model(*args, **kwargs))))
 
 
 def _split(inputs) -> tuple[tuple, dict]:
@@ -230,16 +233,6 @@ def _split(inputs) -> tuple[tuple, dict]:
     if isinstance(inputs, tuple | list):
         return tuple(inputs), {}
     return (inputs,), {}
-
-
-def _hf_logits(out):
-    logits = getattr(out, "logits", None)
-    return logits if not isinstance(out, Tensor) and isinstance(logits, Tensor) else None
-
-
-def _pick(out):
-    logits = _hf_logits(out)
-    return out if logits is None else logits
 
 
 # -- runtimes -------------------------------------------------------------------------------------
@@ -256,7 +249,7 @@ def _eager(model, layout, threads, channels_last, fold_bn, ort, spin) -> Deploye
     def run(leaves):
         args, kwargs = pytree.tree_unflatten(leaves, layout.in_spec)
         with torch.inference_mode():
-            return pytree.tree_leaves(_pick(model(*args, **kwargs)))
+            return pytree.tree_leaves(pick(model(*args, **kwargs)))
 
     deployed = Deployed("eager", run, layout, threads)
     deployed.notes, deployed.module = notes, model
@@ -279,10 +272,10 @@ def _fold_bn(model: nn.Module, layout: _Layout) -> tuple[nn.Module, int]:
             warnings.simplefilter("ignore")
             fused = fuse(model, inplace=False)
         with torch.inference_mode():
-            error = _difference(fused(*args, **kwargs), layout.want)
+            error = difference(fused(*args, **kwargs), layout.want)
     except Exception:  # noqa: BLE001 - any tracing failure: keep the model as it is
         return model, 0
-    if error > _tolerance_of(layout.want):
+    if error > tolerance_of(layout.want):
         return model, 0
     return fused, before - sum(isinstance(m, norms) for m in fused.modules())
 
@@ -318,10 +311,10 @@ def _onnx(model, layout, threads, channels_last, fold_bn, ort, spin) -> Deployed
     :func:`~sparta.onnx_session.onnx_session`; the example is always run once to pick the
     exporter)."""
     leaves = tuple(pytree.tree_leaves(layout.example))
-    tol, threads_used = _tolerance_of(layout.want), threads or torch.get_num_threads()
+    tol, threads_used = tolerance_of(layout.want), threads or torch.get_num_threads()
 
     def problem(run) -> str | None:
-        error = _difference(layout.outputs(run(list(leaves))), layout.want)
+        error = difference(layout.outputs(run(list(leaves))), layout.want)
         return None if error <= tol else f"outputs differ by {error:.2e} of the largest"
 
     try:
@@ -355,7 +348,7 @@ def _compare(deployed: Deployed, args, kwargs, want, runtime: str) -> float:
         raise
     except Exception as exc:  # noqa: BLE001 - reported with its cause
         raise DeployError(f"the {runtime} deployment fails on the example inputs: {exc}") from exc
-    error, tol = _difference(got, want), _tolerance_of(want)
+    error, tol = difference(got, want), tolerance_of(want)
     if error > tol:
         raise DeployError(
             f"the {runtime} deployment does not reproduce the model: largest difference "
@@ -363,35 +356,6 @@ def _compare(deployed: Deployed, args, kwargs, want, runtime: str) -> float:
             "runtime='eager' (or fold_bn=False, channels_last=False) to serve it unchanged"
         )
     return error
-
-
-def _difference(got, want) -> float:
-    """Largest difference of ``got`` from ``want`` (outputs of any structure) relative to the
-    largest entry of ``want``; infinite when their structures differ."""
-    got, want = pytree.tree_leaves(_pick(got)), pytree.tree_leaves(_pick(want))
-    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
-        return float("inf")
-    scale = max((_absmax(w) for w in want if w.numel()), default=0.0)
-    diff = max((_absmax(g, w) for g, w in zip(got, want) if w.numel()), default=0.0)
-    return diff / (scale + 1e-12)
-
-
-def _absmax(a: Tensor, b: Tensor | None = None) -> float:
-    """Largest ``|a - b|`` (or ``|a|``) where NaN counts as infinite unless both are NaN."""
-    a = a.detach().float().cpu()
-    d = a.abs() if b is None else (a - b.detach().float().cpu()).abs()
-    if b is not None:
-        d = d.masked_fill(a.isnan() & b.detach().cpu().isnan(), 0.0)
-    return d.nan_to_num(nan=float("inf")).max().item()
-
-
-def _tolerance_of(want) -> float:
-    leaves = pytree.tree_leaves(_pick(want))
-    return max((_tolerance(w.dtype) for w in leaves), default=RTOL)
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return max(RTOL, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else RTOL
 
 
 def _export_error(runtime: str, what: str, exc: Exception) -> DeployError:
