@@ -34,8 +34,8 @@ from .checks import (
     run_model,
 )
 from .groups import Group
-from .lrp import composite as _composite
 from .lrp import lrp_copy as _lrp_copy
+from .lrp import relevance_rules as _relevance_rules
 from .lrp import true_class_start as _true_class_start
 from .probes import _attached, _collect, _module, _probes, _scored_members, _scoring
 
@@ -240,10 +240,10 @@ class Taylor(_Attribution):
 class LRP(_Attribution):
     """Layer-wise relevance propagation (Yeom et al. 2021): ``|sum over batch and positions of
     the relevance R_c|`` at each channel's activation, summed over batches; ``loss_fn`` is not
-    used (relevance starts at the true class). Runs zennit on ``sparta.fuse(model)`` (plain
+    used (relevance starts at the true class). Runs our LRP rules on ``sparta.fuse(model)`` (plain
     layers, same names and function; cached while the model is unchanged)."""
 
-    mean = False  # in zennit, the gradient of the rule-modified graph at a tensor IS its relevance
+    mean = False  # the gradient of the rule-modified graph at a tensor IS its relevance
     option_names = ("epsilon",)
 
     def __init__(self, model: nn.Module, groups: Iterable[Group], epsilon: float = 0.25, **options):
@@ -261,9 +261,7 @@ class LRP(_Attribution):
         what = f"the model failed on scoring batch {batch} (inputs {describe(inputs)})"
         plain = guarded(lambda: self._plain.get(state, lambda: _lrp_copy(self.model, inputs)), what)
         probes = _probes(plain, self.groups, split_attention=True)
-        # probes first: their pre-hooks must see a layer's input before zennit wraps it, so the
-        # gradient they read is the relevance that the layer's rule hands down
-        with _attached(probes), _composite(self.epsilon).context(plain) as hooked:
+        with _attached(probes), _relevance_rules(plain, self.epsilon) as hooked:
             logits = _logits(run_model(hooked, inputs, batch))
             if not all(finite(t) for t in tensors(logits)):
                 self.check_weights()
