@@ -226,3 +226,12 @@ def test_a_fine_pruning_run_is_evaluated_benchmarked_and_added_to_a_bank(tmp_pat
     _ok(runner.invoke(app, added))
     listed = json.loads(_ok(runner.invoke(app, ["tasks", "list", bank, "--json"])).stdout)
     assert [(t["name"], t["adapter"], t["bytes"]) for t in listed] == [("fp", "fine-pruning", size)]
+
+
+def test_an_older_baseline_run_without_a_model_file_says_how_to_get_one(tmp_path):
+    old = tmp_path / "fp"
+    old.mkdir()
+    result = {"format": "sparta.result", "config": {"method": "fine-pruning", "model": "x"}}
+    (old / "result.json").write_text(json.dumps(result))
+    shown = runner.invoke(app, ["eval", str(old)])
+    assert shown.exit_code == 2 and "run it again" in shown.output

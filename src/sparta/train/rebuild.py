@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..config import BASELINE_METHODS
 from ..errors import ConfigError
 from ..io import atomic_write
 from ..tasks import Task, TaskBank
@@ -95,7 +96,14 @@ def find_task(path) -> Path:
     path = Path(path)
     if path.is_dir():
         if not (path / TASK).is_file():
-            raise ConfigError(f"folder {str(path)!r} holds no {TASK}")
+            method = run_config(path / TASK).get("method")
+            why = (
+                f" (a {method} run written before sparta saved baselines' compact models: run "
+                "it again to get one)"
+                if method in BASELINE_METHODS and (path / RESULT).is_file()
+                else ""
+            )
+            raise ConfigError(f"folder {str(path)!r} holds no {TASK}{why}")
         return path / TASK
     if not path.is_file():
         raise ConfigError(f"no such task file: {str(path)!r}")
