@@ -385,3 +385,72 @@ def test_std_conv_plan_builds_exactly():
     with torch.no_grad():
         assert _rel(compact(x), model(x)) <= 1e-4
     assert type(compact.std) is nn.Conv2d  # fused whole (standardised), then cut
+
+
+# -- the switch path -------------------------------------------------------------------------------
+def test_plan_build_runs_on_one_torch_thread_and_restores_the_count(made, monkeypatch):
+    """Waking torch's thread pool for a build's small ops costs more than they do (and its
+    spinning workers take the build's core); the count is restored, also after a refusal."""
+    from sparta.tasks import from_plan, plan_job
+
+    if not from_plan._openmp():
+        pytest.skip("torch's native thread backend cannot change its count once it ran")
+    base, model, x, task = made("residual")
+    seen = []
+    fuse = plan_job.fused_layer
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return fuse(*args)
+
+    monkeypatch.setattr(plan_job, "fused_layer", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        Builder(base).build(task, verify=True)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ArtifactError):
+            Builder(base).build(_edit(task, CRAFTED["module of the wrong type"]), verify=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _widen(plan) -> None:
+    """Every set of the plan keeps every channel: the pruned ones come back, zeroed by their
+    masks (the plan still cuts each layer, with sets that cut nothing)."""
+    plan["sets"] = [encode_set(torch.arange(width), width) for width, _ in plan["sets"]]
+
+
+@pytest.mark.parametrize("name,adapter", [("residual", "splora"), ("conv2d", "sppara"),
+                                          ("mlp", "splora"), ("conv1d", "splora"),
+                                          ("attention", "splora")])  # fmt: skip
+def test_a_plan_keeping_pruned_channels_builds_the_masked_model(made, name, adapter):
+    """Where the plan keeps channels its masks pruned, the build reads and applies the masks
+    (and expands the stored entries) instead of taking the kept block as it is: the plan with
+    every set widened gives the masked model's outputs, which verify confirms."""
+    got = made(name, adapter)
+    if got is None:
+        pytest.skip(f"{adapter} adapts no layer of {name}")
+    base, model, x, task = got
+    assert any(c[0] is not None for c in task.plan["cuts"].values()), "the task cut nothing"
+    wide = _edit(task, _widen)
+    compact, _ = Builder(base).build(wide, verify=True)
+    full = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in compact.state_dict().items()} == full
+    with torch.no_grad():
+        assert _rel(_run(compact, x), _run(model, x)) <= 1e-4
+
+
+def test_a_mask_edited_after_loading_is_refused_not_read_stale(made):
+    """The build reads each mask's kept indices from the task's tensors as they are now: a
+    mask changed in place after loading no longer fits its stored entries and is refused."""
+    base, model, x, task = made("residual")
+    loaded = Task.from_bytes(task.to_bytes())
+    table = loaded.manifest["tensors"]
+    key = next(e["rows"] for e in table.values() if "stored" in e and e.get("rows"))
+    mask = loaded.tensors[key]
+    mask[int(mask.nonzero()[0])] = False  # one kept channel fewer than its entries store
+    with pytest.raises(ArtifactError, match="stores|fit|kept"):
+        Builder(base).build(loaded, verify=False)
