@@ -138,7 +138,7 @@ def bench_command(
         typer.Option(
             help="Where the two models run: eager (PyTorch, the models as built), torchscript "
             "or onnxruntime (each model served by sparta.deploy, checked against it first; "
-            "onnxruntime needs pip install 'sparta[onnx]')."
+            "onnxruntime needs the onnx extra: pip install -e '.[onnx]' in sparta's clone)."
         ),
     ] = "eager",
     device: DeviceOpt = "auto",
