@@ -6,11 +6,14 @@
     sparta run [CONFIG] [--field value]    train, prune and export one run or a grid (runs.py)
     sparta report RUNS... --out DIR        Table-1-style summary of runs, with plots (runs.py)
     sparta eval TASK / sparta bench TASK   a task's compact model: test accuracy / speed (deploy.py)
-    sparta tasks list|add|remove|switch    a task bank on one shared base (tasks.py)
+    sparta tasks list|add|remove|build     a task bank on one shared base (tasks.py)
 
 ``adapters`` and ``inspect`` live in adapters.py, ``demo`` in demo.py; console.py holds the app
-they register on. Bad input (unknown names, out-of-range values) ends with exit code 2 and one
-red line on stderr; anything else is a bug and keeps its traceback.
+they register on (one-line errors and warnings, tables that do not wrap when piped); options.py
+the options several commands share (base model, ``--format``); fields.py generates ``sparta
+run``'s options from the config's fields; run_folder.py checks and records a run's folder. Bad
+input (unknown names, out-of-range values) ends with exit code 2 and one red line on stderr;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError, SpartaError, UnknownNameError
-from .console import app, stdout, user_errors
+from .console import app, stderr, stdout, user_errors
 from .options import FormatOpt, JsonOpt, output_format, print_result, with_base_options
 
 tasks_app = typer.Typer(
@@ -101,6 +101,11 @@ def tasks_list(
     bad = [{"name": f, "error": e} for f, e in sorted(bank.errors.items())]
     table = info_table(infos, f"tasks in {directory}", bank.errors)
     print_result([i.to_dict() for i in infos] + bad, fmt, table)
+    for row in bad if fmt == "table" else []:  # also on stderr, for whoever reads it alone
+        stderr.print(
+            f"[bold yellow]unusable task file {escape(row['name'])}:[/] {escape(row['error'])}",
+            soft_wrap=True,
+        )
 
 
 @tasks_app.command("add")

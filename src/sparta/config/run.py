@@ -84,7 +84,7 @@ class RunConfig:
     )
     # method
     method: str = rule(
-        "splora", str, help="finetune, fine-pruning or a registered adapter (`sparta adapters`)"
+        "splora", str, help="the baseline or the adapter trained (adapters: `sparta adapters`)"
     )
     rank: int = rule(8, int, low=1, help="adapter rank (adapters that take one)")
     init_scale: float | None = rule(
@@ -104,9 +104,7 @@ class RunConfig:
         None, bool, none=True, help="splopa: one set of prototypes for all layers (none: no)"
     )
     # pruning
-    criterion: str = rule(
-        "taylor", str, help="importance criterion: taylor, l1, l2, gradient, lrp, random"
-    )
+    criterion: str = rule("taylor", str, help="importance criterion of the channels pruned")
     target: str | float = rule(
         0.05, (str, float),
         help="a bare number is a FILTER density, the fraction of filters kept (the paper's "
@@ -119,8 +117,10 @@ class RunConfig:
         help="share of the original filters removed per step: steps derived as "
         "round((1 - density) / step_fraction) (paper recipe: 0.05)",
     )  # fmt: skip
-    schedule: str = rule("linear", str, help="pruning schedule: linear, geometric, cubic, one-shot")
-    ranking: str = rule("global", str, help="global or local ranking of channels")
+    schedule: str = rule("linear", str, help="how the pruned share grows over the steps")
+    ranking: str = rule(
+        "global", str, help="channels ranked over the whole model or within each layer"
+    )
     round_to: int | None = rule(
         None, int, low=1, none=True, help="keep channel counts multiples of this"
     )
@@ -151,7 +151,7 @@ class RunConfig:
     epochs: int = rule(10, int, low=0, help="epochs of initial training")
     recovery_epochs: int = rule(1, int, low=0, help="epochs of training after every pruning step")
     batch_size: int = rule(64, int, low=1, help="global batch size (split over DDP processes)")
-    optimizer: str = rule("sgd", str, help="sgd, adam or adamw")
+    optimizer: str = rule("sgd", str, help="optimiser")
     lr: float = rule(0.01, float, low=0, open_low=True, help="learning rate")
     weight_decay: float = rule(0.0, float, low=0, help="weight decay")
     momentum: float = rule(0.9, float, low=0, high=1, open_high=True, help="SGD momentum")
