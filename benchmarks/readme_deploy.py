@@ -56,6 +56,14 @@ def section(d: dict) -> str:
             f"**{best['speedup']:.2f}x** = {b['fraction_of_mac_ratio']:.2f} of the MAC ratio "
             f"(target {b['target_fraction']:.1f}: {_met(b['met'])}) |"
         )
+        if "best_round_to8" in b:  # the same target pruned with round_to=8 (deploy.py)
+            r8 = b["best_round_to8"]
+            lines.append(
+                f"| {batch} | best of each side, compact pruned with round_to=8 "
+                f"({r8['base']} vs {r8['compact']}) | | | {r8['speedup']:.2f}x = "
+                f"{b['fraction_of_mac_ratio_round_to8']:.2f} of its MAC ratio |"
+            )
+    lines += _profile(d.get("profile"))
     by = d["bytes"]
     learned = by["learned"]
     lines += [
@@ -70,6 +78,23 @@ def section(d: dict) -> str:
         END,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _profile(profile: dict | None) -> list[str]:
+    """deploy.py's section 2b: ONNX Runtime's per-operator profile at batch 1."""
+    if not profile:
+        return []
+    lines = ["", "Where the time goes (ONNX Runtime profile, batch 1, medians):", ""]
+    for name, p in profile.items():
+        one, two = p["1"], p["2"]
+        lines.append(
+            f"- {name}: {two['nodes']} operators, {p['macs'] / 1e9:.3f} GMAC "
+            f"(+{p['padding']:.0%} padded to channel blocks); 1 thread {one['run_median_ms']:.2f} "
+            f"ms ({one['gmacs_per_s']:.0f} GMAC/s), 2 threads {two['run_median_ms']:.2f} ms; "
+            f"executor {two['executor_us']:.1f} us per operator, a second thread "
+            f"{p['sync_us']:.1f} us per convolution"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
