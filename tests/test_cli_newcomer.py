@@ -299,3 +299,15 @@ def test_task_bank_commands(done, tmp_path):
     _ok(runner.invoke(app, ["tasks", "remove", str(bank), "good"]))
     _ok(runner.invoke(app, ["tasks", "remove", str(bank), "broken"]))
     assert sorted(p.name for p in bank.iterdir()) == ["bank.json"]
+
+
+def test_eval_and_bench_take_the_shared_options_and_format(done):
+    final = json.loads((done / "result.json").read_text())["final"]
+    table = _ok(runner.invoke(app, ["eval", str(done), "--device", "cpu", "--format", "csv"]))
+    rows = {r["what"]: r["value"] for r in csv.DictReader(io.StringIO(table.stdout))}
+    assert float(rows["accuracy recorded by the run"]) == pytest.approx(final["accuracy"], abs=1e-4)
+    args = ["bench", str(done), "--batch-size", "2", "--repeats", "2", "--warmup", "0"]
+    data = json.loads(_ok(runner.invoke(app, [*args, "--seed", "0", "--format", "json"])).stdout)
+    assert data["macs"]["compact"] == final["macs"]  # the run counted a batch of 2 too
+    refused = _one_red_line(runner.invoke(app, [*args, "--seed", "5"]))  # another random base
+    assert "base fingerprints differ" in refused
