@@ -235,3 +235,19 @@ def test_an_older_baseline_run_without_a_model_file_says_how_to_get_one(tmp_path
     (old / "result.json").write_text(json.dumps(result))
     shown = runner.invoke(app, ["eval", str(old)])
     assert shown.exit_code == 2 and "run it again" in shown.output
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn-depthwise-bn"])
+def test_apply_task_gives_back_the_fine_pruned_model_to_train_further(name):
+    factory, model, x = _fine_pruned(name)
+    task = export_baseline(model, "fine-pruning")
+    torch.manual_seed(7)
+    base = factory().eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    masked = sparta.tasks.apply_task(base, task).eval()
+    with torch.no_grad():
+        assert torch.equal(masked(x), model(x))
+    assert all(p.requires_grad for p in masked.parameters())  # every weight is learned
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    again = export_baseline(masked, "fine-pruning", x)  # masks came back with it
+    assert again.plan["cuts"] == task.plan["cuts"]

@@ -19,6 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..errors import ConfigError, SkippedLayerWarning
 from ..masks import ensure_masks, resolve_mask
 from .fingerprint import _base_names, _masked_sites, _task_kinds
+from .manifest import BASELINES
 from .taskfile import _DTYPES, ArtifactError
 
 _FROZEN = ("weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -37,6 +38,11 @@ def task_model(
     m = task.manifest
     for name in m["adapted"] + m["head"]:
         _module(base, name, "lists")
+    if m["adapter"]["name"] in BASELINES:  # a plain model: every tensor is the task's
+        model = copy.deepcopy(base)
+        _attach_masks(model, m["masked"])
+        _load(model, task, protected=storages(base) if protected is None else protected)
+        return model
     _refuse_adapted(base, task, [n for n in m["adapted"] if not _adaptable(base, n, m["head"])])
     copied = _frozen_sharing_copy(base, m["adapted"], m["head"]) if share_frozen else None
     try:
