@@ -77,9 +77,6 @@ def with_base_options(func):
     return extend(func, signature, own, added, "base")
 
 
-# The base options one by one, for a command that takes some of them only.
-ModelOpt, WeightsOpt, CheckpointOpt, StemOpt, ClassesOpt, SeedOpt = BASE_OPTIONS.values()
-
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:INDEX or mps.")]
 #: How a command prints its table: as a table, CSV or JSON (``--json``: ``--format json``).
 FORMATS = ("table", "csv", "json")
