@@ -251,3 +251,22 @@ def test_apply_task_gives_back_the_fine_pruned_model_to_train_further(name):
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     again = export_baseline(masked, "fine-pruning", x)  # masks came back with it
     assert again.plan["cuts"] == task.plan["cuts"]
+
+
+def test_a_model_no_plan_can_express_is_refused_and_a_run_keeps_its_results(monkeypatch, tmp_path):
+    import warnings
+
+    import sparta.tasks.baseline as baseline
+
+    def no_plan(model, task):
+        warnings.warn("export: no plan (layer 'x' is cut by the graph only)", stacklevel=2)
+        return None
+
+    monkeypatch.setattr(baseline, "plan_of", no_plan)
+    _, model, x = _fine_pruned("mlp")
+    with pytest.raises(ArtifactError, match="layer 'x' is cut by the graph only"):
+        export_baseline(model, "fine-pruning")
+    with pytest.warns(UserWarning, match="no compact model file written"):
+        saved = baseline.save_baseline(model, tmp_path / "task.safetensors", "fine-pruning", x)
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert saved == {"checkpoint_bytes": state} and not (tmp_path / "task.safetensors").exists()

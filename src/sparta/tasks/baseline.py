@@ -59,16 +59,18 @@ def export_baseline(model: nn.Module, method: str, example_inputs=None) -> Task:
         raise ConfigError("the model trains no parameter: a baseline stores what it trained")
     adapter = {"name": method, "options": {}}
     task = export_layout(model, adapter, [], static_head(model), example_inputs)
-    task = with_plan(task, plan_of(model, task))  # called here: its warning names the caller
+    with warnings.catch_warnings(record=True) as caught:  # its "will trace" does not apply
+        warnings.simplefilter("always")
+        task = with_plan(task, plan_of(model, task))
     if task.plan is None:
+        why = next((str(w.message) for w in caught), "") or "no input shapes recorded"
         raise ArtifactError(
-            "the baseline's compact form cannot be recorded as a plan"
-            + (
-                " (no input shapes: pass example_inputs=<a batch>)"
-                if "inputs" not in task.manifest
-                else " (see the warning above for why)"
-            )
+            f"the baseline's compact form cannot be recorded as a plan ({why[:300]}); a "
+            "baseline file must build without tracing"
+            + (": pass example_inputs=<a batch>" if "inputs" not in task.manifest else "")
         )
+    for w in caught:  # anything else is the caller's to see
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return task
 
 
