@@ -73,8 +73,11 @@ def resolve(path, overrides: dict, grid: dict, resume: bool) -> RunConfig | Grid
 
 
 def prepare(config: RunConfig | GridConfig, resume: bool, overwrite: bool, main: bool) -> None:
-    """Check every folder ``config`` will write into, create them and record their config
-    (``main``: the process that writes)."""
+    """Check every folder ``config`` will write into, create them and record their config.
+    Only the ``main`` process (rank 0 under torchrun) does: another one would find the
+    config.json rank 0 just wrote and take it for another run."""
+    if not main:
+        return
     runs = config.runs() if isinstance(config, GridConfig) else [config]
     folders = [Path(r.output_dir) for r in runs]
     if isinstance(config, GridConfig):
@@ -87,11 +90,10 @@ def prepare(config: RunConfig | GridConfig, resume: bool, overwrite: bool, main:
         _check_run_folder(run, resume or isinstance(config, GridConfig), overwrite)
     for folder in folders:
         _create(folder)
-    if main:
-        if isinstance(config, GridConfig):
-            write_run_config(folders[0], config.to_dict())
-        for run in runs:
-            write_run_config(run.output_dir, run.to_dict())
+    if isinstance(config, GridConfig):
+        write_run_config(folders[0], config.to_dict())
+    for run in runs:
+        write_run_config(run.output_dir, run.to_dict())
 
 
 def resume_command(config: RunConfig | GridConfig) -> str:
