@@ -11,7 +11,8 @@ settings and its final evaluation); a *row* is a group of runs whose every resul
 setting is equal and whose seeds differ (:mod:`.grouping`: a seed found twice counts once),
 with the accuracy's mean and standard deviation (sample standard deviation; ``None`` for a
 single seed) and the mean of every other number. Rows that share the shown keys but differ in
-another setting (epochs, steps, lr, ...) say which in their ``settings``.
+another setting (epochs, steps, lr, ...) say which in their ``settings`` text; ``run_settings``
+holds all of the group's result-changing settings.
 
 Every run's artifact is the file it saved: an adapter's task file, or a baseline's compact
 model (``finetune``, ``fine-pruning``: :mod:`sparta.tasks.baseline`). Each adapter row is
@@ -190,7 +191,7 @@ def aggregate(runs: Iterable[dict]) -> Rows:
         accuracies = [m["accuracy"] for m in members if m.get("accuracy") is not None]
         row = {k: first.get(k) for k in GROUP_KEYS}
         row["settings"] = first.get("settings_text", "")
-        row["_settings"] = first["settings"]
+        row["run_settings"] = first["settings"]
         row["seeds"] = len(members)
         row["accuracy_mean"] = statistics.fmean(accuracies) if accuracies else None
         row["accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else None
@@ -211,7 +212,7 @@ def _compare_baselines(rows: list[dict]) -> list[str]:
     the same settings (but for :data:`ADAPTER_SETTINGS`); notes for adapter rows without one."""
 
     def key(row: dict, method: str) -> str:
-        shared = {k: v for k, v in row["_settings"].items() if k not in ADAPTER_SETTINGS}
+        shared = {k: v for k, v in row["run_settings"].items() if k not in ADAPTER_SETTINGS}
         return json.dumps([row["model"], row["dataset"], method, shared], default=str)
 
     baselines = {key(r, r["method"]): r for r in rows if r["method"] in BASELINE_METHODS}
