@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import gc
 import hashlib
 import json
 import warnings
@@ -390,7 +391,8 @@ def test_std_conv_plan_builds_exactly():
 # -- the switch path -------------------------------------------------------------------------------
 def test_plan_build_runs_on_one_torch_thread_and_restores_the_count(made, monkeypatch):
     """Waking torch's thread pool for a build's small ops costs more than they do (and its
-    spinning workers take the build's core); the count is restored, also after a refusal."""
+    spinning workers take the build's core), and a garbage collection mid-switch walks every
+    live object: both are off during a build and restored after, also after a refusal."""
     from sparta.tasks import from_plan, plan_job
 
     if not from_plan._openmp():
@@ -400,7 +402,7 @@ def test_plan_build_runs_on_one_torch_thread_and_restores_the_count(made, monkey
     fuse = plan_job.fused_layer
 
     def spy(*args):
-        seen.append(torch.get_num_threads())
+        seen.append((torch.get_num_threads(), gc.isenabled()))
         return fuse(*args)
 
     monkeypatch.setattr(plan_job, "fused_layer", spy)
@@ -408,11 +410,13 @@ def test_plan_build_runs_on_one_torch_thread_and_restores_the_count(made, monkey
     torch.set_num_threads(2)
     try:
         Builder(base).build(task, verify=True)
-        assert seen and set(seen) == {1}
-        assert torch.get_num_threads() == 2
+        assert seen and set(seen) == {(1, False)}  # one thread, no collection mid-build
+        assert torch.get_num_threads() == 2 and gc.isenabled()
         with pytest.raises(ArtifactError):
             Builder(base).build(_edit(task, CRAFTED["module of the wrong type"]), verify=False)
-        assert torch.get_num_threads() == 2
+        with pytest.raises(ArtifactError):
+            Task.from_bytes(_edit(task, CRAFTED["extra key"]).to_bytes())
+        assert torch.get_num_threads() == 2 and gc.isenabled()
     finally:
         torch.set_num_threads(before)
 

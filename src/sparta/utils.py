@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,6 +32,20 @@ def batch_size(inputs) -> int:
         if isinstance(v, Tensor) and v.dim():
             return int(v.shape[0])
     return 1
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for the duration (restored after, if it was
+    on). For short bursts that create thousands of small objects (a task switch): a collection
+    inside one walks every live object, a model's included, and costs more than the burst."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from ..devices import module_device
 from ..errors import ConfigError, SpartaError
 from ..inputs import check_nonempty, input_spec, make_inputs
 from ..pruning.groups import Group, find_groups
-from ..utils import call
+from ..utils import call, gc_paused
 from .apply import _load as load_task
 from .apply import storages, task_model
 from .artifact import Task
@@ -167,7 +167,14 @@ class Builder:
         return model
 
     def build(self, task: Task, verify: bool = True) -> tuple[nn.Module, CompactReport]:
-        """``(compact model, report)`` for ``task``; see :func:`build`."""
+        """``(compact model, report)`` for ``task``; see :func:`build`. The garbage collector
+        is paused for a build from a plan (:func:`~sparta.utils.gc_paused`), verify included."""
+        if not isinstance(task, Task) or task.plan is None:  # (check says what is wrong)
+            return self._build(task, verify)
+        with gc_paused():
+            return self._build(task, verify)
+
+    def _build(self, task: Task, verify: bool) -> tuple[nn.Module, CompactReport]:
         self.check(task)
         if self._protected is None:
             self._protected = storages(self.base)

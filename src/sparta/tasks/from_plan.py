@@ -13,7 +13,6 @@ set but the widths of cut layers and the plan's whitelisted ones (:data:`.plan.P
 from __future__ import annotations
 
 import functools
-import gc
 from contextlib import contextmanager
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from ..adapters.layer import adapt_reason, layer_geometry
 from ..devices import module_device
 from ..masks import can_mask
+from ..utils import gc_paused
 from .apply import _adaptable, _module, _refuse_adapted
 from .compact import CompactReport, GroupOutcome
 from .manifest import ArtifactError
@@ -110,14 +110,8 @@ class PlanBuilder:
         few thousand small objects, and its collections (which walk every live object,
         the base's included) would cost more than the build itself; it is restored after. Torch
         runs on this thread alone meanwhile (:func:`one_thread`)."""
-        paused = gc.isenabled()
-        gc.disable()
-        try:
-            with torch.no_grad(), one_thread():
-                return self._build(task, path)
-        finally:
-            if paused:
-                gc.enable()
+        with gc_paused(), torch.no_grad(), one_thread():
+            return self._build(task, path)
 
     def _build(self, task, path: str) -> tuple[nn.Module, CompactReport]:
         plan = task.manifest["plan"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..utils import gc_paused
 from .kept import compact, expand, full_tensors, kept_indices  # noqa: F401  (re-exported)
 from .manifest import (  # noqa: F401  (re-exported: the names of the task file format)
     _DTYPES,
@@ -92,7 +93,14 @@ def pack_masks(tensors: dict[str, Tensor], manifest: dict) -> dict[str, Tensor]:
 def read_task(path, max_bytes: int = MAX_FILE_BYTES) -> tuple[dict[str, Tensor], dict]:
     """``(tensors, manifest)`` of task file ``path``: its size and header are checked before
     the body is read, the file is read once (straight into the tensors' buffer) and parsed
-    once, and every tensor is checked (:func:`decode_body`)."""
+    once, and every tensor is checked (:func:`decode_body`). The garbage collector is paused
+    meanwhile (:func:`~sparta.utils.gc_paused`: parsing the manifest makes thousands of
+    small objects, none of them cyclic garbage)."""
+    with gc_paused():
+        return _read_task(path, max_bytes)
+
+
+def _read_task(path, max_bytes: int) -> tuple[dict[str, Tensor], dict]:
     if not isinstance(path, str | os.PathLike):
         raise ArtifactError(
             f"expected the path of a task file (str or pathlib.Path), got {type(path).__name__}"
