@@ -101,7 +101,9 @@ def _field_parameter(f: dataclasses.Field, panel: str) -> inspect.Parameter:
     text = f"{meaning} ({describe(f)})" if meaning else f"({describe(f)})"
     if bool in kinds(f):
         dashed = f.name.replace("_", "-")
-        option = typer.Option(f"--{dashed}/--no-{dashed}", help=text, rich_help_panel=panel)
+        option = typer.Option(
+            f"--{dashed}/--no-{dashed}", help=text, rich_help_panel=f"{panel}: on/off"
+        )
         annotation = Annotated[bool | None, option]
     else:
         option = typer.Option(

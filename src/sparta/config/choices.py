@@ -35,8 +35,15 @@ def _fixed(name: str) -> Callable[[], list[str]]:
     return names
 
 
+def _recipes() -> list[str]:
+    from .recipes import recipes
+
+    return list(recipes())
+
+
 #: Field -> the function listing the names it accepts.
 CHOICES: dict[str, Callable[[], list[str]]] = {
+    "recipe": _recipes,
     "method": _methods,
     "criterion": _criteria,
     "schedule": _schedules,

@@ -55,8 +55,8 @@ class RunConfig:
 
     recipe: str | None = rule(
         None, str, none=True,
-        help="a named preset applied first, e.g. paper (flags and file keys override it; "
-        "`sparta run --help` and RECIPES list them)",
+        help="a named preset applied first (flags and file keys override it; "
+        "sparta.config.recipes() gives each value's reason)",
     )  # fmt: skip
     # model
     model: str = rule(
