@@ -117,8 +117,20 @@ def _check(layer, shape, name, options, data):
     # Both ways of differentiating a low-rank delta (thin products or the centre-tap weight
     # gradient) are chosen by cost in practice; each must be exact.
     thin = data.draw(st.booleans())
-    with mock.patch.object(
-        delta_fn, "_prefer_thin", lambda left, right: thin and right is not None
+    # A low-rank delta also runs fused or as a branch beside the layer (chosen by cost).
+    branch = data.draw(st.booleans())
+    with (
+        mock.patch.object(delta_fn, "_prefer_thin", lambda left, right: thin and right is not None),
+        mock.patch.object(
+            delta_fn,
+            "_branch_form",
+            lambda geom, x, w, right: (
+                branch
+                and right is not None
+                and geom.groups == 1
+                and min(geom.centre_offsets(), default=0) >= 0
+            ),
+        ),
     ):
         y = adapted(x)
         expected = _reference(layer, ad, x)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..devices import autocast_dtype, autocast_off
+from .lowrank import ROWS, add_projected, layout_of, low_rank_grads, matrix, project, unmatrix
 
 __all__ = ["DeltaLayerFn", "Geometry", "autocast_dtype", "autocast_off"]
 
@@ -100,9 +101,7 @@ class Geometry:
         """
         if self.spatial_dims == 0:
             return _flat(x)
-        offsets = [
-            d * (k - 1) // 2 - p for d, k, p in zip(self.dilation, self.kernel_size, self.padding)
-        ]
+        offsets = self.centre_offsets()
         if any(o < 0 for o in offsets):  # the tap reads zero padding: add just that much
             x = F.pad(x, [v for o in reversed(offsets) for v in (max(-o, 0),) * 2])
             offsets = [max(o, 0) for o in offsets]
@@ -112,6 +111,33 @@ class Geometry:
             for o, s, n in zip(offsets, self.stride, like.shape[2:])
         ]
         return x[tuple(index)]
+
+    def centre_offsets(self) -> list[int]:
+        """Where the centre tap reads, relative to the output position times the stride
+        (negative: in the zero padding)."""
+        return [
+            d * (k - 1) // 2 - p for d, k, p in zip(self.dilation, self.kernel_size, self.padding)
+        ]
+
+    def centre_index(self, out_shape) -> tuple | None:
+        """The index of ``x`` whose entries the centre tap reads for an output of ``out_shape``
+        (``None`` for Linear: all of ``x``); only where no tap reads the zero padding."""
+        if self.spatial_dims == 0:
+            return None
+        spans = zip(self.centre_offsets(), self.stride, out_shape[2:])
+        return (slice(None), slice(None), *(slice(o, o + s * (n - 1) + 1, s) for o, s, n in spans))
+
+    def out_shape(self, x: Tensor, out_features: int) -> tuple[int, ...]:
+        """The layer's output shape for input ``x``."""
+        if self.spatial_dims == 0:
+            return (*x.shape[:-1], out_features)
+        sizes = [
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(
+                x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride
+            )
+        ]
+        return (x.shape[0], out_features, *sizes)
 
     def centre_delta_grad(self, grad: Tensor, taps: Tensor, shape: torch.Size) -> Tensor:
         """Gradient of a delta at the centre tap: the weight gradient of a 1x1 layer over the
@@ -131,46 +157,88 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _prefer_thin(left: Tensor, right: Tensor | None) -> bool:
-    """Whether to differentiate a factored delta through thin products rather than through
-    the centre-tap weight gradient. Measured on ResNet-50 (2-core CPU, r=16, a training step
-    as a multiple of full fine-tuning; noisy to a few hundredths): thin everywhere about 0.81,
-    the centre-tap weight gradient everywhere about 0.99, a per-layer choice by multiply-add
-    count about 0.86. So a factored delta always takes the thin products."""
-    return right is not None
+#: Multiply-adds that moving one float through memory costs, for :func:`_branch_form`'s
+#: comparison (activations and weights here are far larger than the caches).
+_WORD = 16
+
+
+def _branch_form(geom: Geometry, x: Tensor, weight: Tensor, right: Tensor | None) -> bool:
+    """Whether a low-rank delta runs as a branch beside the frozen layer (``y = layer(x; W) +
+    L (R x_c)``) rather than fused into its weight (``layer(x; W + L R)``). Both are exact; they
+    cost differently. Fused pays for ``L R`` (``r * in * out``) and for writing a new weight
+    every step (``k * in * out`` floats, k the kernel's taps); the branch pays ``r * out`` more
+    multiply-adds per output position (``R x_c`` is needed for the gradient either way) and
+    adds to the output and the input gradient in place. So late layers (large weights, few
+    positions) take the branch, early ones the fused weight. Measured on ResNet-50 (r=16, batch
+    8, 128 px, 2-core CPU), see benchmarks/train_step.py."""
+    if right is None or geom.groups != 1 or any(o < 0 for o in geom.centre_offsets()):
+        return False
+    out, inp, r = weight.shape[0], weight.shape[1], right.shape[0]
+    taps = 1
+    for k in geom.kernel_size:
+        taps *= k
+    shape = geom.out_shape(x, out)  # (M, out) for Linear, whose inputs arrive as matrices
+    positions = shape[0]
+    for n in shape[2:]:
+        positions *= n
+    branch = positions * (r * out + 2 * _WORD * (out + inp))
+    fused = r * inp * out + _WORD * (2 * taps + 3) * inp * out
+    return branch < fused
 
 
 class DeltaLayerFn(torch.autograd.Function):
     """``y = layer(x; W + centre(left @ right), bias)``; ``right is None`` means delta = left.
 
-    Under autocast the layer runs in the autocast dtype like a plain one (see the module
-    docstring); each gradient is returned in the dtype of its input.
+    A low-rank delta runs fused into the weight or as a branch (:func:`_branch_form`); either
+    way the backward forms no gradient for ``W``. Under autocast the layer runs in the autocast
+    dtype like a plain one (see the module docstring); each gradient is returned in the dtype
+    of its input.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, left, right, geom: Geometry):
         ctx.dtypes = [None if t is None else t.dtype for t in (x, weight, bias, left, right)]
+        ctx.geom = geom
         low = autocast_dtype(x.device)
         with autocast_off(x.device):
-            w_eff = geom.with_delta(weight, left if right is None else left @ right)
+            # Under autocast the weight is fused and cast once, as a plain layer's would be.
+            ctx.branch = low is None and _branch_form(geom, x, weight, right)
+            w_eff = weight
+            if not ctx.branch:
+                w_eff = geom.with_delta(weight, left if right is None else left @ right)
             if low is not None:
                 x, w_eff, bias = _cast(x, low), _cast(w_eff, low), _cast(bias, low)
                 left, right = _cast(left, low), _cast(right, low)
+            y = geom.layer(x, w_eff, bias)
+            y, h = _add_branch(ctx, y, x, left, right) if ctx.branch else (y, None)
             # Saving the fused weight (one weight-sized tensor per layer, far less than the
             # gradient and two optimiser states of full fine-tuning) spares rebuilding it.
-            ctx.save_for_backward(x, w_eff, left, right)
-            ctx.geom = geom
-            return geom.layer(x, w_eff, bias)
+            ctx.save_for_backward(x, w_eff, left, right, h)
+            return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, w_eff, left, right = ctx.saved_tensors
+        x, w_eff, left, right, h = ctx.saved_tensors
         with autocast_off(grad.device):
-            grads = _backward(ctx, grad.to(w_eff.dtype), x, w_eff, left, right)
+            grads = _backward(ctx, grad.to(w_eff.dtype), x, w_eff, left, right, h)
         return (*(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)), None)
 
 
-def _backward(ctx, grad, x, w_eff, left, right) -> tuple:
+def _add_branch(ctx, y: Tensor, x: Tensor, left: Tensor, right: Tensor) -> tuple:
+    """``(y + L (R x_c), R x_c)`` (the gradient of L needs ``R x_c``); in place where ``y``
+    is dense in its layout, as a layer's output is."""
+    geom: Geometry = ctx.geom
+    ctx.layout = layout_of(y)
+    index = geom.centre_index(y.shape)
+    taps = x if index is None else x[index]
+    h = project(matrix(taps, ctx.layout), right, ctx.layout)
+    if ctx.layout == ROWS or y.is_contiguous():  # the matrix is a view of y
+        add_projected(matrix(y, ctx.layout), h, left, ctx.layout)
+        return y, h
+    return y + unmatrix(project(h, left, ctx.layout), y, ctx.layout), h
+
+
+def _backward(ctx, grad, x, w_eff, left, right, h) -> tuple:
     """``(gx, gw, gb, gl, gr)`` in the dtype the layer ran in (the bias gradient is summed
     in the bias's own dtype, so that a bf16 run accumulates it in float32)."""
     geom: Geometry = ctx.geom
@@ -184,39 +252,40 @@ def _backward(ctx, grad, x, w_eff, left, right) -> tuple:
         channel = 1 if geom.spatial_dims else grad.dim() - 1
         dims = [d for d in range(grad.dim()) if d != channel]
         gb = grad.sum(dim=dims, dtype=ctx.dtypes[2]) if dims else grad.to(ctx.dtypes[2])
-    if need_l or need_r:
+    if ctx.branch:
+        gl, gr = _branch_grads(ctx, grad, x, gx, left, right, h)
+    elif need_l or need_r:
         taps = geom.centre_taps(x, grad)
         if _prefer_thin(left, right):
-            gl, gr = _low_rank_grads(grad, taps, left, right, geom, need_l, need_r)
+            layout = layout_of(grad)
+            g, xm = matrix(grad, layout), matrix(taps, layout)
+            gl, gr, _ = low_rank_grads(g, xm, None, left, right, layout, need_l, need_r)
         else:
-            d = geom.centre_delta_grad(grad, taps, torch.Size((w_eff.shape[0], w_eff.shape[1])))
+            d = geom.centre_delta_grad(grad, taps, torch.Size(w_eff.shape[:2]))
             gl = d if right is None else (d @ right.t() if need_l else None)
             gr = left.t() @ d if need_r and right is not None else None
     return gx, gw, gb, gl, gr
 
 
-def _low_rank_grads(grad, taps, left, right, geom: Geometry, need_l, need_r):
-    """For delta = L R, L (out x r), R (r x in): dL = G (R X)^T and dR = (L^T G) X^T.
+def _prefer_thin(left: Tensor, right: Tensor | None) -> bool:
+    """Whether a fused factored delta is differentiated through thin products rather than
+    through the centre-tap weight gradient. Measured on ResNet-50 (2-core CPU, r=16, a training
+    step as a multiple of full fine-tuning): thin everywhere about 0.81, the centre-tap weight
+    gradient everywhere about 0.99, a per-layer choice by multiply-add count about 0.86. So a
+    factored delta always takes the thin products (the tests force the other form too)."""
+    return right is not None
 
-    Convolutions use explicit ``bmm`` with the small factor broadcast over the batch:
-    ``torch.matmul`` of a matrix with a batch folds the batch by copying the large operand
-    transposed.
-    """
-    gl = gr = None
-    if geom.spatial_dims == 0:
-        g = _flat(grad)  # (M, out), taps (M, in)
-        if need_l:
-            gl = g.t() @ (taps @ right.t())
-        if need_r:
-            gr = (g @ left).t() @ taps
-        return gl, gr
-    n = grad.shape[0]
-    g = grad.reshape(n, grad.shape[1], -1)  # (N, out, P)
-    x = taps.reshape(n, taps.shape[1], -1)  # (N, in, P)
-    if need_l:
-        hidden = torch.bmm(right.expand(n, -1, -1), x)  # (N, r, P)
-        gl = torch.bmm(g, hidden.transpose(1, 2)).sum(0)
-    if need_r:
-        back = torch.bmm(left.t().expand(n, -1, -1), g)  # (N, r, P)
-        gr = torch.bmm(back, x.transpose(1, 2)).sum(0)
+
+def _branch_grads(ctx, grad, x, gx, left, right, h) -> tuple:
+    """Gradients of L and R through the branch, and its part of the input gradient (added
+    into ``gx`` in place, at the positions the centre tap reads)."""
+    geom: Geometry = ctx.geom
+    need_x, _, _, need_l, need_r, _ = ctx.needs_input_grad
+    index = geom.centre_index(grad.shape)
+    taps = x if index is None else x[index]
+    g, xm = matrix(grad, ctx.layout), matrix(taps, ctx.layout)
+    gl, gr, k = low_rank_grads(g, xm, h, left, right, ctx.layout, need_l, need_r, need_x)
+    if need_x:
+        part = unmatrix(project(k, right.t(), ctx.layout), taps, ctx.layout)
+        (gx if index is None else gx[index]).add_(part)
     return gl, gr
