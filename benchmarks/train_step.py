@@ -1,21 +1,26 @@
 """Training-step cost of SPLoRA vs full fine-tuning, measured side by side in one run.
 
     python benchmarks/train_step.py [--model resnet50] [--batch 8] [--size 128] [--rank 16]
+        [--optimizers sgd,adamw] [--layouts nchw,channels_last] [--threads N]
 
-Prints three ratios (issue #2 targets in brackets):
-  * one training step (forward, backward, AdamW step), SPLoRA / full fine-tuning   [<= 0.75x]
+Prints (issue #14 targets in brackets):
+  * one training step (forward, backward, optimiser step), SPLoRA / full fine-tuning, for SGD
+    with momentum 0.9 (the paper's optimiser) and AdamW (foreach), in NCHW and channels-last
+    layouts, and best layout vs best layout                                         [<= 0.70x]
   * eval-mode forward under no_grad, wrapped model / plain model                   [<= 1.05x]
   * peak resident memory of training (weights, gradients, optimiser state and activations),
     SPLoRA / full fine-tuning, each measured in a fresh subprocess                 [< 1x]
 
-Timings alternate between the two models round by round and report medians, so drift in a
-shared machine's load hits both alike.
+Timings alternate between the two models round by round and report medians of wall time, the
+spread (min-max) of the per-round ratios, and the ratio of process CPU time (less sensitive to
+other processes on a shared machine); the load average is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -37,11 +42,21 @@ def build(args, method: str) -> torch.nn.Module:
     return model
 
 
-def make_step(model, args):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def make_optimizer(model, name: str):
+    """Over the trainable parameters only (a frozen base has no optimiser state)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+    return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+
+def make_step(model, args, optimizer: str = "adamw", layout: str = "nchw"):
+    opt = make_optimizer(model, optimizer)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
     y = torch.randint(0, 10, (args.batch,), generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -57,15 +72,59 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def compare(fns: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
+def compare(fns: dict, rounds: int, warmup: int = 2, samples: dict | None = None):
+    """Median wall time per function, alternating round by round; ``samples`` (if given)
+    receives every round's ``(wall, cpu)`` per function."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    samples = {k: [] for k in fns}
+    samples = {} if samples is None else samples
+    for k in fns:
+        samples[k] = []
     for _ in range(rounds):
         for k, fn in fns.items():
-            samples[k].append(timed(fn))
-    return {k: statistics.median(v) for k, v in samples.items()}
+            cpu = time.process_time()
+            wall = timed(fn)
+            samples[k].append((wall, time.process_time() - cpu))
+    return {k: statistics.median(w for w, _ in v) for k, v in samples.items()}
+
+
+def train_ratios(args, models: dict) -> None:
+    """Step time of SPLoRA / full fine-tuning for each optimiser and layout, side by side."""
+    best = {}
+    for opt in args.optimizers.split(","):
+        for layout in args.layouts.split(","):
+            fns = {
+                m: make_step(_in_layout(models[m], layout), args, opt, layout)
+                for m in ("full", "splora")
+            }
+            samples: dict = {}
+            t = compare(fns, args.rounds, samples=samples)
+            per_round = [s / f for (s, _), (f, _) in zip(samples["splora"], samples["full"])]
+            cpu = {m: statistics.median(c for _, c in samples[m]) for m in samples}
+            ratio = t["splora"] / t["full"]
+            print(
+                f"train step [{opt:5s} {layout:13s}]: full {t['full'] * 1e3:7.1f} ms | SPLoRA "
+                f"{t['splora'] * 1e3:7.1f} ms | ratio {ratio:.3f}x (rounds {min(per_round):.3f}-"
+                f"{max(per_round):.3f}; CPU time {cpu['splora'] / cpu['full']:.3f}x)"
+                "  (target <= 0.70x)"
+            )
+            for m in t:
+                best[opt, m] = min(best.get((opt, m), float("inf")), t[m])
+    for opt in args.optimizers.split(","):
+        ratio = best[opt, "splora"] / best[opt, "full"]
+        print(f"train step [{opt:5s} best layout vs best layout]: ratio {ratio:.3f}x")
+    for m in models.values():
+        _in_layout(m, "nchw")
+
+
+def _in_layout(model, layout: str):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return model.to(memory_format=fmt)
+
+
+def _load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg()) + f" on {os.cpu_count()} cores"
 
 
 def _rss_mib() -> float:
@@ -110,6 +169,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--optimizers", default="sgd,adamw", help="sgd (momentum 0.9), adamw")
+    p.add_argument("--layouts", default="nchw,channels_last", help="nchw, channels_last")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -120,15 +181,12 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} "
-        f"batch {args.batch} at {args.size}px, SPLoRA r={args.rank}, AdamW"
+        f"batch {args.batch} at {args.size}px, SPLoRA r={args.rank}, "
+        f"{args.rounds} rounds; load average {_load()}"
     )
     full, lora = build(args, "full"), build(args, "splora")
     full.train(), lora.train()
-    t = compare({"full": make_step(full, args), "splora": make_step(lora, args)}, args.rounds)
-    print(
-        f"train step: full fine-tuning {t['full'] * 1e3:8.1f} ms | SPLoRA {t['splora'] * 1e3:8.1f}"
-        f" ms | ratio {t['splora'] / t['full']:.3f}x  (target <= 0.75x)"
-    )
+    train_ratios(args, {"full": full, "splora": lora})
 
     full.eval(), lora.eval()
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -146,6 +204,7 @@ def main() -> None:
         f" | ratio {t['wrapped'] / t['plain']:.3f}x  (target <= 1.05x)"
     )
 
+    print(f"load average after timing: {_load()}")
     if args.skip_memory:
         return
     mem = {m: peak_memory(m) for m in ("full", "splora")}
