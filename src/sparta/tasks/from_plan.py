@@ -105,6 +105,7 @@ class PlanBuilder:
         self._shapes: dict[tuple, dict[str, tuple]] = {}
         self._owners: dict[tuple, dict] = {}
         self._adapted_ok: set[tuple] = set()
+        self._info: dict[int, tuple] = {}  # per owners layout: (it, masked sites, lists found ok)
 
     def build(self, task, path: str = "<task>") -> tuple[nn.Module, CompactReport]:
         """``(compact model, report)`` of ``task`` (a version 3 task whose fingerprint the
@@ -159,8 +160,16 @@ class PlanBuilder:
     def check_masked(self, task, owners: dict) -> None:
         """The masked sites the manifest lists are those its mask tensors are at, and each
         is a tensor a channel mask may sit on (``masks.can_mask``; packed attention q/k/v)."""
-        listed = {tuple(site) for site in task.manifest["masked"]}
-        found = {(n, r[1]) for n, roles in owners.items() for r in roles if r[0] == "mask"}
+        listed = frozenset(tuple(site) for site in task.manifest["masked"])
+        info = self._info.get(id(owners))
+        if info is None or info[0] is not owners:  # (once per layout)
+            found = {(n, r[1]) for n, roles in owners.items() for r in roles if r[0] == "mask"}
+            info = self._info[id(owners)] = (owners, found, set())
+            while len(self._info) > 4:
+                self._info.pop(next(iter(self._info)))
+        _, found, ok = info
+        if listed in ok:  # this list was checked against this layout
+            return
         wrong = sorted(listed ^ found) or [
             (n, a)
             for n, a in sorted(listed)
@@ -174,6 +183,9 @@ class PlanBuilder:
                 f"the task's masked tensors do not match its mask tensors or cannot be masked "
                 f"in this base (differing: {wrong[:3]})"
             )
+        if len(ok) >= 64:  # a bound, not an LRU: a bank's tasks mostly share one list
+            ok.clear()
+        ok.add(listed)
 
     def adapter_shapes(
         self, cls, out: int, inp: int, groups: int, options: dict, label: str
