@@ -41,6 +41,7 @@ def test_train_and_test_files_load_with_names_mapped_to_ints(tmp_path, tokenizer
     first = examples(30, classes, seed=1)[0]
     assert data.classes[y] == first["label"]
     ids = tokenizer(first["text"])["input_ids"]
+    assert tokenizer.unk_token_id not in ids and len(ids) == 9  # [CLS], 7 words, [SEP]
     assert x["input_ids"][: len(ids)].tolist() == ids[:10]
     loader = torch.utils.data.DataLoader(data.train, batch_size=4)
     batch, labels = next(iter(loader))

@@ -211,3 +211,15 @@ def test_splopa_with_the_channel_pruner_prunes_heads_between_phases(files, tmp_p
     r = _run(config)
     assert r.final["density"] == pytest.approx(0.5, abs=0.1)
     _check_builds_exactly(r)
+
+
+def test_full_fine_tuning_learns_the_cue_words(files, tmp_path):
+    """The tokens reach the model with their labels: a fine-tuned tiny BERT separates the
+    classes by their cue words (chance is 0.5)."""
+    config = _config(
+        files, tmp_path / "finetune", method="finetune", steps=0, epochs=5, batch_size=8,
+        lr_schedule="constant",
+    )  # fmt: skip
+    r = _run(config)
+    assert r.result["steps"][-1]["accuracy"] >= 0.9
+    assert r.result["steps"][-1]["loss"] < 0.3

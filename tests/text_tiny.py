@@ -30,7 +30,8 @@ def tiny_bert(folder: Path, layers: int = 2, hidden: int = 32, heads: int = 4) -
     """A randomly initialised BERT (seeded) and its word-piece tokenizer in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(folder)  # reads vocab.txt
+    assert tokenizer.vocab_size == len(VOCAB), "the tokenizer did not read the vocabulary"
     tokenizer.save_pretrained(folder)
     config = transformers.BertConfig(
         vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers,
