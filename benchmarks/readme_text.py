@@ -38,16 +38,31 @@ def _row(r: dict) -> str:
     )
 
 
+def _budget(r: dict) -> str:
+    c = r["config"]
+    if c["method"] == "splopa":
+        return f"{r['method']} {c['epochs']} epoch(s), the block pruner stepping every batch"
+    return (
+        f"{r['method']} {c['epochs']} epoch(s), then {c['steps']} pruning step(s) with "
+        f"{c['recovery_epochs']} recovery epoch(s) each"
+    )
+
+
+def _latency(r: dict) -> str:
+    ms = r["batch_16"]["latency_ms"]
+    base, compact = statistics.median(ms["base"]), statistics.median(ms["compact"])
+    return f"{r['method']} {base:.0f} ms -> {compact:.0f} ms"
+
+
 def section(d: dict) -> str:
     rows = d["rows"]
     c = rows[0]["config"]
-    ms = {r["method"]: statistics.median(r["batch_16"]["latency_ms"]["compact"]) for r in rows}
-    base_ms = statistics.median(rows[0]["batch_16"]["latency_ms"]["base"])
     lines = [
         START,
         f"Measured by `benchmarks/text_bbc.py`{' (--quick)' if d['quick'] else ''}: "
         f"all-MiniLM-L6-v2 on BBC News, {c['max_length']} tokens per article, seed "
-        f"{c['seed']}, one run each; {d['machine']}, torch {d['torch']}, {d['threads']} "
+        f"{c['seed']}, one run each ({'; '.join(_budget(r) for r in rows)}); "
+        f"{d['machine']}, torch {d['torch']}, {d['threads']} "
         f"thread(s), load average {d['load_average'][0]:.1f} at the start and "
         f"{d['load_average'][-1]:.1f} at the end, {d['wall_seconds'] / 60:.0f} min in all. "
         "Speed-up: base over compact latency in eager PyTorch at batch 1 / 16, the median over "
@@ -58,9 +73,14 @@ def section(d: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
         *(_row(r) for r in rows),
         "",
-        f"Dense base at batch 16: {base_ms:.0f} ms; compact: "
-        + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
-        + ".",
+        "Median latency at batch 16, base -> compact: "
+        + "; ".join(_latency(r) for r in rows)
+        + (
+            ". A --quick run on a loaded machine shows the mechanics, not the result: "
+            "`benchmarks/text_bbc.py` without --quick runs the example configs as written."
+            if d["quick"]
+            else "."
+        ),
         END,
     ]
     return "\n".join(lines)
