@@ -82,6 +82,7 @@ def section(d: dict) -> str:
             else "."
         ),
         END,
+        "",  # a blank line before the next heading
     ]
     return "\n".join(lines)
 
