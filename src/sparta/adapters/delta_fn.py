@@ -5,9 +5,14 @@ so the forward costs what the plain layer costs. Its backward never forms a grad
 frozen weight ``W`` (unless the caller unfroze it), and obtains the delta's gradient cheaply:
 
 * low-rank ``delta = L @ R`` (SPLoRA, groups=1): four thin products over the centre-tap
-  input, ``r * 2 * (in + out)`` multiply-adds per output position (LoRA's gradient, Hu et al.);
+  input, ``r * 2 * (in + out)`` multiply-adds per output position (LoRA's gradient, Hu et al.),
+  in the activations' own memory layout (``lowrank``);
 * any other delta: the weight gradient of a strided 1x1 layer over the centre-tap input,
   ``out * in / groups`` per position, i.e. 1/k^d of a full weight gradient.
+
+A low-rank delta has a second exact form, chosen per call by cost (:func:`_branch_form`): a
+branch beside the frozen layer, ``layer(x; W) + L (R x_c)``, which never rebuilds the weight;
+late layers of a CNN (large weights, few output positions) take it.
 
 Doing the adapter branch as separate modules instead (PEFT, the original SPA code) pays
 for a second forward, activation-sized additions and a second input gradient, which made a

@@ -1,11 +1,12 @@
 """``AdaptedLayer``: a frozen ``nn.Linear`` or ``nn.ConvNd`` plus an adapter, one code path.
 
-Both paths run the base layer once with ``(W + delta) * M`` and ``b * mask_out``
+Both paths compute the base layer with ``(W + delta) * M`` and ``b * mask_out``
 (tested to agree within 1e-5 relative, fp32):
 
 * gradient path (whenever autograd must reach the adapter or bias): through ``DeltaLayerFn``,
   whose backward forms no gradient for the frozen weight and only thin ones for the adapter,
-  so a training step costs less than full fine-tuning;
+  so a training step costs less than full fine-tuning (a low-rank delta runs fused into the
+  weight or as a branch beside the layer, whichever costs less: see ``delta_fn``);
 * fused path (otherwise, e.g. under ``torch.no_grad()``): the fused weight is cached until a
   weight, adapter or mask changes, so inference runs at plain-layer speed.
 
