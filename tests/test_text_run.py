@@ -223,3 +223,16 @@ def test_full_fine_tuning_learns_the_cue_words(files, tmp_path):
     r = _run(config)
     assert r.result["steps"][-1]["accuracy"] >= 0.9
     assert r.result["steps"][-1]["loss"] < 0.3
+
+
+def test_a_block_run_under_several_processes_is_refused_before_training(files, tmp_path):
+    """Block criteria learn from each rank's own gradients, so the masks would differ between
+    ranks: a distributed block run stops with a clear message (nothing trained)."""
+    from sparta.train.distributed import DistState
+    from sparta.train.report import Bars
+    from sparta.train.runner import _Runner
+
+    config = _config(files, tmp_path / "ddp", method="splopa", block=8, prototypes=4)
+    with pytest.raises(ConfigError, match="block pruning runs in one process.*--pruner channels"):
+        _Runner(config, DistState(world_size=2), None, None, Bars(False), None)
+    assert not (tmp_path / "ddp" / CHECKPOINT).exists()
