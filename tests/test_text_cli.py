@@ -64,6 +64,9 @@ def test_sparta_run_block_spa_from_flags(text_files, tmp_path):
     record = _built_equals_result(out)
     assert record["config"]["block"] == 8 and record["config"]["pruner"] is None
     assert record["name"] == "splopa-magnitude-d0.5-s0"
+    from sparta.app.results import run_record
+
+    assert run_record(record)["criterion"] == "magnitude"  # sparta report: the block criterion
     assert abs(record["final"]["density"] - 0.5) <= 0.13
     assert record["final"]["macs_fraction"] < 1.0  # whole heads / neurons removed
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

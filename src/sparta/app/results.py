@@ -95,7 +95,7 @@ def run_record(result: dict, output_dir: str | Path | None = None) -> dict:
         "model": config.get("model"),
         "dataset": config.get("dataset"),
         "method": config.get("method"),
-        "criterion": config.get("criterion") if prunes else None,
+        "criterion": pruning_criterion(config) if prunes else None,
         "target": config.get("target") if prunes else None,
         "seed": config.get("seed"),
         "accuracy": final.get("accuracy"),
@@ -112,6 +112,18 @@ def run_record(result: dict, output_dir: str | Path | None = None) -> dict:
         "output_dir": str(output_dir if output_dir is not None else config.get("output_dir")),
         "settings": settings_of(config, prunes),
     }
+
+
+def pruning_criterion(config: dict) -> str | None:
+    """The criterion that pruned a run (from its config): ``block_criterion`` where the blocks
+    pruner did (``pruner``, or inferred from the adapter), else ``criterion``."""
+    from types import SimpleNamespace
+
+    from ..config.pruning import pruner_granularity
+
+    run = SimpleNamespace(pruner=config.get("pruner"), method=config.get("method"))
+    blocks = pruner_granularity(run) == "blocks"
+    return config.get("block_criterion" if blocks else "criterion")
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
