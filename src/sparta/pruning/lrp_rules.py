@@ -48,19 +48,19 @@ _LOCAL = threading.local()  # ``quiet``: inside a rule's backward, calls pass th
 _FIXED = 1e-6
 
 
-def _sign(z: Tensor) -> Tensor:
-    return 2 * (z >= 0).to(z.dtype) - 1  # +1 at 0, as zennit's stabilisers
+def _shift(z: Tensor, eps) -> Tensor:
+    """``z + eps sign(z)`` with sign(0) = +1, as zennit's stabilisers (one pass)."""
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 def _relative(z: Tensor, epsilon: float) -> Tensor:
     """``z + eps sign(z)`` with ``eps = epsilon * std(z)``: with a fixed tiny epsilon,
     relevance grows by orders of magnitude per block in deep transformers."""
-    eps = epsilon * z.detach().std(correction=0) + 1e-12  # a 0-d tensor: no host sync
-    return z + eps * _sign(z)
+    return _shift(z, epsilon * z.detach().std(correction=0) + 1e-12)  # 0-d: no host sync
 
 
 def _fixed(z: Tensor) -> Tensor:
-    return z + _FIXED * _sign(z)
+    return _shift(z, _FIXED)
 
 
 @contextmanager
@@ -127,16 +127,19 @@ def _zplus(call: _Call, x: Tensor, weight: Tensor, bias, relevance: Tensor) -> T
     if negative:
         xs.append(x.clamp(max=0).requires_grad_())
         z = z + call(xs[1], weight.clamp(max=0), None)
-    grads = torch.autograd.grad(z, xs, relevance / _relative(z.detach(), call.epsilon))
-    out = xs[0].detach() * grads[0]
-    return out + xs[1].detach() * grads[1] if negative else out
+    # every contribution to z is positive, so z >= 0 and its stabiliser is ``z + eps``
+    z_d = z.detach()
+    eps = call.epsilon * z_d.std(correction=0) + 1e-12
+    grads = torch.autograd.grad(z, xs, relevance / (z_d + eps))
+    out = grads[0].mul_(xs[0].detach())
+    return out.addcmul_(xs[1].detach(), grads[1]) if negative else out
 
 
 def _epsilon(call: _Call, x: Tensor, weight: Tensor, bias, relevance: Tensor) -> Tensor:
     x = x.requires_grad_()
     z = call(x, weight, bias)
     (grad,) = torch.autograd.grad(z, x, relevance / _relative(z.detach(), call.epsilon))
-    return x.detach() * grad
+    return grad.mul_(x.detach())
 
 
 def _layer(mode: RelevanceMode, func, args, kwargs, conv: bool):
@@ -177,22 +180,17 @@ class _Pass(Function):
         return relevance, None
 
 
-def _passed(func, args, kwargs, x: Tensor):
+def _pass(mode: RelevanceMode, func, args, kwargs):
+    x = args[0] if args else None
+    if not (isinstance(x, Tensor) and x.requires_grad and x.is_floating_point()):
+        return func(*args, **kwargs)
     if x.is_leaf:  # an in-place call on a leaf that needs a gradient is refused: work on a copy
         x = x.clone()
 
     def fn(t):
         return func(t, *args[1:], **kwargs)
 
-    out = _Pass.apply(x, fn)
-    return out
-
-
-def _pass(mode: RelevanceMode, func, args, kwargs):
-    x = args[0] if args else kwargs.get("input")
-    if not (isinstance(x, Tensor) and x.requires_grad and x.is_floating_point()) or not args:
-        return func(*args, **kwargs)
-    return _passed(func, args, kwargs, x)
+    return _Pass.apply(x, fn)
 
 
 def _module_pass(mode: RelevanceMode, func, args, kwargs):
