@@ -173,3 +173,24 @@ def test_inductor_training_and_inference_match_eager(adapter):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_branch_form_compiles_into_one_graph_and_matches_eager(channels_last, monkeypatch):
+    """The low-rank delta's branch form (late layers of a real CNN take it; the tiny ones here
+    would not) compiles without a break and trains as in eager, in both layouts."""
+    from sparta.adapters import delta_fn
+
+    def branch(geom, x, weight, right):
+        offsets_ok = min(geom.centre_offsets(), default=0) >= 0
+        return right is not None and geom.groups == 1 and offsets_ok
+
+    monkeypatch.setattr(delta_fn, "_branch_form", branch)
+    model, x = _build("splora", 2)
+    model.train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert _breaks(model, x) == (1, 0)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    _assert_same(_step(model, x, compiled), _step(model, x), 1e-5)
