@@ -104,6 +104,12 @@ def test_unknown_test_label_and_missing_files_are_refused(tmp_path, tokenizer):
         load_dataset("text", data_dir=empty, tokenizer=tokenizer)
     with pytest.raises(ConfigError, match="needs the model's tokenizer"):
         load_dataset("text", data_dir=tmp_path)
+    limit, tokenizer.model_max_length = tokenizer.model_max_length, 32
+    try:
+        with pytest.raises(ConfigError, match="max_length 64 is longer than the model takes"):
+            load_dataset("text", data_dir=tmp_path, tokenizer=tokenizer, max_length=64)
+    finally:
+        tokenizer.model_max_length = limit
     assert {"text", "bbc-news"} <= set(sparta.data.list_datasets())
 
 

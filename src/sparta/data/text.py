@@ -73,6 +73,12 @@ def load_text_dataset(
     length = DEFAULT_MAX_LENGTH if max_length is None else max_length
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ConfigError(f"max_length must be a positive integer, got {max_length!r}")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and length > limit:
+        raise ConfigError(
+            f"max_length {length} is longer than the model takes ({limit} tokens, the "
+            f"tokenizer's model_max_length); use --max-length {limit} or less"
+        )
     if name == "bbc-news":
         classes, items = read_bbc_news()
         train_items, test_items = items, None
