@@ -3,7 +3,7 @@ checkpoints and data-parallel (DDP) runs. See :func:`run`; :func:`recipes` lists
 presets of :class:`~sparta.config.RunConfig` (``RunConfig.from_recipe("paper")``)."""
 
 from ..config import get_recipe, recipes
-from .build import adapter_options, build_model, example_inputs, load_datasets, make_pruner
+from .build import adapter_options, build_model, example_inputs, load_datasets, pruner_for_run
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .distributed import DistState, reduce_scores
 from .loop import (
@@ -38,9 +38,9 @@ __all__ = [
     "load_datasets",
     "make_loader",
     "make_optimizer",
-    "make_pruner",
     "make_scheduler",
     "param_groups",
+    "pruner_for_run",
     "recipes",
     "reduce_scores",
     "rng_state",

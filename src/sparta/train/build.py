@@ -125,7 +125,7 @@ def example_inputs(dataset, device: torch.device):
     return torch.stack([torch.as_tensor(x) for x in xs]).to(device)
 
 
-def make_pruner(config: RunConfig, model: nn.Module, example) -> Pruner:
+def pruner_for_run(config: RunConfig, model: nn.Module, example) -> Pruner:
     """The config's :class:`~sparta.pruning.Pruner` (``seed`` goes to criteria taking one)."""
     from ..pruning.importance import get_criterion
 

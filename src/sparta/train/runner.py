@@ -50,7 +50,7 @@ from .block_run import (
     pruner_state,
     restore_pruner,
 )
-from .build import build_model, example_inputs, load_datasets, make_pruner, split_train
+from .build import build_model, example_inputs, load_datasets, pruner_for_run, split_train
 from .checkpoint import (
     RESUMABLE_CHANGES,  # noqa: F401 (re-exported)
     check_same_run,
@@ -167,7 +167,9 @@ class _Runner:
             self.pruner = make_block_pruner(config, self.model, self.example, steps)
             self.penalty = penalty_term(config, self.pruner)
         else:
-            self.pruner = make_pruner(config, self.model, self.example) if config.prunes else None
+            self.pruner = (
+                pruner_for_run(config, self.model, self.example) if config.prunes else None
+            )
         self.macs = self.pruner.macs if self.pruner else MacCounter(self.model, self.example)
         self.tracker = Tracker(self.out / FOLDER, enabled=False)  # see execute
         self.stages = block_stages(config) if self.blocks else _stages(config)
