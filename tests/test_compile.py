@@ -95,7 +95,7 @@ def _step(model: nn.Module, x: torch.Tensor, call=None) -> tuple[torch.Tensor, d
     """Output and parameter gradients of one forward/backward of ``call`` (default ``model``;
     a compiled ``model``), named as ``model`` names them."""
     model.zero_grad(set_to_none=True)
-    y = (call or model)(x)
+    y = (model if call is None else call)(x)
     (y.square().sum() + y.sum()).backward()
     return y.detach(), _grads(model)
 
