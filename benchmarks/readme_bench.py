@@ -8,14 +8,12 @@ figure, the machine, the threads, the load and the spread over rounds come from 
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import README, replace_block  # noqa: E402
+from readme_block import write_block  # noqa: E402
 
 START, END = "<!-- bert:start -->", "<!-- bert:end -->"
 DEFAULT = Path(__file__).resolve().parent / "results" / "bert_blocks.json"
@@ -48,14 +46,9 @@ def section(d: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="?", type=Path, default=DEFAULT)
-    parser.add_argument("--readme", type=Path, default=README)
-    args = parser.parse_args(argv)
-    data = json.loads(args.json.read_text(encoding="utf-8"))
-    text = replace_block(args.readme.read_text(encoding="utf-8"), section(data), START, END)
-    args.readme.write_text(text, encoding="utf-8")
-    print(f"{args.readme}: block-pruned BERT figures written from {args.json}")
+    description = __doc__.splitlines()[0]
+    what = "block-pruned BERT figures"
+    write_block(argv, description, DEFAULT, section, START, END, what)
 
 
 if __name__ == "__main__":

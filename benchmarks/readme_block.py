@@ -6,6 +6,9 @@ README's figures are never copied by hand.
 
 from __future__ import annotations
 
+import argparse
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -26,3 +29,25 @@ def replace_block(readme: str, block: str, start: str, end: str, after: str = "#
     nxt = readme.find("\n## ", at)
     nxt = len(readme) if nxt < 0 else nxt + 1
     return readme[:nxt].rstrip("\n") + "\n\n" + block + "\n" + readme[nxt:]
+
+
+def write_block(
+    argv: list[str] | None,
+    description: str,
+    default: Path,
+    section: Callable[[dict], str],
+    start: str,
+    end: str,
+    what: str,
+) -> None:
+    """The command line of a writer: ``[results.json] [--readme README.md]`` (the JSON defaults
+    to ``default``); the README's block from ``start`` to ``end`` becomes ``section(results)``,
+    and the writer says ``<readme>: <what> written from <results.json>``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("json", nargs="?", type=Path, default=default)
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    data = json.loads(args.json.read_text(encoding="utf-8"))
+    text = replace_block(args.readme.read_text(encoding="utf-8"), section(data), start, end)
+    args.readme.write_text(text, encoding="utf-8")
+    print(f"{args.readme}: {what} written from {args.json}")

@@ -7,13 +7,11 @@ Run: ``.venv/bin/python benchmarks/readme_deploy.py [benchmarks/results/deploy.j
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
-from readme_block import README, replace_block  # noqa: E402
+from readme_block import write_block  # noqa: E402
 
 START, END = "<!-- deploy:start -->", "<!-- deploy:end -->"
 DEFAULT = Path(__file__).resolve().parent / "results" / "deploy.json"
@@ -98,14 +96,8 @@ def _profile(profile: dict | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="?", type=Path, default=DEFAULT)
-    parser.add_argument("--readme", type=Path, default=README)
-    args = parser.parse_args(argv)
-    data = json.loads(args.json.read_text(encoding="utf-8"))
-    text = replace_block(args.readme.read_text(encoding="utf-8"), section(data), START, END)
-    args.readme.write_text(text, encoding="utf-8")
-    print(f"{args.readme}: deployment figures written from {args.json}")
+    description = __doc__.splitlines()[0]
+    write_block(argv, description, DEFAULT, section, START, END, "deployment figures")
 
 
 if __name__ == "__main__":

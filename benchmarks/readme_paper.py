@@ -9,16 +9,14 @@ figure comes from the JSON (the benchmark's own output), so the README cannot go
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
-from readme_block import replace_block  # noqa: E402
+from readme_block import replace_block, write_block  # noqa: E402
 
 START, END = "<!-- paper:start -->", "<!-- paper:end -->"
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
 DEFAULT = ROOT / "benchmarks" / "results" / "paper_table.json"
 
 
@@ -134,16 +132,8 @@ def update(readme: str, block: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="?", type=Path, default=DEFAULT)
-    parser.add_argument("--readme", type=Path, default=README)
-    args = parser.parse_args(argv)
-    data = json.loads(args.json.read_text(encoding="utf-8"))
-    text = update(args.readme.read_text(encoding="utf-8"), section(data))
-    args.readme.write_text(text, encoding="utf-8")
-    print(f"{args.readme}: paper table subsection written from {args.json}")
+    description = __doc__.splitlines()[0]
+    write_block(argv, description, DEFAULT, section, START, END, "paper table subsection")
 
 
 if __name__ == "__main__":
