@@ -160,18 +160,11 @@ def test_the_compact_build_keeps_exactly_the_alive_units(name):
 
 # -- the block variant: promotion of units the block masks silence -------------------------------
 def _splopa_bert():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(cfg).eval()
+    base = tiny_bert(
+        vocab_size=40, hidden_size=64, intermediate_size=128, max_position_embeddings=16
+    )
     return base, _wrapped(base, adapter="splopa", block=16, prototypes=4).eval()
 
 

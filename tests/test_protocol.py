@@ -15,25 +15,18 @@ from sparta.errors import ConfigError, UnknownNameError
 from sparta.pruning import BlockPruner, Pruner, PrunerBase, list_block_criteria
 from sparta.pruning.protocol import ACHIEVED_KEYS
 from test_train import one_thread  # noqa: F401  (autouse: tiny matrices run faster on 1 thread)
-from tiny_models import MLP, Conv1dNet
+from tiny_models import MLP, Conv1dNet, tiny_bert
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 CHANNEL_MODELS = [MLP, Conv1dNet]
 
 
 def _bert(seed: int = 0):
-    cfg = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
     torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return tiny_bert(
+        vocab_size=40, hidden_size=64, intermediate_size=128, max_position_embeddings=16
+    )
 
 
 def _tokens(seed: int = 0):
