@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import sparta
+from tiny_models import tiny_bert
 
 RANK = 8
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -188,18 +189,14 @@ def build_base(name: str) -> tuple[nn.Module, Callable, list[str], dict[str, str
         nn.init.normal_(model.heads.head.weight, std=0.1)
         return model, _images, ["heads.head"], {"conv_proj": "even"}
     if name == "bert":
-        transformers = pytest.importorskip("transformers")
-        config = transformers.BertConfig(
+        pytest.importorskip("transformers")
+        model = tiny_bert(
             vocab_size=100,
             hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             intermediate_size=128,
             max_position_embeddings=16,
-            num_labels=3,
             attn_implementation="eager",
-        )
-        model = transformers.BertForSequenceClassification(config)
+        ).train()  # as built from its config: dropout on
         return model, _bert_logits, ["classifier"], {}
     raise AssertionError(name)
 
