@@ -20,6 +20,7 @@ from sparta.errors import ConfigError
 from sparta.tasks import ArtifactError, Task
 from sparta.tasks.baseline import export_baseline, is_baseline
 from sparta.tasks.manifest import BASELINES
+from test_train import one_thread  # noqa: F401  (autouse: tiny matrices run faster on 1 thread)
 
 runner = CliRunner()
 
@@ -47,14 +48,6 @@ FAMILIES = {  # name: (factory, example input)
         (2, 3, 32, 32),
     ),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _trained(factory, shape, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

@@ -16,19 +16,12 @@ from typer.testing import CliRunner
 from sparta.cli import app
 from sparta.config import GridConfig, resolve_config
 from sparta.train import run
+from test_train import one_thread  # noqa: F401  (autouse: tiny matrices run faster on 1 thread)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 TINY = {"epochs": 1, "steps": 1, "recovery_epochs": 0, "scoring_batches": 1, "device": "cpu"}
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _config(name: str, tmp_path, **changes):
