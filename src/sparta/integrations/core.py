@@ -25,6 +25,7 @@ over the ranks before its own optimiser steps (they are not the model's, so DDP 
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -305,6 +306,33 @@ class PruningDriver:
             self.task = export(self.model)
         self.task.save(self.export_path)
         return self.task
+
+
+def driver_signature(*own: inspect.Parameter) -> inspect.Signature:
+    """The signature of :class:`PruningDriver` with a callback's ``own`` parameters after
+    ``adapter`` (Lightning's ``module``): what ``help`` and ``inspect`` show for a callback."""
+    self_, adapter, *rest = inspect.signature(PruningDriver.__init__).parameters.values()
+    return inspect.Signature([self_, adapter, *own, *rest])
+
+
+class DriverCallback:
+    """What the trainer callbacks share: their options are those of :class:`PruningDriver`
+    (in its order, or by name), which does the work; :attr:`pruner` and :attr:`task` are the
+    driver's (after training: the pruner and the exported task)."""
+
+    def __init__(self, *args, **options):
+        self.driver = PruningDriver(*args, **options)
+
+    @property
+    def pruner(self):
+        return self.driver.pruner
+
+    @property
+    def task(self):
+        return self.driver.task
+
+
+DriverCallback.__init__.__signature__ = driver_signature()
 
 
 def in_order(loader: Iterable) -> Iterable:

@@ -22,8 +22,8 @@ written atomically to ``export_path`` by global rank 0. Importing this module im
 
 from __future__ import annotations
 
+import inspect
 import math
-from pathlib import Path
 
 try:
     from lightning.pytorch import Callback
@@ -36,47 +36,27 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from torch import nn
 
 from ..errors import ConfigError
-from .core import PruningDriver
+from .core import DriverCallback, driver_signature
 
 
-class SpartaCallback(Callback):
+class SpartaCallback(DriverCallback, Callback):
     """Wraps, prunes, logs and exports during ``Trainer.fit``; ``module`` is the attribute
     path of the network in the LightningModule, the other arguments are those of
     :class:`~sparta.integrations.core.PruningDriver`. After training, :attr:`pruner` and
     :attr:`task` hold the pruner and the exported task."""
 
-    def __init__(
-        self,
-        adapter: str | None = None,
-        module: str | None = None,
-        adapter_options: dict | None = None,
-        pruner: str | None = None,
-        pruner_options: dict | None = None,
-        every: int = 1,
-        unit: str = "epochs",
-        start: int | None = None,
-        scoring_batches: int = 4,
-        loss_fn=None,
-        split_batch=None,
-        penalty_weight: float = 0.0,
-        export_path: str | Path | None = None,
-    ):
+    def __init__(self, adapter: str | None = None, module: str | None = None, *args, **options):
         if module is not None and not isinstance(module, str):
             raise ConfigError(f"module must be an attribute path such as 'net', got {module!r}")
         self.module = module
-        self.driver = PruningDriver(
-            adapter, adapter_options, pruner, pruner_options, every, unit, start,
-            scoring_batches, loss_fn, split_batch, penalty_weight, export_path,
-        )  # fmt: skip
+        super().__init__(adapter, *args, **options)
         self._seen_step, self._pending = 0, False
 
-    @property
-    def pruner(self):
-        return self.driver.pruner
-
-    @property
-    def task(self):
-        return self.driver.task
+    __init__.__signature__ = driver_signature(
+        inspect.Parameter(
+            "module", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation="str | None"
+        )
+    )
 
     def network(self, pl_module: nn.Module) -> nn.Module:
         """The module that is wrapped, pruned and exported."""

@@ -25,8 +25,6 @@ imports ``transformers`` (``pip install 'sparta[hf]'``); ``import sparta`` does 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 try:
     from transformers import Trainer, TrainerCallback
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -36,42 +34,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ..errors import ConfigError
-from .core import PruningDriver
+from .core import DriverCallback
 
 
-class SpartaCallback(TrainerCallback):
+class SpartaCallback(DriverCallback, TrainerCallback):
     """Wraps, prunes, logs and exports during ``Trainer.train()``; the arguments are those of
     :class:`~sparta.integrations.core.PruningDriver` (``unit`` counts ``"epochs"`` or
     optimiser ``"steps"``). After training, :attr:`pruner` and :attr:`task` hold the pruner
     and the exported task."""
-
-    def __init__(
-        self,
-        adapter: str | None = None,
-        adapter_options: dict | None = None,
-        pruner: str | None = None,
-        pruner_options: dict | None = None,
-        every: int = 1,
-        unit: str = "epochs",
-        start: int | None = None,
-        scoring_batches: int = 4,
-        loss_fn=None,
-        split_batch=None,
-        penalty_weight: float = 0.0,
-        export_path: str | Path | None = None,
-    ):
-        self.driver = PruningDriver(
-            adapter, adapter_options, pruner, pruner_options, every, unit, start,
-            scoring_batches, loss_fn, split_batch, penalty_weight, export_path,
-        )  # fmt: skip
-
-    @property
-    def pruner(self):
-        return self.driver.pruner
-
-    @property
-    def task(self):
-        return self.driver.task
 
     def prepare(self, model):
         """Wrap ``model`` now (in place) if the trainer's optimiser is made before
