@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..adapters.forms import form_of
+from ..errors import ConfigError
 from .manifest import ArtifactError
 from .plan_cuts import _all, _all_kept, _set_widths, _spread, _take, _with_delta
 
@@ -73,9 +74,12 @@ def _block(job, got: dict, weight: Tensor, rows, cols) -> tuple[Tensor, Tensor |
         axes[name] = (rows if by_rows else None, cols if by_cols else None)
     mask_out, all_out = store.mask_cut(got["mask_out"], rows)
     mask_in, all_in = store.mask_cut(got["mask_in"], cols)
-    shapes = job.builder.adapter_shapes(
-        job.cls, mask_out.shape[0], mask_in.shape[0], 1, job.options, job.label
-    )
+    try:
+        shapes = job.builder.adapter_shapes(
+            job.cls, mask_out.shape[0], mask_in.shape[0], 1, job.options, job.label
+        )
+    except ConfigError:  # an adapter the kept block's size cannot hold (a rank above it)
+        return None
     tensors = {"mask_out": job.like(mask_out, weight), "mask_in": job.like(mask_in, weight)}
     for name, (r, c) in axes.items():
         t = store.cut(got[name], r, c)[0]
