@@ -78,12 +78,13 @@ def evaluation_record(
         "epochs_trained": epochs,
     }
     LOGGER.info(
-        "evaluation after step %d: test accuracy %.4f, loss %.4f, %s filter density %.4f, "
+        "evaluation after step %d: test accuracy %.4f, loss %.4f, %s %s density %.4f, "
         "learned parameters %d stored / %d as the paper counts, MACs %d",
         step,
         record["accuracy"],
         record["loss"],
         f"val accuracy {val['accuracy']:.4f}," if val else "",
+        "block" if getattr(pruner, "granularity", "channels") == "blocks" else "filter",
         record["density"],
         record["learned_parameters"],
         record["learned_parameters_paper"],
