@@ -2,6 +2,7 @@
 backward pass of the same adapted model, measured side by side in one run.
 
     python benchmarks/criteria_cost.py [--model resnet50] [--batch 8] [--size 128] [--rounds 5]
+        [--json [benchmarks/results/criteria_cost.json]]
 
 Targets: lrp <= 1.5x (issue #14; 2.68x with zennit's hooks), taylor <= 2x (issue #3), per batch
 once set up (a criterion scores many batches per pruning step; its one-off set-up, e.g. LRP's
@@ -14,16 +15,21 @@ that load from other processes falls on all of them alike. Printed: median ms, t
 each); with the threads and the load average. The forward+backward pass runs on a copy of the
 adapted model in train mode: its BatchNorm updates would otherwise invalidate LRP's cached
 plain copy every round (within one scoring step, over its batches, the copy is reused).
+
+``--json`` records every printed figure, each round's times, the per-round ratios, the machine,
+torch, threads and the load average at start and end; ``benchmarks/readme_criteria.py`` writes
+README.md's block from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torchvision
@@ -31,6 +37,11 @@ import torchvision
 import sparta
 from sparta.pruning.importance import list_criteria
 from sparta.pruning.pruner import Pruner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_record import RESULTS, environment, load_average, write  # noqa: E402
+
+DEFAULT_JSON = RESULTS / "criteria_cost.json"
 
 
 def timed(fn) -> float:
@@ -40,7 +51,8 @@ def timed(fn) -> float:
 
 
 def load() -> str:
-    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+    avg = load_average()
+    return f"{avg[0]:.1f}" if avg else "n/a"
 
 
 def main() -> None:
@@ -51,6 +63,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--criteria", default="", help="comma-separated subset (default: all)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        nargs="?",
+        const=DEFAULT_JSON,
+        default=None,
+        help="write every figure here (no path: benchmarks/results/criteria_cost.json)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,6 +90,7 @@ def main() -> None:
         loss_fn(trained(x), y).backward()
         trained.zero_grad(set_to_none=True)
 
+    start_avg = load_average()
     start_load = load()
     print(
         f"{args.model}, batch {args.batch} at {args.size}px, SPLoRA r=8, "
@@ -93,16 +114,48 @@ def main() -> None:
     for _ in range(args.rounds):
         for key, fn in jobs.items():
             samples[key].append(timed(fn))
-    base = statistics.median(samples["forward+backward"])
-    best = min(samples["forward+backward"])
+    end_avg = load_average()
+    fb = samples["forward+backward"]
+    base, best = statistics.median(fb), min(fb)
+    figures = {}
     for key, ts in samples.items():
         med = statistics.median(ts)
+        per_round = [t / f for t, f in zip(ts, fb)]
+        figures[key] = {
+            "ms": [t * 1e3 for t in ts],
+            "median_ms": med * 1e3,
+            "min_ms": min(ts) * 1e3,
+            "max_ms": max(ts) * 1e3,
+            "ratio_median": med / base,
+            "ratio_min": min(ts) / best,
+            "ratio_per_round": per_round,
+            "setup_ms": first[key] * 1e3 if key in first else None,
+        }
         extra = f"   (first batch incl. set-up {first[key] * 1e3:.0f} ms)" if key in first else ""
         print(
             f"{key:>18}: {med * 1e3:8.1f} ms  (min-max {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})"
-            f"  {med / base:.2f}x median, {min(ts) / best:.2f}x min{extra}"
+            f"  {med / base:.2f}x median, {min(ts) / best:.2f}x min"
+            f" (rounds {min(per_round):.2f}-{max(per_round):.2f}x){extra}"
         )
-    print(f"{args.rounds} interleaved rounds; load average {start_load} at start, {load()} at end")
+    end_load = f"{end_avg[0]:.1f}" if end_avg else "n/a"
+    print(
+        f"{args.rounds} interleaved rounds; load average {start_load} at start, {end_load} at end"
+    )
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        config["criteria"] = names
+        config["adapter"] = "splora"
+        config["rank"] = 8
+        write(
+            args.json,
+            {
+                "benchmark": "criteria_cost.py",
+                "args": config,
+                "env": environment(),
+                "load_average": {"start": start_avg, "end": end_avg},
+                "figures": figures,
+            },
+        )
 
 
 if __name__ == "__main__":
