@@ -1,12 +1,15 @@
 """Training-step cost of SPLoRA vs full fine-tuning, measured side by side in one run.
 
     python benchmarks/train_step.py [--model resnet50] [--batch 8] [--size 128] [--rank 16]
-        [--optimizers sgd,adamw] [--layouts nchw,channels_last] [--threads N]
+        [--optimizers sgd,adamw] [--layouts nchw,channels_last] [--threads N] [--no-floor]
+        [--json [benchmarks/results/train_step.json]]
 
 Prints (issue #14 targets in brackets):
   * one training step (forward, backward, optimiser step), SPLoRA / full fine-tuning, for SGD
     with momentum 0.9 (the paper's optimiser) and AdamW (foreach), in NCHW and channels-last
     layouts, and best layout vs best layout                                         [<= 0.70x]
+  * the floor, timed alongside: the same wrapped model with its adapters frozen (no adapter
+    gradient at all), / full fine-tuning: what the frozen network's own backward costs
   * eval-mode forward under no_grad, wrapped model / plain model                   [<= 1.05x]
   * peak resident memory of training (weights, gradients, optimiser state and activations),
     SPLoRA / full fine-tuning, each measured in a fresh subprocess                 [< 1x]
@@ -14,6 +17,8 @@ Prints (issue #14 targets in brackets):
 Timings alternate between the two models round by round and report medians of wall time, the
 spread (min-max) of the per-round ratios, and the ratio of process CPU time (less sensitive to
 other processes on a shared machine); the load average is printed before and after.
+``--json`` records every printed figure, each round's times, the machine, torch, threads and
+the load average; ``benchmarks/readme_train.py`` writes README.md's block from it.
 """
 
 from __future__ import annotations
@@ -27,18 +32,28 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 
 import sparta
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_record import RESULTS, environment, load_average, write  # noqa: E402
+
+DEFAULT_JSON = RESULTS / "train_step.json"
+
 
 def build(args, method: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, weights=None, num_classes=10)
-    if method == "splora":
+    if method in ("splora", "frozen"):
         model = sparta.wrap(model, "splora", rank=args.rank)
+    if method == "frozen":  # the floor: the wrapped model without any adapter gradient
+        for name, param in model.named_parameters():
+            if ".adapter." in f".{name}":
+                param.requires_grad_(False)
     return model
 
 
@@ -89,33 +104,60 @@ def compare(fns: dict, rounds: int, warmup: int = 2, samples: dict | None = None
     return {k: statistics.median(w for w, _ in v) for k, v in samples.items()}
 
 
-def train_ratios(args, models: dict) -> None:
-    """Step time of SPLoRA / full fine-tuning for each optimiser and layout, side by side."""
-    best = {}
+def _ratio(samples: dict, model: str) -> dict:
+    """``model`` / full fine-tuning: ratio of median wall times, the per-round ratios (their
+    min-max is the spread) and the ratio of median process CPU times."""
+    wall = {m: statistics.median(w for w, _ in samples[m]) for m in ("full", model)}
+    cpu = {m: statistics.median(c for _, c in samples[m]) for m in ("full", model)}
+    return {
+        "ratio": wall[model] / wall["full"],
+        "ratio_per_round": [a / b for (a, _), (b, _) in zip(samples[model], samples["full"])],
+        "cpu_ratio": cpu[model] / cpu["full"],
+    }
+
+
+def train_ratios(args, models: dict) -> dict:
+    """Step time of SPLoRA (and of the frozen-adapter floor) / full fine-tuning for each
+    optimiser and layout, side by side; the figures, by ``"optimizer layout"``."""
+    best, out = {}, {}
     for opt in args.optimizers.split(","):
         for layout in args.layouts.split(","):
-            fns = {
-                m: make_step(_in_layout(models[m], layout), args, opt, layout)
-                for m in ("full", "splora")
-            }
+            fns = {m: make_step(_in_layout(models[m], layout), args, opt, layout) for m in models}
             samples: dict = {}
             t = compare(fns, args.rounds, samples=samples)
-            per_round = [s / f for (s, _), (f, _) in zip(samples["splora"], samples["full"])]
-            cpu = {m: statistics.median(c for _, c in samples[m]) for m in samples}
-            ratio = t["splora"] / t["full"]
-            print(
+            row = {
+                "optimizer": opt,
+                "layout": layout,
+                "ms": {m: [w * 1e3 for w, _ in samples[m]] for m in samples},
+                "cpu_ms": {m: [c * 1e3 for _, c in samples[m]] for m in samples},
+                "median_ms": {m: t[m] * 1e3 for m in t},
+                "splora": _ratio(samples, "splora"),
+            }
+            r = row["splora"]
+            line = (
                 f"train step [{opt:5s} {layout:13s}]: full {t['full'] * 1e3:7.1f} ms | SPLoRA "
-                f"{t['splora'] * 1e3:7.1f} ms | ratio {ratio:.3f}x (rounds {min(per_round):.3f}-"
-                f"{max(per_round):.3f}; CPU time {cpu['splora'] / cpu['full']:.3f}x)"
-                "  (target <= 0.70x)"
+                f"{t['splora'] * 1e3:7.1f} ms | ratio {r['ratio']:.3f}x (rounds "
+                f"{min(r['ratio_per_round']):.3f}-{max(r['ratio_per_round']):.3f}; CPU time "
+                f"{r['cpu_ratio']:.3f}x)  (target <= 0.70x)"
             )
+            if "frozen" in models:
+                row["floor"] = f = _ratio(samples, "frozen")
+                line += (
+                    f"\n{'':22s}floor (adapters frozen) {t['frozen'] * 1e3:7.1f} ms | ratio "
+                    f"{f['ratio']:.3f}x (rounds {min(f['ratio_per_round']):.3f}-"
+                    f"{max(f['ratio_per_round']):.3f}; CPU time {f['cpu_ratio']:.3f}x)"
+                )
+            print(line)
+            out[f"{opt} {layout}"] = row
             for m in t:
                 best[opt, m] = min(best.get((opt, m), float("inf")), t[m])
     for opt in args.optimizers.split(","):
         ratio = best[opt, "splora"] / best[opt, "full"]
+        out[f"{opt} best"] = {"optimizer": opt, "layout": "best", "ratio": ratio}
         print(f"train step [{opt:5s} best layout vs best layout]: ratio {ratio:.3f}x")
     for m in models.values():
         _in_layout(m, "nchw")
+    return out
 
 
 def _in_layout(model, layout: str):
@@ -172,6 +214,20 @@ def main() -> None:
     p.add_argument("--optimizers", default="sgd,adamw", help="sgd (momentum 0.9), adamw")
     p.add_argument("--layouts", default="nchw,channels_last", help="nchw, channels_last")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the wrapped model with its adapters frozen alongside (default: on)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        nargs="?",
+        const=DEFAULT_JSON,
+        default=None,
+        help="write every figure here (no path: benchmarks/results/train_step.json)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -179,14 +235,17 @@ def main() -> None:
     if args.child:
         return peak_memory_child(args)
 
+    load_start = load_average()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} "
         f"batch {args.batch} at {args.size}px, SPLoRA r={args.rank}, "
         f"{args.rounds} rounds; load average {_load()}"
     )
-    full, lora = build(args, "full"), build(args, "splora")
-    full.train(), lora.train()
-    train_ratios(args, {"full": full, "splora": lora})
+    models = {m: build(args, m) for m in ("full", "splora", "frozen")[: 3 if args.floor else 2]}
+    for model in models.values():
+        model.train()
+    train = train_ratios(args, models)
+    full, lora = models["full"], models["splora"]
 
     full.eval(), lora.eval()
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -198,20 +257,49 @@ def main() -> None:
 
         return run
 
-    t = compare({"plain": infer(full), "wrapped": infer(lora)}, args.rounds * 2)
+    samples: dict = {}
+    t = compare({"plain": infer(full), "wrapped": infer(lora)}, args.rounds * 2, samples=samples)
+    per_round = [w / p for (w, _), (p, _) in zip(samples["wrapped"], samples["plain"])]
+    evaluation = {
+        "ms": {m: [w * 1e3 for w, _ in samples[m]] for m in samples},
+        "median_ms": {m: t[m] * 1e3 for m in t},
+        "ratio": t["wrapped"] / t["plain"],
+        "ratio_per_round": per_round,
+    }
     print(
         f"eval forward: plain {t['plain'] * 1e3:8.1f} ms | wrapped {t['wrapped'] * 1e3:8.1f} ms"
-        f" | ratio {t['wrapped'] / t['plain']:.3f}x  (target <= 1.05x)"
+        f" | ratio {t['wrapped'] / t['plain']:.3f}x (rounds {min(per_round):.3f}-"
+        f"{max(per_round):.3f})  (target <= 1.05x)"
     )
 
+    load_timed = load_average()
     print(f"load average after timing: {_load()}")
-    if args.skip_memory:
-        return
-    mem = {m: peak_memory(m) for m in ("full", "splora")}
-    print(
-        f"peak training memory: full fine-tuning {mem['full']:7.1f} MiB | SPLoRA "
-        f"{mem['splora']:7.1f} MiB | ratio {mem['splora'] / mem['full']:.3f}x  (target < 1x)"
-    )
+    memory = None
+    if not args.skip_memory:
+        mem = {m: peak_memory(m) for m in ("full", "splora")}
+        memory = {"peak_mib": mem, "ratio": mem["splora"] / mem["full"]}
+        print(
+            f"peak training memory: full fine-tuning {mem['full']:7.1f} MiB | SPLoRA "
+            f"{mem['splora']:7.1f} MiB | ratio {mem['splora'] / mem['full']:.3f}x  (target < 1x)"
+        )
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k not in ("json", "child")}
+        write(
+            args.json,
+            {
+                "benchmark": "train_step.py",
+                "args": config,
+                "env": environment(),
+                "load_average": {
+                    "start": load_start,
+                    "after_timing": load_timed,
+                    "end": load_average(),
+                },
+                "train_step": train,
+                "eval_forward": evaluation,
+                "memory": memory,
+            },
+        )
 
 
 if __name__ == "__main__":
