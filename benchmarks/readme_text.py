@@ -54,6 +54,13 @@ def _latency(r: dict) -> str:
     return f"{r['method']} {base:.0f} ms -> {compact:.0f} ms"
 
 
+def _minutes(rows: list[dict]) -> str:
+    times = [r.get("train_seconds") for r in rows]
+    if any(t is None for t in times):
+        return "unrecorded"
+    return " / ".join(f"{t / 60:.0f}" for t in times)
+
+
 def section(d: dict) -> str:
     rows = d["rows"]
     c = rows[0]["config"]
@@ -62,9 +69,9 @@ def section(d: dict) -> str:
         f"Measured by `benchmarks/text_bbc.py`{' (--quick)' if d['quick'] else ''}: "
         f"all-MiniLM-L6-v2 on BBC News, {c['max_length']} tokens per article, seed "
         f"{c['seed']}, one run each ({'; '.join(_budget(r) for r in rows)}); "
-        f"{d['machine']}, torch {d['torch']}, {d['threads']} "
-        f"thread(s), load average {d['load_average'][0]:.1f} at the start and "
-        f"{d['load_average'][-1]:.1f} at the end, {d['wall_seconds'] / 60:.0f} min in all. "
+        f"{d['machine']}, torch {d['torch']}; training {_minutes(rows)} min (each run's "
+        f"result.json); timed on {d['threads']} thread(s), load average "
+        f"{d['load_average'][0]:.1f} at the start and {d['load_average'][-1]:.1f} at the end. "
         "Speed-up: base over compact latency in eager PyTorch at batch 1 / 16, the median over "
         "timing rounds (range in brackets); params and MACs: compact over base.",
         "",
