@@ -13,6 +13,8 @@ own writer, which also takes a fresh benchmark output:
 | ``paper`` (the paper's Table 1) | ``readme_paper.py`` | ``benchmarks/results/paper_table.json`` (``benchmarks/paper_table.py``) |
 | ``bert`` (block-pruned BERT) | ``readme_bench.py`` | ``benchmarks/results/bert_blocks.json`` (``benchmarks/bert_blocks.py --json``) |
 | ``text`` (MiniLM on BBC News) | ``readme_text.py`` | ``benchmarks/results/text_bbc.json`` (``benchmarks/text_bbc.py``) |
+| ``train`` (training-step cost) | ``readme_train.py`` | ``benchmarks/results/train_step.json`` (``benchmarks/train_step.py --json``) |
+| ``criteria`` (scoring cost per criterion) | ``readme_criteria.py`` | ``benchmarks/results/criteria_cost.json`` (``benchmarks/criteria_cost.py --json``) |
 
 A block whose results file is not there yet is left as it is and listed as pending.
 
@@ -31,10 +33,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import readme_bench  # noqa: E402
+import readme_criteria  # noqa: E402
 import readme_demo  # noqa: E402
 import readme_deploy  # noqa: E402
 import readme_paper  # noqa: E402
 import readme_text  # noqa: E402
+import readme_train  # noqa: E402
 import readme_zoo  # noqa: E402
 from readme_block import README, replace_block  # noqa: E402
 
@@ -63,6 +67,20 @@ BLOCKS = (
         ),
     ),
     ("text", "text_bbc.json", lambda text, d: readme_text.update(text, d)),
+    (
+        "train",
+        "train_step.json",
+        lambda text, d: replace_block(
+            text, readme_train.section(d), readme_train.START, readme_train.END
+        ),
+    ),
+    (
+        "criteria",
+        "criteria_cost.json",
+        lambda text, d: replace_block(
+            text, readme_criteria.section(d), readme_criteria.START, readme_criteria.END
+        ),
+    ),
 )
 
 
