@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -280,6 +281,7 @@ def main() -> int:
     torch.manual_seed(0)
     began = time.perf_counter()
     env = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_start": os.getloadavg(),

@@ -30,7 +30,8 @@ def section(d: dict) -> str:
     load = ", ".join(f"{x:.1f}" for x in env["load_start"][:1] + env["load_end"][:1])
     lines = [
         START,
-        f"`deploy.py` ({'`--quick`, ' if env.get('quick') else ''}torch {env['torch']}, "
+        f"`deploy.py` ({'`--quick`, ' if env.get('quick') else ''}"
+        f"{env['machine'] + ', ' if env.get('machine') else ''}torch {env['torch']}, "
         f"{env['threads']} threads, load average {load} at start and end; medians with the "
         f"spread min-max): ResNet-50 with a SPLoRA r=8 task pruned to "
         f"{d['mac_ratio']:.2f}x fewer MACs (224 px).",
