@@ -27,7 +27,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__main__",),
     ("cli",),
     ("app",),
-    ("integrations",),  # trainer callbacks: beside train in purpose, above it to use its DDP helpers
+    (
+        "integrations",
+    ),  # trainer callbacks: beside train in purpose, above it to use its DDP helpers
     ("train",),
     ("config",),
     ("sparta",),

@@ -45,9 +45,7 @@ def _built_equals_result(out: Path) -> dict:
     task = sparta.Task.load(out / result["files"]["task"])
     base = BaseSpec(model=c["model"], num_classes=2, seed=c["seed"]).create()
     compact = sparta.build(base, task)  # verify=True: compact == stored masked outputs
-    assert sum(p.numel() for p in compact.parameters()) <= sum(
-        p.numel() for p in base.parameters()
-    )
+    assert sum(p.numel() for p in compact.parameters()) <= sum(p.numel() for p in base.parameters())
     return result
 
 

@@ -32,9 +32,7 @@ class UnknownNameError(ConfigError):
     #: Above this many known names, the message shows the closest few, not all of them.
     LISTED = 24
 
-    def __init__(
-        self, kind: str, name: object, known: Iterable[str], examples: Iterable[str] = ()
-    ):
+    def __init__(self, kind: str, name: object, known: Iterable[str], examples: Iterable[str] = ()):
         known = sorted(known)
         kinds = _plural(kind)
         hint = difflib.get_close_matches(str(name), known, n=1)
