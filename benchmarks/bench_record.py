@@ -33,7 +33,25 @@ def environment() -> dict:
     }
 
 
+def add_json_option(parser, name: str) -> None:
+    """``--json [PATH]``: write every figure to PATH (no path: ``results/<name>.json``; without
+    the flag nothing is written, so a casual run leaves the committed results alone)."""
+    default = RESULTS / f"{name}.json"
+    parser.add_argument(
+        "--json",
+        type=Path,
+        nargs="?",
+        const=default,
+        default=None,
+        help=f"write every figure here (no path: benchmarks/results/{default.name})",
+    )
+
+
 def write(path: Path, data: dict) -> None:
+    """``data`` as JSON at ``path``, written atomically (a killed run leaves the old file)."""
+    from sparta.io import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=1) + "\n")
     print(f"figures written to {path}")

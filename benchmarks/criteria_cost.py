@@ -39,9 +39,7 @@ from sparta.pruning.importance import list_criteria
 from sparta.pruning.pruner import Pruner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_record import RESULTS, environment, load_average, write  # noqa: E402
-
-DEFAULT_JSON = RESULTS / "criteria_cost.json"
+from bench_record import add_json_option, environment, load_average, write  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -63,14 +61,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--criteria", default="", help="comma-separated subset (default: all)")
-    p.add_argument(
-        "--json",
-        type=Path,
-        nargs="?",
-        const=DEFAULT_JSON,
-        default=None,
-        help="write every figure here (no path: benchmarks/results/criteria_cost.json)",
-    )
+    add_json_option(p, "criteria_cost")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

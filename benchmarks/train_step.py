@@ -40,9 +40,7 @@ import torchvision
 import sparta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_record import RESULTS, environment, load_average, write  # noqa: E402
-
-DEFAULT_JSON = RESULTS / "train_step.json"
+from bench_record import add_json_option, environment, load_average, write  # noqa: E402
 
 
 def build(args, method: str) -> torch.nn.Module:
@@ -220,14 +218,7 @@ def main() -> None:
         default=True,
         help="time the wrapped model with its adapters frozen alongside (default: on)",
     )
-    p.add_argument(
-        "--json",
-        type=Path,
-        nargs="?",
-        const=DEFAULT_JSON,
-        default=None,
-        help="write every figure here (no path: benchmarks/results/train_step.json)",
-    )
+    add_json_option(p, "train_step")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
