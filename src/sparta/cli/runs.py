@@ -48,7 +48,7 @@ Example: `sparta run --model digits_cnn --dataset digits --epochs 2 --steps 3 --
 
 Example: `sparta run --output-dir runs/digits --resume` (continue it: the folder's config.json gives every setting)
 
-Example: `sparta run grid.yaml --seeds 0,1 --device cpu`
+Example: `sparta run examples/grid.yaml --seeds 0,1 --device cpu` (a grid; run from a clone)
 
 Example: `sparta run --recipe paper --method splora --target 0.1 --model digits_cnn --dataset digits`
 (the paper's protocol; --target 0.1 keeps 10% of the filters, in 18 steps of 5%)
