@@ -40,11 +40,12 @@ class UnknownNameError(ConfigError):
             close = difflib.get_close_matches(str(name).lower(), known, n=5, cutoff=0.5)
             some = list(examples) or known[:5]  # typical names when none is close
             shown = f"close names: {', '.join(close)}" if close else f"e.g. {', '.join(some)}"
-            msg = f"unknown {kind} {name!r}; {shown} ({len(known)} known {kinds})"
+            guess = f" (did you mean {hint[0]!r}?)" if hint else ""
+            msg = f"unknown {kind} {name!r}{guess}; {shown} ({len(known)} known {kinds})"
         else:
             msg = f"unknown {kind} {name!r}; known {kinds}: {', '.join(known) or '(none)'}"
-        if hint:
-            msg += f" (did you mean {hint[0]!r}?)"
+            if hint:
+                msg += f" (did you mean {hint[0]!r}?)"
         super().__init__(msg)
         self.kind, self.name, self.known = kind, name, known
 
