@@ -68,12 +68,17 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel=1e-5) -> bool:
     return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1e-12)
 
 
-@pytest.mark.parametrize("name,cls,x", _models(), ids=[c[0] for c in _models()])
+# channels-last exists for 4-d inputs only: those models run in both layouts
+_LAYOUTS = [(*m, cl) for m in _models() for cl in ((False, True) if m[2].dim() == 4 else (False,))]
+
+
+@pytest.mark.parametrize(
+    "name,cls,x,channels_last",
+    _LAYOUTS,
+    ids=[f"{c[0]}-{'channels_last' if c[3] else 'nchw'}" for c in _LAYOUTS],
+)
 @pytest.mark.parametrize("form", ["fused", "branch"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_each_form_matches_plain_autograd(name, cls, x, form, channels_last, monkeypatch):
-    if channels_last and x.dim() != 4:
-        pytest.skip("channels_last is a 4-d layout")
     model = _wrapped(cls)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
