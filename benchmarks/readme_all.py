@@ -43,44 +43,27 @@ import readme_zoo  # noqa: E402
 from readme_block import README, replace_block  # noqa: E402
 
 RESULTS = HERE / "results"
+
+
+def _section_block(writer):
+    """README text -> README text with ``writer``'s block (START..END) made from its results."""
+    return lambda text, d: replace_block(text, writer.section(d), writer.START, writer.END)
+
+
 #: ``(marker name, results file, README text -> README text with that block regenerated)``.
 BLOCKS = (
     ("demo", "demo.json", lambda text, d: readme_demo.rewrite(text, readme_demo.section(d))),
     ("zoo", "zoo.json", lambda text, d: readme_zoo.update(text, d)),
-    (
-        "deploy",
-        "deploy.json",
-        lambda text, d: replace_block(
-            text, readme_deploy.section(d), readme_deploy.START, readme_deploy.END
-        ),
-    ),
+    ("deploy", "deploy.json", _section_block(readme_deploy)),
     (
         "paper",
         "paper_table.json",
         lambda text, d: readme_paper.update(text, readme_paper.section(d)),
     ),
-    (
-        "bert",
-        "bert_blocks.json",
-        lambda text, d: replace_block(
-            text, readme_bench.section(d), readme_bench.START, readme_bench.END
-        ),
-    ),
+    ("bert", "bert_blocks.json", _section_block(readme_bench)),
     ("text", "text_bbc.json", lambda text, d: readme_text.update(text, d)),
-    (
-        "train",
-        "train_step.json",
-        lambda text, d: replace_block(
-            text, readme_train.section(d), readme_train.START, readme_train.END
-        ),
-    ),
-    (
-        "criteria",
-        "criteria_cost.json",
-        lambda text, d: replace_block(
-            text, readme_criteria.section(d), readme_criteria.START, readme_criteria.END
-        ),
-    ),
+    ("train", "train_step.json", _section_block(readme_train)),
+    ("criteria", "criteria_cost.json", _section_block(readme_criteria)),
 )
 
 
