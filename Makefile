@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.sparta-installed
 # Where `make assets` links Fashion-MNIST (load_dataset's default data_dir is ./data).
 DATA_DIR ?= data
 
-.PHONY: demo assets test test-pretrained lint bench readme clean
+.PHONY: demo assets test test-pretrained lint bench readme readme-walk clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench: $(STAMP)
 # Every generated block of README.md from the results files in benchmarks/results/.
 readme: $(STAMP)
 	$(BIN)/python benchmarks/readme_all.py
+
+# Run every bash command and python block of README.md verbatim in this clone, in order, and
+# record each (README line, exit code, seconds, output tail) in readme_walk.json
+# (scripts/readme_walk.py; e.g. README_WALK_ARGS="--only 546,548" or "--skip 612").
+README_WALK_ARGS ?=
+readme-walk: $(STAMP)
+	$(BIN)/python scripts/readme_walk.py --clone . --json readme_walk.json $(README_WALK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
