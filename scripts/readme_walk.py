@@ -38,7 +38,8 @@ starts on, or the opening fence of a block (which selects every command of a bas
 Skipped items are recorded as skipped, with the reason ``--skip``.
 
 Output: a JSON file (``--json``; rewritten atomically after every item, so a walk stopped
-half-way keeps what it did) with one record per item: README line, kind, the command or the
+half-way keeps what it did; with ``--update`` the records already in it are kept, except those
+of the lines run again, so a walk can be done in parts or one block re-walked after a fix) with one record per item: README line, kind, the command or the
 block's first line, exit code, expected codes, passed, wall seconds, the last ``--tail`` lines
 of stdout and stderr together (progress bars' carriage returns read as line ends), and a note.
 A short table is printed at the end. The exit status is 0 when every item run passed.
@@ -279,6 +280,12 @@ def select(items: list[Item], only: set[int], skip: set[int]) -> list[tuple[Item
     return chosen
 
 
+def merge(kept: list[Record], new: list[Record]) -> list[Record]:
+    """``kept`` with the records of ``new`` in place of those of the same line, by line."""
+    lines = {r.line for r in new}
+    return sorted([r for r in kept if r.line not in lines] + new, key=lambda r: r.line)
+
+
 def table(records: list[Record]) -> str:
     rows = ["| line | kind | what | exit | s | result |", "|---|---|---|---|---|---|"]
     for r in records:
@@ -324,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per item")
     parser.add_argument("--serve-timeout", type=float, default=20.0)
     parser.add_argument("--interrupt-after", type=float, default=15.0)
+    parser.add_argument(
+        "--update", action="store_true", help="keep the records of --json for lines not run"
+    )
     parser.add_argument("--tail", type=int, default=40, help="output lines kept per item")
     options = parser.parse_args(argv)
     clone = options.clone.resolve()
@@ -334,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     items = parse(readme.read_text(encoding="utf-8"))
     env = environment(clone)
+    kept: list[Record] = []
+    if options.update and options.json.exists():
+        old = json.loads(options.json.read_text(encoding="utf-8"))["records"]
+        kept = [Record(**r) for r in old]
     records: list[Record] = []
     for item, runs in select(items, options.only, options.skip):
         if not runs:
@@ -353,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         if record.status == "failed":
             print("    " + "\n    ".join(record.output_tail[-8:]), file=sys.stderr, flush=True)
         records.append(record)
-        write_json(options.json, readme, clone, records)
-    write_json(options.json, readme, clone, records)
+        write_json(options.json, readme, clone, merge(kept, records))
+    write_json(options.json, readme, clone, merge(kept, records))
     print(table(records))
     return 0 if all(r.status != "failed" for r in records) else 1
 

@@ -160,3 +160,16 @@ def test_the_real_readme_parses_and_its_continuations_follow_a_python_block():
     for item in items:
         if item.continues:
             assert item.kind == "python" and item.prelude.strip()
+
+
+def test_update_keeps_the_records_of_lines_not_run_again(tmp_path):
+    clone = _clone(tmp_path, "```bash\necho first\nfalse\n```\n")
+    out = tmp_path / "walk.json"
+    assert walk.main(["--clone", str(clone), "--json", str(out)]) == 1
+    (clone / "README.md").write_text("```bash\necho first\ntrue\n```\n", encoding="utf-8")
+    assert walk.main(["--clone", str(clone), "--json", str(out), "--only", "3", "--update"]) == 0
+    records = json.loads(out.read_text(encoding="utf-8"))["records"]
+    assert [(r["line"], r["status"], r["output_tail"]) for r in records] == [
+        (2, "passed", ["first"]),
+        (3, "passed", []),
+    ]
