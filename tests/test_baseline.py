@@ -20,6 +20,7 @@ from sparta.errors import ConfigError
 from sparta.tasks import ArtifactError, Task
 from sparta.tasks.baseline import export_baseline, is_baseline
 from sparta.tasks.manifest import BASELINES
+from sparta.tasks.taskfile import manifest_text
 from test_train import one_thread  # noqa: F401  (autouse: tiny matrices run faster on 1 thread)
 
 runner = CliRunner()
@@ -112,7 +113,7 @@ def test_the_file_is_safetensors_with_a_json_manifest_and_no_pickle(tmp_path):
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
-    manifest = json.loads(header["__metadata__"]["sparta.manifest"])
+    manifest = json.loads(manifest_text(header["__metadata__"]))  # JSON, deflated (format 4)
     assert manifest["adapter"] == {"name": "fine-pruning", "options": {}}
     assert manifest["adapted"] == [] and manifest["base"]["tensors"] == {}
     assert b"\x80\x04" not in raw[: 8 + n]  # no pickle protocol marker in the header

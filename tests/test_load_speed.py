@@ -50,7 +50,7 @@ def _parts(data: bytes) -> tuple[dict, dict]:
     """``(stored tensors, manifest)`` of a task file's bytes (masks still packed)."""
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8 : 8 + n])["__metadata__"]
-    return st_load(data), json.loads(meta[MANIFEST_KEY])
+    return st_load(data), json.loads(taskfile.manifest_text(meta))  # (format 4: compressed)
 
 
 def _write(stored: dict, manifest: dict, order=None) -> bytes:

@@ -23,7 +23,6 @@ written as version 2.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ from .taskfile import (
     check_tensors,
     digest,
     full_tensors,
+    manifest_meta,
     pack_masks,
     parse_task,
     read_task,
@@ -128,8 +128,7 @@ class Task:
         """The file contents :meth:`save` writes: the same bytes for the same task, in any
         process (sorted JSON keys, deterministic safetensors layout)."""
         check_tensors(self.tensors, self.manifest, "<task>")
-        text = json.dumps(self.manifest, sort_keys=True)
-        meta = {MANIFEST_KEY: text, CHECKSUM_KEY: hashlib.sha256(text.encode()).hexdigest()}
+        meta = manifest_meta(self.manifest)  # file format 4: the manifest compressed
         return serialize(pack_masks(self.tensors, self.manifest), meta)
 
     def save(self, path) -> int:

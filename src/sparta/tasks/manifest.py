@@ -24,6 +24,14 @@ FORMAT = "sparta.task"
 VERSION = 3
 MANIFEST_KEY = "sparta.manifest"
 CHECKSUM_KEY = "sparta.manifest.sha256"
+#: File format 4 stores the manifest (schema unchanged: :data:`VERSION`) compressed: the JSON
+#: text deflated (zlib) and base64-encoded under ``ZMANIFEST_KEY``, the SHA-256 of the text
+#: under ``ZCHECKSUM_KEY``; ``MANIFEST_KEY`` then holds only :data:`STUB`, which readers of
+#: formats 1-3 refuse as "version 4: upgrade sparta". Files with a plain manifest still load.
+FILE_VERSION = 4
+ZMANIFEST_KEY = "sparta.manifest.zlib"
+ZCHECKSUM_KEY = "sparta.manifest.zlib.sha256"
+STUB = '{"format":"sparta.task","version":4}'
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 KINDS = ("param", "mask", "stat")
 #: The "adapter" names of baselines (:mod:`sparta.tasks.baseline`): a plain model whose task

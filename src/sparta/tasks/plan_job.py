@@ -200,6 +200,8 @@ class _Job:
         """Fresh tensors for ``target`` (a skeleton copy of base module ``src``)."""
         roles = self.owners.get(name, {})
         out_keep, in_keep = cut if cut is not None else (None, None)
+        if roles and isinstance(src, _BatchNorm) and self._fill_norm(name, target, src, roles, cut):
+            return
         params = target._parameters
         if params:
             width = _out_width(src)
@@ -210,6 +212,59 @@ class _Job:
         self.fill_buffers(name, target, src, roles, out_keep)
         if cut is not None:
             _set_widths(target)
+
+    def _fill_norm(self, name: str, target: nn.Module, src: nn.Module, roles: dict, cut) -> bool:
+        """:meth:`fill` of a BatchNorm in the usual case, in one pass: the task holds all its
+        tensors (each of the kind and full shape the base's has, on its dtype and device),
+        those per channel stored cut by the weight's ``mask_out`` alone, and the plan keeps
+        exactly what that mask keeps. Each is then its stored entries (the mask is all ones
+        on them: not read), copied; this is what the general path computes there, with the
+        same checks. ``False`` (nothing set) in any other case: the general path runs."""
+        mask_key = roles.get(("mask", "weight", "mask_out"))
+        if mask_key is None or len(roles) != 1 + len(src._parameters) + len(src._buffers):
+            return False
+        rows = None if cut is None else cut[0]
+        if cut is not None and cut[1] is not None:
+            return False
+        table, store = self.table, self.tensors
+        m = table[mask_key]
+        width = src.num_features
+        if m["kind"] != "mask" or m["shape"] != [width]:
+            return False
+        kept = store.kept_of(mask_key)
+        if not store._same(rows, kept, width):
+            return False
+        found = []
+        for attrs, kind in ((src._parameters, "param"), (src._buffers, "stat")):
+            for attr, base in attrs.items():
+                key = roles.get(("value", attr))
+                if key is None or base is None:
+                    return False
+                e = table[key]
+                per_channel = base.dim() == 1 and base.shape[0] == width
+                expected = (mask_key, None) if per_channel else (None, None)
+                if (
+                    e["kind"] != kind
+                    or e["shape"] != list(base.shape)
+                    or ("stored" in e) is not per_channel
+                    or (e.get("rows"), e.get("cols")) != expected
+                ):
+                    return False
+                t, _ = store._read(key)
+                if t.dtype != base.dtype or t.device != base.device:
+                    return False
+                found.append((attrs is src._parameters, attr, key, t))
+        self.used.add(mask_key)
+        params, buffers = target._parameters, target._buffers
+        for is_param, attr, key, t in found:
+            self.used.add(key)
+            if is_param:
+                params[attr] = nn.Parameter(t.clone(), requires_grad=True)
+            else:
+                buffers[attr] = t.clone()
+        if cut is not None:
+            _set_widths(target)
+        return True
 
     def fill_buffers(self, name: str, target: nn.Module, src: nn.Module, roles: dict, rows):
         """Fresh buffers for ``target``: the task's statistics (BatchNorm only), else the

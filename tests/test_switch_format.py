@@ -1,0 +1,157 @@
+"""Task file format 4 and the lean build (issue #13, the switch budget and the task bytes).
+
+Format 4 stores the manifest deflated (its schema is unchanged); older readers find a stub
+that says "version 4" and refuse the file asking for an upgrade, and files with a plain
+manifest (formats 1-3) still load. A compressed manifest is checked as a plain one is (its
+checksum), and one that is not a complete zlib stream, inflates past the manifest limit or
+sits beside a second plain manifest is refused. The build's one-pass BatchNorm fill gives
+the same tensors, bit for bit, as the general path it stands in for.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import json
+import zlib
+
+import pytest
+import torch
+
+from sparta.tasks import ArtifactError, Builder, Task, export
+from sparta.tasks.manifest import (
+    CHECKSUM_KEY,
+    MANIFEST_KEY,
+    STUB,
+    ZCHECKSUM_KEY,
+    ZMANIFEST_KEY,
+    check_manifest,
+)
+from sparta.tasks.taskfile import MAX_HEADER_BYTES, manifest_text, pack_masks, serialize
+from test_build import make_task
+from test_train import one_thread  # noqa: F401  (autouse: one thread, restored after)
+
+plan_job = importlib.import_module("sparta.tasks.plan_job")
+
+
+@pytest.fixture(scope="module")
+def made():
+    base, model, _ = make_task("resnet18", target="density=0.5")
+    return base, export(model)
+
+
+def _meta(data: bytes) -> dict:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n])["__metadata__"]
+
+
+def _with_meta(task: Task, meta: dict) -> bytes:
+    return serialize(pack_masks(task.tensors, task.manifest), meta)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_the_manifest_is_stored_deflated_and_reads_back_the_same(made):
+    _, task = made
+    data = task.to_bytes()
+    meta = _meta(data)
+    assert meta[MANIFEST_KEY] == STUB and meta[CHECKSUM_KEY] == _sha(STUB)
+    text = zlib.decompress(base64.b64decode(meta[ZMANIFEST_KEY])).decode()
+    assert json.loads(text) == task.manifest and meta[ZCHECKSUM_KEY] == _sha(text)
+    plain = json.dumps(task.manifest, sort_keys=True)
+    assert len(meta[ZMANIFEST_KEY]) * 3 < len(plain)  # names and checksums deflate well
+    loaded = Task.from_bytes(data)
+    assert loaded.manifest == task.manifest and loaded.manifest["version"] == 3
+    assert all(torch.equal(loaded.tensors[k], t) for k, t in task.tensors.items())
+    assert Task.from_bytes(loaded.to_bytes()).to_bytes() == data  # deterministic
+
+
+def test_a_plain_manifest_file_still_loads_and_builds_the_same(made):
+    base, task = made
+    text = json.dumps(task.manifest, sort_keys=True)
+    old = Task.from_bytes(_with_meta(task, {MANIFEST_KEY: text, CHECKSUM_KEY: _sha(text)}))
+    new = Task.from_bytes(task.to_bytes())
+    assert old.manifest == new.manifest
+    a, _ = Builder(base).build(old, verify=True)
+    b, _ = Builder(base).build(new, verify=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_an_older_reader_sees_a_version_4_stub_and_asks_for_an_upgrade():
+    with pytest.raises(ArtifactError, match=r"format version 4, but this sparta reads version 3"):
+        check_manifest(json.loads(STUB), "t.safetensors")
+
+
+def _packed(text: bytes) -> str:
+    return base64.b64encode(zlib.compress(text)).decode()
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("plain beside compressed", r"holds a compressed manifest and a plain one"),
+        ("checksum", r"manifest checksum differs"),
+        ("not base64", r"not base64 of a complete zlib stream"),
+        ("truncated stream", r"not base64 of a complete zlib stream"),
+        ("trailing bytes", r"not base64 of a complete zlib stream"),
+        ("not utf-8", r"not base64 of a complete zlib stream"),
+        ("not a string", r"not base64 of a complete zlib stream"),
+        ("checksum only", r"not base64 of a complete zlib stream"),
+        ("bomb", rf"inflates to more than {MAX_HEADER_BYTES:,} bytes"),
+    ],
+)
+def test_a_crafted_compressed_manifest_is_refused(made, case, expected):
+    _, task = made
+    meta = _meta(task.to_bytes())
+    text = manifest_text(meta)
+    raw = zlib.compress(text.encode())
+    if case == "plain beside compressed":
+        meta[MANIFEST_KEY], meta[CHECKSUM_KEY] = text, _sha(text)
+    elif case == "checksum":
+        meta[ZCHECKSUM_KEY] = _sha(text + " ")
+    elif case == "not base64":
+        meta[ZMANIFEST_KEY] = "*" + meta[ZMANIFEST_KEY][1:]
+    elif case == "truncated stream":
+        meta[ZMANIFEST_KEY] = base64.b64encode(raw[: len(raw) // 2]).decode()
+    elif case == "trailing bytes":
+        meta[ZMANIFEST_KEY] = base64.b64encode(raw + b"\0").decode()
+    elif case == "not utf-8":
+        meta[ZMANIFEST_KEY] = _packed(b"\xff\xfe" + text.encode())
+    elif case == "not a string":
+        meta[ZMANIFEST_KEY] = 7
+    elif case == "checksum only":
+        del meta[ZMANIFEST_KEY]
+    else:  # 16 MiB + 1 of spaces deflate to ~16 KB: never inflated past the limit
+        meta[ZMANIFEST_KEY] = _packed(b" " * (MAX_HEADER_BYTES + 1))
+    with pytest.raises(ArtifactError, match=expected):
+        Task.from_bytes(_with_meta(task, meta))
+
+
+def test_the_one_pass_batchnorm_fill_equals_the_general_path(made, monkeypatch):
+    base, task = made
+    taken = []
+    fill_norm = plan_job._Job._fill_norm
+
+    def counting(self, *args):
+        done = fill_norm(self, *args)
+        taken.append(done)
+        return done
+
+    monkeypatch.setattr(plan_job._Job, "_fill_norm", counting)
+    fast, _ = Builder(base).build(Task.from_bytes(task.to_bytes()), verify=True)
+    assert taken and all(taken)  # every BatchNorm of this task takes it
+    monkeypatch.setattr(plan_job._Job, "_fill_norm", lambda self, *args: False)
+    general, _ = Builder(base).build(Task.from_bytes(task.to_bytes()), verify=True)
+    a, b = fast.state_dict(), general.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    flags = {n: p.requires_grad for n, p in general.named_parameters()}
+    assert {n: p.requires_grad for n, p in fast.named_parameters()} == flags
+    ptrs = {t.untyped_storage().data_ptr() for t in a.values() if t.numel()}
+    assert not ptrs & {t.untyped_storage().data_ptr() for t in base.state_dict().values()}
+    assert not ptrs & {t.untyped_storage().data_ptr() for t in task.tensors.values()}
