@@ -35,18 +35,40 @@ from .base import Adapter, get_adapter
 from .delta_fn import DeltaLayerFn, Geometry, autocast_off
 from .forms import form_of, form_reason
 
+#: Optimiser steps taken in this process, by any ``torch.optim`` optimiser (counted once a
+#: :class:`TensorMemo` exists). Fused optimisers (``AdamW(fused=True)``, the Hugging Face
+#: Trainer's default "adamw_torch_fused") update the parameters without incrementing their
+#: version counters (torch 2.x), so a memo also keys on this count.
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK: list = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def _watch_optimizer_steps() -> None:
+    """Count optimiser steps from now on (once per process; not at import: no side effect)."""
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
+
 
 class TensorMemo:
     """Holds a value computed from some tensors until one of them is replaced or edited.
 
     Edits are seen through each tensor's version counter, which every in-place operation
-    (an optimiser step, ``mask[i] = 0``, ``load_state_dict``) increments; replaced tensors
-    (``.to()``, a new ``nn.Parameter``) are seen by identity.
+    (``mask[i] = 0``, ``load_state_dict``, most optimiser steps) increments, and through the
+    process's count of optimiser steps (fused optimisers leave the version counters alone);
+    replaced tensors (``.to()``, a new ``nn.Parameter``) are seen by identity.
     """
 
     def __init__(self) -> None:
         self._key: list[tuple[Tensor, int]] = []
+        self._step = -1
         self._value = None
+        _watch_optimizer_steps()
 
     def get(self, tensors: Sequence[Tensor], compute: Callable[[], object]):
         if torch.compiler.is_compiling():
@@ -55,19 +77,21 @@ class TensorMemo:
             with torch.no_grad():
                 return compute()
         key = [(t, t._version) for t in tensors]
-        same = len(key) == len(self._key) and all(
-            a is b and va == vb for (a, va), (b, vb) in zip(key, self._key)
+        same = (
+            self._step == _OPTIMIZER_STEPS[0]
+            and len(key) == len(self._key)
+            and all(a is b and va == vb for (a, va), (b, vb) in zip(key, self._key))
         )
         if not same:
             # Built outside inference mode and without a graph, so the value can be reused in
             # any later call, including ones that take gradients w.r.t. the input.
             with torch.inference_mode(False), torch.no_grad():
                 self._value = compute()
-            self._key = key
+            self._key, self._step = key, _OPTIMIZER_STEPS[0]
         return self._value
 
     def clear(self) -> None:
-        self._key, self._value = [], None
+        self._key, self._step, self._value = [], -1, None
 
     def __deepcopy__(self, memo):  # caches are not state: a copy starts empty
         return TensorMemo()
