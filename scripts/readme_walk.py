@@ -38,10 +38,12 @@ starts on, or the opening fence of a block (which selects every command of a bas
 Skipped items are recorded as skipped, with the reason ``--skip``.
 
 Output: a JSON file (``--json``; rewritten atomically after every item, so a walk stopped
-half-way keeps what it did; with ``--update`` the records already in it are kept, except those
-of the lines run again, so a walk can be done in parts or one block re-walked after a fix) with one record per item: README line, kind, the command or the
-block's first line, exit code, expected codes, passed, wall seconds, the last ``--tail`` lines
-of stdout and stderr together (progress bars' carriage returns read as line ends), and a note.
+half-way keeps what it did) with one record per item: README line, kind, the command or the
+block's first line, exit code, expected codes, passed, wall seconds, a note, the clone's commit
+when it ran, and the last ``--tail`` lines of stdout and stderr together (progress bars'
+carriage returns read as line ends). With ``--update`` the records already in the file are
+kept, except those of the lines run again, so a walk can be done in parts, or one block
+re-walked after a fix.
 A short table is printed at the end. The exit status is 0 when every item run passed.
 """
 
@@ -171,6 +173,7 @@ class Record:
     expected: list[int] = field(default_factory=list)
     wall_s: float = 0.0
     note: str = ""
+    commit: str = ""  # the clone's commit when it ran (a walk in parts may span several)
     output_tail: list[str] = field(default_factory=list)
 
 
@@ -199,6 +202,7 @@ def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
 def run_item(item: Item, clone: Path, env: dict[str, str], options) -> Record:
     expected, mode = expectation(item)
     record = Record(item.line, item.block, item.kind, item.what, "failed", expected=expected)
+    record.commit = _commit(clone)
     if item.kind == "python":
         argv = [str(clone / ".venv" / "bin" / "python"), "-c", item.prelude + item.code]
         if item.continues:
