@@ -18,7 +18,8 @@ Format history: version 1 stored masks as one byte per channel and BatchNorm sta
 version 2 packs masks into bits and stores statistics of kept channels only; version 3 adds the
 compact plan (:mod:`.plan`), so a build slices the base without tracing. All are read; a task
 that cannot carry a plan (no recorded inputs, or a model only the traced graph can cut) is
-written as version 2.
+written as version 2. File format 4 changes the container only: the manifest (schema version
+1-3 as above) is stored deflated (:func:`.taskfile.manifest_meta`); plain ones are still read.
 """
 
 from __future__ import annotations
