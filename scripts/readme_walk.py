@@ -27,6 +27,8 @@ What a command's trailing comment says, the walker checks:
 - ``# Ctrl-C...`` : the walker sends SIGINT to the command's process group after
   ``--interrupt-after`` seconds; it passes on exit 130 (interrupted, as documented) or 0 (it
   ended before the signal; the record's note says so).
+  Every command starts with SIGINT and SIGQUIT at their defaults, as from a terminal, even when
+  the walker itself runs in the background (where they are inherited ignored).
 
 Commands that serve until stopped (``SERVERS``: ``tensorboard``) run for ``--serve-timeout``
 seconds; one passes when it is still running then and has printed a URL (``http://``), and is
@@ -186,6 +188,14 @@ def environment(clone: Path) -> dict[str, str]:
     return env
 
 
+def _terminal_signals() -> None:
+    """In the child: SIGINT and SIGQUIT as a terminal's command gets them. A walker started in
+    the background (``cmd &`` in a script) inherits them ignored, and so would every command,
+    with Python then installing no KeyboardInterrupt handler: Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -214,7 +224,7 @@ def run_item(item: Item, clone: Path, env: dict[str, str], options) -> Record:
         start = time.perf_counter()
         proc = subprocess.Popen(
             argv, cwd=clone, env=env, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_terminal_signals,
         )  # fmt: skip
         interrupted = still_running = False
         try:

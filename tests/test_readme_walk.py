@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -112,14 +113,20 @@ def _clone(tmp_path: Path, readme: str) -> Path:
 
 
 def test_walk_runs_each_item_in_the_clone_and_records_it(tmp_path, monkeypatch):
+    # as in a walker started in the background (`walk &`): SIGINT arrives ignored; the commands
+    # must get it at its default, or the Ctrl-C command below would run on to its timeout
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     readme = README.replace("fakeserver --port 0", "tensorboard --logdir runs/x")
     clone = _clone(tmp_path, readme)
     out = tmp_path / "walk.json"
     monkeypatch.setattr(walk, "SERVERS", ("tensorboard",))
-    code = walk.main(
-        ["--clone", str(clone), "--json", str(out), "--skip", "4", "--serve-timeout", "3",
-         "--interrupt-after", "1", "--timeout", "20"]
-    )  # fmt: skip
+    try:
+        code = walk.main(
+            ["--clone", str(clone), "--json", str(out), "--skip", "4", "--serve-timeout", "3",
+             "--interrupt-after", "1", "--timeout", "20"]
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 1  # `exit 0 # refused` and `false` fail
     records = json.loads(out.read_text(encoding="utf-8"))["records"]
     by_line = {r["line"]: r for r in records}
