@@ -155,3 +155,28 @@ def test_the_one_pass_batchnorm_fill_equals_the_general_path(made, monkeypatch):
     ptrs = {t.untyped_storage().data_ptr() for t in a.values() if t.numel()}
     assert not ptrs & {t.untyped_storage().data_ptr() for t in base.state_dict().values()}
     assert not ptrs & {t.untyped_storage().data_ptr() for t in task.tensors.values()}
+
+
+_ODD_CUTS = [None, True, False, 0, 1, -1, 2, 3, 1.0, "0", [], [0], [None], [0, 0, 0], [True, 0],
+             [0, False], [None, None], [0, None], [None, 1], [2, 0], [0, -1], [1.0, 0], {}, (0, 1)]  # fmt: skip
+
+
+def test_the_bulk_cuts_check_is_never_more_lenient_than_the_loop():
+    plan_module = importlib.import_module("sparta.tasks.plan")
+
+    def loop_ok(cuts: list, n: int) -> bool:  # the per-cut rule plan_problem names cuts by
+        return all(
+            isinstance(c, list)
+            and len(c) == 2
+            and c != [None, None]
+            and all(i is None or plan_module._index(i, n) for i in c)
+            for c in cuts
+        )
+
+    for odd in _ODD_CUTS:
+        for cuts in ([odd], [[0, 1], odd], [odd, [1, None]]):
+            for n in (0, 2):
+                if plan_module._cuts_ok(cuts, n):
+                    assert loop_ok(cuts, n), (cuts, n)
+    assert plan_module._cuts_ok([[0, 1], [None, 1], [1, None]], 2)  # and it accepts good ones
+    assert not plan_module._cuts_ok([[0, 2]], 2) and not plan_module._cuts_ok([[None, None]], 2)

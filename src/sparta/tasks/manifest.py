@@ -170,7 +170,7 @@ def _entries_ok(entries: list) -> bool:
         and set(map(type, _field(entries, "cols"))) <= _NAME_TYPES
         and _shapes_ok(shapes)
         and _shapes_ok([s for s, _ in stored])
-        and all(len(s) == len(full) for s, full in stored)
+        and [len(s) for s, _ in stored] == [len(full) for _, full in stored]
     )
 
 
