@@ -189,3 +189,40 @@ def test_block_pruner_steps_every_optimiser_step_and_detaches_at_the_end(tmp_pat
 def _plain() -> nn.Module:
     torch.manual_seed(0)
     return MLP()
+
+
+def test_a_state_the_callbacks_did_not_write_is_refused():
+    with pytest.raises(ConfigError, match=r"not a sparta callback state.*got \['epoch'\]"):
+        PruningDriver().load_state_dict({"epoch": 3})
+    blocks = _blocks("movement", 0.0)[1].state_dict()
+    model = sparta.wrap(MLP(), "splora", rank=2)
+    driver = PruningDriver(pruner_options={"criterion": "l1"})
+    driver.load_state_dict(blocks)
+    with pytest.raises(ConfigError, match="holds a blocks pruner's state but this run prunes chan"):
+        driver.begin(model, [(MLP.example(), torch.zeros(3).long())], total_steps=4, epochs=1)
+
+
+def test_state_round_trip_continues_the_channel_schedule():
+    """A driver given another's state (on a model holding that one's masks) steps where the
+    other would have, and prunes to the same levels of the original channel count."""
+    x, y = MLP.example(4), torch.randint(0, 4, (4,))
+
+    def driver_on():
+        options = {"criterion": "l1", "target": 0.25, "steps": 3}
+        return PruningDriver(pruner_options=options, unit="steps", every=2, start=2)
+
+    first_model = sparta.wrap(_plain(), "splora", rank=2)
+    first = driver_on()
+    first.begin(first_model, [(x, y)], total_steps=8, epochs=1)
+    for _ in range(3):  # one pruning step (after step 2), one step of recovery
+        first.after_optimizer_step(lambda: [(x, y)])
+    second_model = sparta.wrap(_plain(), "splora", rank=2)
+    second = driver_on()
+    second.prepare(second_model)  # as the callbacks do first: a state with masks now loads
+    second_model.load_state_dict(first_model.state_dict())
+    second.load_state_dict(first.state_dict())
+    second.begin(second_model, [(x, y)], total_steps=8, epochs=1)
+    stepped = [second.after_optimizer_step(lambda: [(x, y)]) for _ in range(5)]
+    assert stepped == [True, False, True, False, False]  # after steps 4 and 6, as planned
+    assert [r.step for r in second.pruner.history] == [1, 2, 3]
+    assert second.pruner.achieved()["density"] == pytest.approx(0.25, abs=0.1)

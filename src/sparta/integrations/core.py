@@ -15,7 +15,16 @@ its trainer's hooks:
   cool-down); a channel pruner scores ``scoring_batches`` training batches and steps every
   ``every`` units (``"steps"`` or ``"epochs"``) after the first ``start``, with recovery
   training in between;
-* :meth:`metrics` is what the callbacks log; :meth:`finish` exports the task atomically.
+* :meth:`metrics` is what the callbacks log; :meth:`finish` exports the task atomically;
+* :meth:`state_dict` / :meth:`load_state_dict` carry the schedule's position through the
+  trainers' checkpoints (the masks travel in the model's own state): units counted, the
+  pruner's history, and a block pruner's steps, final flag and criterion state (accumulated
+  scores, learned gates and their optimiser), so that a resumed run continues the schedule.
+  The pruner masks plain layers (norms, the head) by parametrising their weights, which
+  renames them in the model's state (``norm.parametrizations.weight.original``); a resumed
+  model has no pruner yet, so :meth:`prepare` gives it a ``load_state_dict`` pre-hook that
+  first adds the masks a loaded state holds (:func:`add_saved_masks`); without it the Trainer
+  (which loads leniently) silently dropped those tensors, and Lightning refused the checkpoint.
 
 Distributed runs decide alike on every rank, as ``sparta run`` does
 (:mod:`sparta.train.distributed`): a channel criterion's scores are summed over the ranks; a
@@ -29,6 +38,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,7 +49,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from .. import export, make_pruner, wrap
 from ..adapters import AdaptedLayer
 from ..errors import ConfigError
+from ..masks import ensure_masks, submodule
+from ..pruning import StepRecord
 from ..pruning.factory import infer_granularity
+from ..train.block_run import pruner_state, restore_pruner
 from ..train.distributed import DistState, all_reduce_sum, reduce_scores, scoring_share
 from ..utils import evaluating
 
@@ -143,6 +156,8 @@ class PruningDriver:
         self.units = 0  # epochs or optimiser steps done
         self.task = None
         self._metrics: dict = {}
+        self._resume: dict | None = None
+        self._hooked: nn.Module | None = None
 
     # -- before training ----------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -167,6 +182,9 @@ class PruningDriver:
                 "export_path needs a model wrapped by sparta.wrap (give adapter=...): a plain, "
                 "fine-pruned model has no adapters for sparta.export to store"
             )
+        if self._hooked is not model:
+            model.register_load_state_dict_pre_hook(_masks_before_load)
+            self._hooked = model
         self.model = model
         return model
 
@@ -183,9 +201,14 @@ class PruningDriver:
         kind = self.granularity
         if kind == "blocks" or (kind is None and _has_blocks(model)):
             options.setdefault("total_steps", max(int(total_steps), 1))
-        self.pruner = make_pruner(model, kind, example_inputs=example, **options)
-        if self.pruner.granularity == "channels":
-            self._check_length(total_steps, epochs)
+        if self._resume is None:
+            self.pruner = make_pruner(model, kind, example_inputs=example, **options)
+            if self.pruner.granularity == "channels":
+                self._check_length(total_steps, epochs)
+        else:  # made on the unpruned model, as in the run that wrote the checkpoint
+            with unpruned(model):
+                self.pruner = make_pruner(model, kind, example_inputs=example, **options)
+            self._restore(self._resume)
         self._check_penalty()
         self._metrics = self._measure()
 
@@ -271,6 +294,45 @@ class PruningDriver:
         self.pruner.step(scores)
         self._metrics = {}
 
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The schedule's position (see the module docstring); tensors, numbers and strings
+        only, so a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
+        if self.pruner is None:
+            return {"units": self.units, "granularity": None, "pruner": None}
+        if self.pruner.granularity == "blocks":
+            pruner = pruner_state(self.pruner)
+        else:
+            pruner = {"history": self.pruner.history_dicts()}
+        return {"units": self.units, "granularity": self.pruner.granularity, "pruner": pruner}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (the model's masks restored by the trainer): now if
+        the pruner exists, else when :meth:`begin` makes it."""
+        if not isinstance(state, dict) or not {"units", "granularity", "pruner"} <= set(state):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ConfigError(
+                f"not a sparta callback state: expected the keys units, granularity and pruner, "
+                f"got {got}; resume from a checkpoint written with the SpartaCallback"
+            )
+        self._resume = state
+        if self.pruner is not None:
+            self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        saved, now = state["granularity"], self.pruner.granularity
+        if saved is not None and saved != now:
+            raise ConfigError(
+                f"the checkpoint holds a {saved} pruner's state but this run prunes {now}: "
+                "resume with the pruner settings the checkpoint was written with"
+            )
+        self.units = int(state["units"])
+        if state["pruner"] is not None and now == "blocks":
+            restore_pruner(self.pruner, state["pruner"])
+        elif state["pruner"] is not None:
+            self.pruner.history = [StepRecord(**d) for d in state["pruner"]["history"]]
+        self._resume, self._metrics = None, {}
+
     # -- measuring and the end ----------------------------------------------------------------
     def metrics(self) -> dict:
         """``{"sparta/density", "sparta/macs", "sparta/learned", ...}`` of the model now."""
@@ -302,7 +364,7 @@ class PruningDriver:
             self.pruner.detach()  # a block pruner's gates and hooks leave the forward
         if self.export_path is None or not is_main:
             return None
-        with evaluating(self.model):
+        with evaluating(self.model), own_forward(self.model):
             self.task = export(self.model)
         self.task.save(self.export_path)
         return self.task
@@ -333,6 +395,70 @@ class DriverCallback:
 
 
 DriverCallback.__init__.__signature__ = driver_signature()
+
+
+@contextmanager
+def own_forward(model: nn.Module):
+    """The model's own ``forward`` meanwhile: accelerate's mixed precision (the Trainer's
+    ``bf16`` / ``fp16``) puts an autocast wrapper on the instance (keeping the original as
+    ``_original_forward``), and the export checks the compact model against the fp32 forward."""
+    patched = "forward" in vars(model) and hasattr(model, "_original_forward")
+    wrapper = vars(model).pop("forward") if patched else None
+    try:
+        yield model
+    finally:
+        if patched:
+            model.forward = wrapper
+
+
+#: The state key of a plain layer's channel mask (``ensure_masks``): ``<module>`` + this.
+MASK_KEY = ".parametrizations.weight.0.mask_out"
+#: The names of channel mask buffers (adapters' and plain layers' alike).
+MASK_NAMES = ("mask_out", "mask_in")
+
+
+def add_saved_masks(model: nn.Module, keys: Iterable[str], prefix: str = "") -> list[str]:
+    """Give ``model`` the channel masks of plain layers that a saved state (its ``keys``, each
+    under ``prefix``) holds and it lacks, so that the state loads; returns their modules."""
+    added = []
+    for key in keys:
+        if not (key.startswith(prefix) and key.endswith(MASK_KEY)):
+            continue
+        name = key[len(prefix) : -len(MASK_KEY)]
+        try:
+            module = submodule(model, name)
+        except AttributeError:
+            raise ConfigError(
+                f"the checkpoint masks a layer {name!r} that the model lacks: resume with the "
+                "model (and adapter) the checkpoint was written with"
+            ) from None
+        if ensure_masks(module, create=False) == (None, None):
+            ensure_masks(module)
+            added.append(name)
+    return added
+
+
+@contextmanager
+def unpruned(model: nn.Module):
+    """Every channel mask of ``model`` set to ones meanwhile, then put back: a pruner made on
+    a resumed model must count the channels it started from (its levels are fractions of
+    them), not those the checkpoint kept."""
+    masks = [b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in MASK_NAMES]
+    saved = [m.clone() for m in masks]
+    with torch.no_grad():
+        for m in masks:
+            m.fill_(1)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, value in zip(masks, saved):
+                m.copy_(value)
+
+
+def _masks_before_load(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """A ``load_state_dict`` pre-hook: the masks of the state come first (see the module)."""
+    add_saved_masks(module, state_dict, prefix)
 
 
 def in_order(loader: Iterable) -> Iterable:

@@ -16,7 +16,9 @@ optimiser step over ``trainer.estimated_stepping_batches``. A criterion's penalt
 l0) is added with ``penalty_weight`` by back-propagating it before each optimiser step (the
 same gradient as adding it to the loss). Density, MACs and learned parameters are logged with
 ``pl_module.log_dict`` (so to ``trainer.logger``) as ``sparta/...``; at the end the task is
-written atomically to ``export_path`` by global rank 0. Importing this module imports
+written atomically to ``export_path`` by global rank 0. Lightning checkpoints carry the
+schedule's position (:meth:`SpartaCallback.state_dict`), so ``fit(..., ckpt_path=...)`` continues
+the pruning where it stopped. Importing this module imports
 ``lightning`` (``pip install 'sparta[lightning]'``); ``import sparta`` does not.
 """
 
@@ -114,3 +116,11 @@ class SpartaCallback(DriverCallback, Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.driver.finish(is_main=trainer.is_global_zero)
+
+    # Lightning keeps these in its checkpoints and hands them back on ``fit(ckpt_path=...)``
+    # (after ``setup`` wrapped the network, before ``on_train_start`` makes the pruner).
+    def state_dict(self) -> dict:
+        return self.driver.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.driver.load_state_dict(state_dict)

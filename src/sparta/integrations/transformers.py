@@ -19,22 +19,35 @@ with ``penalty_weight``: the callback cannot change the trainer's loss, so it ba
 of ``report_to`` (TensorBoard, W&B, ...) are called before user callbacks, so to have them
 record these too, train with :class:`SpartaTrainer` (or mix :class:`SpartaTrainerMixin` into
 your own ``Trainer`` subclass), which puts them in each log before anyone sees it. At the end the
-task is written atomically to ``export_path`` by the main process. Importing this module
-imports ``transformers`` (``pip install 'sparta[hf]'``); ``import sparta`` does not.
+task is written atomically to ``export_path`` by the main process.
+
+Checkpoints (``save_strategy``) get the schedule's position in ``checkpoint-<step>/``
+:data:`STATE_FILE` (the masks are in the model's weights), and ``train(resume_from_checkpoint=...)``
+continues the pruning from it; a checkpoint without it (written without the callback) is
+refused rather than resumed with a restarted schedule. Importing this module imports
+``transformers`` (``pip install 'sparta[hf]'``); ``import sparta`` does not.
 """
 
 from __future__ import annotations
 
 try:
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "sparta.integrations.transformers needs the 'transformers' package: "
         "pip install 'sparta[hf]'"
     ) from exc
 
+import os
+from pathlib import Path
+
 from ..errors import ConfigError
+from ..train.checkpoint import load_checkpoint, save_checkpoint
 from .core import DriverCallback
+
+#: The callback's state in each checkpoint folder the Trainer writes.
+STATE_FILE = "sparta_callback.pt"
 
 
 class SpartaCallback(DriverCallback, TrainerCallback):
@@ -58,8 +71,15 @@ class SpartaCallback(DriverCallback, TrainerCallback):
                 "penalty_weight needs transformers >= 4.43 (the on_pre_optimizer_step event, "
                 "where the penalty's gradient is added): pip install -U transformers"
             )
+        if state.global_step > 0:  # resumed: the Trainer loaded a checkpoint's state
+            self.driver.load_state_dict(load_checkpoint(_state_file(args, state))["driver"])
         self.driver.begin(model, train_dataloader, state.max_steps, int(state.num_train_epochs))
         self._loader = train_dataloader
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            save_checkpoint(folder / STATE_FILE, {"driver": self.driver.state_dict()})
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.driver.before_optimizer_step()
@@ -81,6 +101,25 @@ class SpartaCallback(DriverCallback, TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.driver.finish(is_main=state.is_world_process_zero)
+
+
+def _state_file(args, state) -> Path:
+    """The callback's state in the checkpoint the Trainer resumed from: the folder of its
+    step under ``output_dir`` (what ``resume_from_checkpoint=True`` picks), or
+    ``args.resume_from_checkpoint`` when that names a folder."""
+    folders = [Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"]
+    if isinstance(args.resume_from_checkpoint, str | os.PathLike):
+        folders.insert(0, Path(args.resume_from_checkpoint))
+    for folder in folders:
+        if (folder / STATE_FILE).is_file():
+            return folder / STATE_FILE
+    raise ConfigError(
+        f"training resumes at step {state.global_step}, but no {STATE_FILE} (the pruning "
+        f"schedule's position) is in {' or '.join(str(f) for f in folders)}: the checkpoint was "
+        "written without the SpartaCallback or moved; resume from a checkpoint of a run with "
+        "the callback (a checkpoint elsewhere: also pass TrainingArguments("
+        "resume_from_checkpoint=<its folder>)), or train from the start"
+    )
 
 
 class SpartaTrainerMixin:
