@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     records: list[Record] = []
     for item, runs in select(items, options.only, options.skip):
         if not runs:
-            if not options.only:  # with --only, the rest is simply not part of the walk
+            # an item --only did not select is simply not part of this walk; one --skip took
+            # out of it is recorded as skipped
+            if not options.only or {item.line, item.block} & options.only:
                 records.append(
                     Record(item.line, item.block, item.kind, item.what, "skipped", note="--skip")
                 )
