@@ -31,8 +31,8 @@ What a command's trailing comment says, the walker checks:
   the walker itself runs in the background (where they are inherited ignored).
 
 Commands that serve until stopped (``SERVERS``: ``tensorboard``) run for ``--serve-timeout``
-seconds; one passes when it is still running then and has printed a URL (``http://``), and is
-then stopped (SIGTERM, then SIGKILL to its process group). Every other command or block passes
+seconds; one passes when it is still running then and has printed a URL with a port (such as
+``http://localhost:6006/``; a link to a web page in a warning is not one), and is then stopped (SIGTERM, then SIGKILL to its process group). Every other command or block passes
 on exit 0 within ``--timeout`` seconds (past it, its process group is killed and it fails).
 
 Lines: ``--only`` and ``--skip`` take README line numbers, comma-separated: the line a command
@@ -68,6 +68,7 @@ SERVERS = ("tensorboard",)
 REFUSED_EXIT = 2  # the CLI's exit code for bad input (unknown names, values, refused flags)
 INTERRUPTED_EXIT = 130
 _FENCE = re.compile(r"^```(bash|python)\s*$")
+_SERVED = re.compile(r"https?://[\w.\-]+:\d+/?\S*")  # a URL with a port: where it serves
 _COMMENT = re.compile(r"(?:^|\s)#\s*(.*)$")
 
 
@@ -249,7 +250,7 @@ def run_item(item: Item, clone: Path, env: dict[str, str], options) -> Record:
     code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
     if mode == "serve":
         record.exit_code = None if still_running else code
-        url = re.search(r"https?://\S+", text)
+        url = _SERVED.search(text)
         if still_running and url:
             record.status = "passed"
             record.note = f"still serving after {limit:g} s at {url.group(0)}; stopped"

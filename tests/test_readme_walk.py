@@ -106,7 +106,10 @@ def _clone(tmp_path: Path, readme: str) -> Path:
     (clone / ".venv" / "bin").mkdir(parents=True)
     os.symlink(sys.executable, clone / ".venv" / "bin" / "python")
     server = clone / ".venv" / "bin" / "tensorboard"  # found first on PATH: the clone's venv
-    server.write_text("#!/bin/sh\necho serving at http://localhost:6006/\nexec sleep 60\n")
+    server.write_text(
+        "#!/bin/sh\necho see https://example.org/notes\necho serving at http://localhost:6006/\n"
+        "exec sleep 60\n"
+    )
     server.chmod(0o755)
     (clone / "README.md").write_text(readme, encoding="utf-8")
     return clone
