@@ -69,7 +69,7 @@ def eval_command(
     from ..data import load_dataset
     from ..tasks import Task, build
     from ..train import evaluate
-    from ..train.build import tokenizer_for
+    from ..train.build import subsets, tokenizer_for
     from ..train.compare import parameters
     from ..train.distributed import resolve_device
     from ..train.rebuild import find_task, resolve_base, run_accuracy, run_config
@@ -95,6 +95,9 @@ def eval_command(
                 tokenizer=tokenizer_for(name, spec.model),  # text: the model's tokenizer
                 max_length=defaults.get("max_length"),
             )
+            if name == defaults.get("dataset"):  # the run's own test subset, if it used one
+                data = subsets(data, name, defaults.get("seed", 0), None,
+                               defaults.get("test_examples"))  # fmt: skip
             base = spec.create()
             compact = build(base, loaded).to(dev)
         loader = DataLoader(data.test, batch_size=batch_size, shuffle=False)

@@ -82,6 +82,15 @@ class RunConfig:
     max_length: int = rule(
         128, int, low=1, help="text datasets: tokens per example (padded or truncated to it)"
     )
+    train_examples: int | None = rule(
+        None, int, low=1, none=True,
+        help="train on this many training examples (a seeded, class-balanced subset; "
+        "before val_fraction's split)",
+    )  # fmt: skip
+    test_examples: int | None = rule(
+        None, int, low=1, none=True,
+        help="evaluate on this many test examples (a seeded, class-balanced subset)",
+    )  # fmt: skip
     # method
     method: str = rule(
         "splora", str, help="the baseline or the adapter trained (adapters: `sparta adapters`)"

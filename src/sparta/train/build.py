@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import torch
@@ -32,7 +33,7 @@ def load_datasets(config: RunConfig):
     from ..data import load_dataset
 
     tokenizer = tokenizer_for(config.dataset, config.model)
-    return load_dataset(
+    data = load_dataset(
         config.dataset,
         data_dir=config.data_dir,
         download=config.download,
@@ -41,6 +42,28 @@ def load_datasets(config: RunConfig):
         tokenizer=tokenizer,
         max_length=config.max_length,
     )
+    return subsets(data, config.dataset, config.seed, config.train_examples, config.test_examples)
+
+
+def subsets(data, dataset: str, seed: int, train_examples=None, test_examples=None):
+    """``data`` with its training and test sets cut to ``train_examples`` / ``test_examples``
+    (a run's settings; seeded, class-balanced where labels are readable:
+    ``sparta.data.subset``); ``None`` keeps a set whole."""
+    from ..data import subset
+
+    parts = {}
+    for key, n, part in (("train_examples", train_examples, "train"),
+                         ("test_examples", test_examples, "test")):  # fmt: skip
+        whole = getattr(data, part)
+        if n is None:
+            continue
+        if n > len(whole):
+            raise ConfigError(
+                f"{key}={n} is more than the {len(whole):,} examples of the {part} set of "
+                f"{dataset!r}; pass at most {len(whole)} (or leave it unset for all of them)"
+            )
+        parts[part] = subset(whole, n, seed)
+    return dataclasses.replace(data, **parts) if parts else data
 
 
 def tokenizer_for(dataset: str, model: str):
