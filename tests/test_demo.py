@@ -231,3 +231,18 @@ def test_readme_section_is_generated_from_results(toy):
     once = readme_demo.rewrite(readme, text)
     assert "old text" not in once and once.endswith("## Command line\n\nkept\n")
     assert readme_demo.rewrite(once, text) == once  # between the markers from then on
+
+
+@pytest.mark.parametrize(("flags", "folder"), [([], "sparta-demo"), (["--toy"], "sparta-demo-toy")])
+def test_the_toy_and_the_real_demo_write_to_their_own_folders(monkeypatch, flags, folder):
+    # one folder for both would let `sparta demo --toy` read the real demo's fine-pruning runs
+    # back as its own (same run folder names) and replace its results.json
+    from typer.testing import CliRunner
+
+    from sparta.cli import app
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: seen.update(kwargs))
+    done = CliRunner().invoke(app, ["demo", *flags])
+    assert done.exit_code == 0, done.output
+    assert str(seen["out_dir"]) == folder and seen["toy"] == bool(flags)

@@ -64,7 +64,7 @@ def test_the_digits_example_runs_on_the_demos_cached_pretrained_base(tmp_path):
 
     source = load_dataset("digits-source")
     _, info = pretrained_base(source, pretrain_config(0, 2, tmp_path / "pre"), tmp_path / "cache")
-    cached = info["cache_file"]  # what `sparta demo --toy` leaves in sparta-demo/cache/
+    cached = info["cache_file"]  # what `sparta demo --toy` leaves in sparta-demo-toy/cache/
     result = run(_config("digits_pretrained.yaml", tmp_path / "run", checkpoint=cached))
     state = read_state_dict(cached)
     frozen = {k.replace(".base.", "."): v for k, v in result.model.state_dict().items()}

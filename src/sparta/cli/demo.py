@@ -10,13 +10,21 @@ import typer
 from ..app.demo import DEMO_WORKERS
 from .console import app, stdout, user_errors
 
+#: Default output folders: the toy has its own, or its runs (same method folders) and its
+#: results.json would be mixed with the real demo's.
+DEMO_OUT, TOY_OUT = "sparta-demo", "sparta-demo-toy"
+
 
 # -- sparta demo ---------------------------------------------------------------------------------
 @app.command("demo")
 def demo_command(
     out: Annotated[
-        Path, typer.Option(help="Folder for results.json, plots and the run folders.")
-    ] = Path("sparta-demo"),
+        Path | None,
+        typer.Option(
+            help="Folder for results.json, plots and the run folders [default: sparta-demo; "
+            "with --toy: sparta-demo-toy, so that neither demo reads back the other's runs]."
+        ),
+    ] = None,
     toy: Annotated[
         bool, typer.Option("--toy", help="The small digits demo instead (no assets needed).")
     ] = False,
@@ -36,12 +44,14 @@ def demo_command(
     layout, whether the paper's claims hold here (with the structural ceiling of the parameter
     ratio), and each SPLoRA task's compact model, MACs and latency. Needs `make assets`. With
     --toy: the small digits demo (digits_cnn, 4 methods, 50/30/10% filter density).
-    Writes OUT/results.json, plots and one run folder per method; a rerun reads finished runs
-    back and resumes interrupted ones.
+    Writes OUT/results.json, plots and one run folder per method (OUT: sparta-demo, or
+    sparta-demo-toy with --toy); a rerun reads finished runs back and resumes interrupted ones.
 
     Example: `sparta demo --out sparta-demo`, `sparta demo --toy`
     """
     from ..app.demo import run_demo
 
+    if out is None:
+        out = Path(TOY_OUT if toy else DEMO_OUT)
     with user_errors():
         run_demo(out_dir=out, seed=seed, epochs=epochs, toy=toy, workers=workers, console=stdout)
