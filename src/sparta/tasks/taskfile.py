@@ -1,5 +1,7 @@
 """Reading, checking and writing task files: a safetensors file whose metadata holds the JSON
-manifest (see :mod:`sparta.tasks.artifact`), read without ever unpickling.
+manifest (see :mod:`sparta.tasks.artifact`), read without ever unpickling. Since file format 4
+the manifest is stored deflated (:func:`manifest_meta`, :func:`manifest_text`): a ResNet-50
+task's manifest is ~130 KB of JSON, mostly tensor names and checksums, and ~22 KB deflated.
 
 A task file may come from anyone, so nothing in it is trusted before it is checked: only a
 regular file is opened (never a pipe or a device, which could block or never end), its size
