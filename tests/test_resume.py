@@ -123,3 +123,17 @@ def test_resume_refuses_a_different_config(tmp_path):
     # without resume, the run starts afresh (the old checkpoint is dropped)
     fresh = run(_config(tmp_path, steps=1, lr=0.1), tiny_cnn(), tiny_data(), progress=False)
     assert not fresh.resumed and len(fresh.steps) == 2
+
+
+def test_a_finished_run_is_read_back_only_for_its_own_config(tmp_path, reference):
+    # `sparta demo --toy` once read the real demo's finished runs back as its own (same
+    # folders): a finished run of another config is refused, never returned as this one's
+    ref, ref_json = reference
+    out = Path(ref_json["config"]["output_dir"])
+    again = run(_config(out), tiny_cnn(), tiny_data(), progress=False, resume=True)
+    assert again.skipped and again.final == ref.final
+    moved = run(_config(out, device="auto"), tiny_cnn(), tiny_data(), progress=False, resume=True)
+    assert moved.skipped  # a setting that changes no result (device, workers) may differ
+    with pytest.raises(ConfigError, match=r"the finished run in .*lr: 0\.05 -> 0\.1"):
+        run(_config(out, lr=0.1), tiny_cnn(), tiny_data(), progress=False, resume=True)
+    assert json.loads((out / RESULT).read_text()) == ref_json  # untouched

@@ -62,13 +62,14 @@ def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
     return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
 
 
-def check_same_run(config: RunConfig, saved: dict) -> None:
-    """Refuse a checkpoint of another config (see :func:`config_changes`)."""
+def check_same_run(config: RunConfig, saved: dict, what: str = "the checkpoint") -> None:
+    """Refuse a checkpoint (or, ``what`` says, a finished run's result) of another config (see
+    :func:`config_changes`)."""
     changed = config_changes(saved, config.to_dict())
     if changed:
         diffs = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:5])
         raise ConfigError(
-            f"cannot resume: the checkpoint was written by a different config ({diffs}); "
+            f"cannot resume: {what} was written by a different config ({diffs}); "
             "resume with the same config or start afresh without resume"
         )
 

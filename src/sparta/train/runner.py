@@ -116,7 +116,10 @@ def run(
         raise TypeError(f"run expects a RunConfig or a dict, got {type(config).__name__}")
     out = Path(config.output_dir)
     if resume and (out / RESULT).exists():
-        return read_back(config, out)
+        done = read_back(config, out)  # only this config's result: never another run's figures
+        if done.result.get("config") is not None:
+            check_same_run(config, done.result["config"], f"the finished run in {out}")
+        return done
     state = D.setup(config.device)
     caller_rng = rng_state()  # the run reseeds the global generators; the caller's come back
     try:
