@@ -60,6 +60,7 @@ _CODES = {  # safetensors dtype codes
     "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }  # fmt: skip
 _SIZES = {code: _DTYPES[name].itemsize for name, code in _CODES.items()}
+_STUB_SHA256 = hashlib.sha256(STUB.encode()).hexdigest()
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def manifest_meta(manifest: dict) -> dict[str, str]:
     packed = base64.b64encode(zlib.compress(text.encode(), 6)).decode("ascii")
     return {
         MANIFEST_KEY: STUB,
-        CHECKSUM_KEY: hashlib.sha256(STUB.encode()).hexdigest(),
+        CHECKSUM_KEY: _STUB_SHA256,
         ZMANIFEST_KEY: packed,
         ZCHECKSUM_KEY: hashlib.sha256(text.encode()).hexdigest(),
     }
@@ -270,10 +271,10 @@ def manifest_text(meta: dict, path: str = "<bytes>") -> str:
         raise ArtifactError(f"{path!r} holds no {MANIFEST_KEY!r}: not a sparta task file")
     checksum = meta.get(CHECKSUM_KEY)
     if ZMANIFEST_KEY in meta or ZCHECKSUM_KEY in meta:
-        if text != STUB:
+        if text != STUB or checksum != _STUB_SHA256:
             raise ArtifactError(
                 f"task file {path!r} holds a compressed manifest and a plain one; a format 4 "
-                f"file's {MANIFEST_KEY!r} is {STUB} (the file was edited)"
+                f"file's {MANIFEST_KEY!r} is {STUB}, with its checksum (the file was edited)"
             )
         text, checksum = _inflate(meta.get(ZMANIFEST_KEY), path), meta.get(ZCHECKSUM_KEY)
     if hashlib.sha256(text.encode()).hexdigest() != checksum:
