@@ -45,7 +45,8 @@ block's first line, exit code, expected codes, passed, wall seconds, a note, the
 when it ran, and the last ``--tail`` lines of stdout and stderr together (progress bars'
 carriage returns read as line ends). With ``--update`` the records already in the file are
 kept, except those of the lines run again, so a walk can be done in parts, or one block
-re-walked after a fix.
+re-walked after a fix; a kept record moves to the line its command (or its block's first line)
+starts on now, and is dropped when that is no longer in the README.
 A short table is printed at the end. The exit status is 0 when every item run passed.
 """
 
@@ -295,6 +296,21 @@ def select(items: list[Item], only: set[int], skip: set[int]) -> list[tuple[Item
     return chosen
 
 
+def rekey(kept: list[Record], items: list[Item]) -> list[Record]:
+    """Records of an earlier walk, at the lines their command or block now starts on (README
+    edits above them move them); a record whose command or block's first line is no longer in
+    the README is dropped (it needs walking again). Equal commands: the nearest line."""
+    out = []
+    for record in kept:
+        same = [i for i in items if i.kind == record.kind and i.what == record.what]
+        if not same:
+            continue
+        item = min(same, key=lambda i: abs(i.line - record.line))
+        record.line, record.block = item.line, item.block
+        out.append(record)
+    return out
+
+
 def merge(kept: list[Record], new: list[Record]) -> list[Record]:
     """``kept`` with the records of ``new`` in place of those of the same line, by line."""
     lines = {r.line for r in new}
@@ -362,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     kept: list[Record] = []
     if options.update and options.json.exists():
         old = json.loads(options.json.read_text(encoding="utf-8"))["records"]
-        kept = [Record(**r) for r in old]
+        kept = rekey([Record(**r) for r in old], items)
     records: list[Record] = []
     for item, runs in select(items, options.only, options.skip):
         if not runs:

@@ -183,6 +183,14 @@ def test_update_keeps_the_records_of_lines_not_run_again(tmp_path):
         (2, "passed", ["first"]),
         (3, "passed", []),
     ]
+    # README edits above a kept record move it; a command no longer there drops its record
+    (clone / "README.md").write_text("new\n\n```bash\necho first\necho new\n```\n", "utf-8")
+    assert walk.main(["--clone", str(clone), "--json", str(out), "--only", "5", "--update"]) == 0
+    records = json.loads(out.read_text(encoding="utf-8"))["records"]
+    assert [(r["line"], r["block"], r["what"]) for r in records] == [
+        (4, 3, "echo first"),
+        (5, 3, "echo new"),
+    ]
     # --skip inside what --only selects is recorded as skipped; what --only leaves out is not
     assert walk.main(["--clone", str(clone), "--json", str(out), "--only", "1", "--skip", "2"]) == 0
     records = json.loads(out.read_text(encoding="utf-8"))["records"]
