@@ -192,6 +192,6 @@ def test_update_keeps_the_records_of_lines_not_run_again(tmp_path):
         (5, 3, "echo new"),
     ]
     # --skip inside what --only selects is recorded as skipped; what --only leaves out is not
-    assert walk.main(["--clone", str(clone), "--json", str(out), "--only", "1", "--skip", "2"]) == 0
+    assert walk.main(["--clone", str(clone), "--json", str(out), "--only", "3", "--skip", "4"]) == 0
     records = json.loads(out.read_text(encoding="utf-8"))["records"]
-    assert [(r["line"], r["status"]) for r in records] == [(2, "skipped"), (3, "passed")]
+    assert [(r["line"], r["status"]) for r in records] == [(4, "skipped"), (5, "passed")]
