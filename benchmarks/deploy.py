@@ -6,8 +6,9 @@ and sizes do not depend on the values) adapted with SPLoRA r=8:
 1. task switch: load the task file and build its compact model (``Task.load`` +
    ``Builder.build``, as a ``TaskBank`` with a cache of one does on every switch), median and
    max over >= 20 switches, for a task pruned to about 10x fewer MACs saved in the current
-   format (v3, the compact plan inside) and the same task saved without its plan
-   (``Task.without_plan()``, the old format); the two interleaved. Target: <= 10 ms median.
+   format (manifest v3 with the compact plan inside, in file format 4: the manifest deflated)
+   and the same task saved without its plan (``Task.without_plan()``, the old format); the two
+   interleaved. Target: <= 10 ms median.
 2. latency of the compact model vs the unpruned base at batch 1 and 32 (224 px) in each variant
    of ``VARIANTS``, all through ``sparta.deploy`` and printed with the settings it used: eager
    PyTorch (BatchNorm folded, channels last), frozen TorchScript (``optimize_for_inference``),
