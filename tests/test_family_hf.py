@@ -157,6 +157,43 @@ def test_block_pruning_builds_exactly_on_each_architecture(tmp_path, arch):
     _check_task(base, trainer, path)
 
 
+@pytest.mark.parametrize("adapter", ["splora", "splopa"])
+def test_a_vision_transformer_classifier_builds_exactly(tmp_path, adapter):
+    """``ViTForImageClassification``: batches of ``pixel_values``, patches from a conv."""
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_labels=3, **SIZES
+    )
+    torch.manual_seed(0)
+    base = transformers.ViTForImageClassification(config)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 16, 16, generator=gen)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
+    path = tmp_path / "task.sparta"
+    options = CHANNELS if adapter == "splora" else BLOCKS
+    callback = SpartaCallback(adapter, **options, export_path=path)
+    trainer = _trainer(tmp_path, copy.deepcopy(base), [callback])
+    trainer.train_dataset = [{"pixel_values": a, "labels": b} for a, b in zip(x, y)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.train()
+    assert callback.pruner.done and callback.pruner.achieved()["density"] <= 0.5 + 1e-9
+    compact = sparta.build(base.eval(), sparta.Task.load(path))
+    model = trainer.model.eval()
+    with torch.no_grad():
+        want, got = model(x[:8]).logits, compact(x[:8]).logits
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    if adapter == "splora":
+        assert _size(compact) < _size(base)
+
+
+def test_llama_channels_are_refused_naming_the_reshapes_block_pruning_works(tmp_path):
+    """Llama's bias-free projections and RMSNorm leave the grouping unable to prove how its
+    reshapes carry channels: refused, naming them; block pruning (above) handles Llama."""
+    callback = SpartaCallback("splora", pruner_options={"criterion": "l1", "target": 0.5})
+    with pytest.raises(ConfigError, match="found no prunable group.*rearranges the channels"):
+        _trainer(tmp_path, _base("llama"), [callback]).train()
+
+
 @pytest.mark.parametrize(
     ("arch", "adapter", "message"),
     [

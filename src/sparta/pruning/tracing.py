@@ -50,7 +50,9 @@ def build_graph(proxy: nn.Module, example_inputs):
     with warnings.catch_warnings(), _guarded_mappings(graph, index_mapping):
         warnings.simplefilter("ignore")  # torch-pruning warns about modules it does not know
         with torch.enable_grad():
-            graph.build_dependency(proxy, example_inputs=example_inputs, verbose=False)
+            graph.build_dependency(
+                proxy, example_inputs=example_inputs, verbose=False, output_transform=_traced
+            )
     if len(graph.module2node) > NODE_LIMIT:
         raise ConfigError(
             f"the model's autograd graph has {len(graph.module2node):,} nodes, more than the "
@@ -58,6 +60,20 @@ def build_graph(proxy: nn.Module, example_inputs):
             "smaller example_inputs"
         )
     return graph
+
+
+def _traced(out) -> list:
+    """The output tensors with a graph to trace, from nested tuples, lists and dicts (a
+    Hugging Face output is a dict); anything else is left out: torch-pruning iterated a
+    decoder's key/value cache into tuples and failed ("'tuple' object has no attribute
+    'grad_fn'")."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.grad_fn is not None else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, list | tuple):
+        return [t for item in out for t in _traced(item)]
+    return []
 
 
 @contextmanager
