@@ -310,3 +310,24 @@ def test_resuming_from_a_checkpoint_without_the_callback_state_is_refused(tmp_pa
     trainer = _trainer(tmp_path, plain.model, [callback], **saving)
     with pytest.raises(ConfigError, match=rf"resumes at step 2, but no {STATE_FILE}.*checkpoint-2"):
         trainer.train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("problem", ["regression", "multi_label_classification"])
+def test_regression_and_multi_label_classifiers_prune_and_build(tmp_path, problem):
+    """Scoring used cross-entropy on their float labels and failed."""
+    n = 1 if problem == "regression" else 3
+    config = _config("bert")
+    config.num_labels, config.problem_type = n, problem
+    torch.manual_seed(0)
+    base = transformers.AutoModelForSequenceClassification.from_config(config)
+    ids, data = _data()
+    for row in data:
+        hits = torch.stack([(row["input_ids"] == t).any() for t in (7, 9, 11)]).float()
+        row["labels"] = hits.sum() if n == 1 else hits
+    path = tmp_path / "task.sparta"
+    callback = SpartaCallback("splora", **CHANNELS, export_path=path)
+    trainer = _trainer(tmp_path, copy.deepcopy(base), [callback])
+    trainer.train_dataset = data
+    trainer.train()
+    assert callback.pruner.done and callback.pruner.achieved()["density"] < 0.75
+    _check_task(base, trainer, path)

@@ -226,3 +226,36 @@ def test_state_round_trip_continues_the_channel_schedule():
     assert stepped == [True, False, True, False, False]  # after steps 4 and 6, as planned
     assert [r.step for r in second.pruner.history] == [1, 2, 3]
     assert second.pruner.achieved()["density"] == pytest.approx(0.25, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("problem", "labels"),
+    [
+        ("single_label_classification", lambda n: torch.tensor([0, 2, 1, 2])),
+        ("regression", lambda n: torch.tensor([0.5, -1.0, 2.0, 0.0])),
+        (
+            "multi_label_classification",
+            lambda n: (torch.arange(4 * n).reshape(4, n) % 3 == 0).float(),
+        ),
+    ],
+)
+def test_default_loss_is_the_loss_hugging_face_models_choose(problem, labels):
+    """Regression and multi-label classifiers failed in scoring ("expected target dtype to be
+    Long"): the default loss follows the targets' kind as the models' own loss does."""
+    transformers = pytest.importorskip("transformers")
+    n = 1 if problem == "regression" else 3
+    config = transformers.BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, num_labels=n, problem_type=problem,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids, targets = torch.randint(0, 30, (4, 6)), labels(n)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=targets)
+    assert float(default_loss(out.logits, targets)) == pytest.approx(float(out.loss), rel=1e-6)
+
+
+def test_default_loss_refuses_targets_it_cannot_read():
+    with pytest.raises(ConfigError, match=r"got outputs \(4, 3\) and torch.float32 targets \(4,\)"):
+        default_loss(torch.randn(4, 3), torch.randn(4))

@@ -60,9 +60,24 @@ UNITS = ("epochs", "steps")
 
 
 def default_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy over the last dimension of ``logits`` (any leading shape, e.g. tokens);
-    targets equal to -100 are ignored, as in Hugging Face's models."""
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    """The loss of the targets' kind, as Hugging Face's classifiers choose it from their labels
+    (``problem_type``): integer targets, cross-entropy over the last dimension of ``logits``
+    (any leading shape, e.g. tokens; targets equal to -100 are ignored); float targets, mean
+    squared error for a single output (regression) or binary cross-entropy on each output
+    (multi-label, targets shaped like ``logits``)."""
+    if not targets.is_floating_point():
+        flat = logits.reshape(-1, logits.shape[-1])
+        return nn.functional.cross_entropy(flat, targets.reshape(-1))
+    if logits.shape[-1] == 1 and logits.numel() == targets.numel():
+        return nn.functional.mse_loss(logits.reshape(-1), targets.reshape(-1).to(logits.dtype))
+    if logits.shape == targets.shape:
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    raise ConfigError(
+        f"the default loss takes integer class targets, float targets for one output "
+        f"(regression) or float targets shaped like the outputs (multi-label); got outputs "
+        f"{tuple(logits.shape)} and {targets.dtype} targets {tuple(targets.shape)}: pass "
+        "loss_fn=<function (outputs, targets) -> loss>"
+    )
 
 
 def default_split(batch) -> tuple:
