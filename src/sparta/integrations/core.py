@@ -447,7 +447,7 @@ def add_saved_masks(model: nn.Module, keys: Iterable[str], prefix: str = "") -> 
                 f"the checkpoint masks a layer {name!r} that the model lacks: resume with the "
                 "model (and adapter) the checkpoint was written with"
             ) from None
-        if ensure_masks(module, create=False) == (None, None):
+        if ensure_masks(module, create=False)[0] is None:
             ensure_masks(module)
             added.append(name)
     return added
