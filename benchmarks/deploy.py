@@ -28,7 +28,9 @@ and sizes do not depend on the values) adapted with SPLoRA r=8:
    task file stores them and as the paper counts them (every norm and the whole head).
 
 It prints torch's threads and the load average (start and end), medians with the spread over
-repeats (min-max), and writes every figure to ``benchmarks/results/deploy.json`` (atomically).
+repeats (min-max); with ``--json`` it writes every figure to ``benchmarks/results/deploy.json``
+(atomically), the file ``make readme`` renders; without it nothing is written, so a casual run
+leaves the committed figures alone.
 
 Run: ``.venv/bin/python benchmarks/deploy.py`` (about 7 minutes on 2 quiet cores; ``--quick``:
 batch 1 only, fewer repeats, about 3 minutes). Numbers are measured, never assumed; a busy
@@ -52,6 +54,7 @@ import torch
 import torchvision
 
 import sparta
+from bench_record import add_json_option
 from deploy_profile import profile_section
 from sparta.io import atomic_write
 from sparta.tasks import Builder, Task
@@ -69,7 +72,6 @@ ROUND_TO = 16  # ONNX Runtime's channel block on AVX-512 (8 on AVX2): see the mo
 TARGETS = {1: 0.9, 32: 0.8}  # fraction of the MAC ratio the best-vs-best speed-up must reach
 SWITCH_TARGET_MS = 10.0
 BYTES_TARGET = 17.0
-RESULTS = Path(__file__).parent / "results" / "deploy.json"
 
 
 def pruned_task(base, target: str, steps: int, rank: int = 8, round_to: int = ROUND_TO):
@@ -277,7 +279,7 @@ def _met(ok: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 only, fewer repeats")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    add_json_option(parser, "deploy")
     args = parser.parse_args()
     torch.manual_seed(0)
     began = time.perf_counter()
@@ -329,9 +331,12 @@ def main() -> int:
     env["load_end"] = os.getloadavg()
     env["seconds"] = time.perf_counter() - began
     print(f"\nload average at the end {_load()}; {env['seconds']:.0f} s in all")
-    with atomic_write(args.out, "w", encoding="utf-8") as f:
+    if args.json is None:
+        print("figures not written (--json writes them to benchmarks/results/deploy.json)")
+        return 0
+    with atomic_write(args.json, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, default=float)
-    print(f"figures written to {args.out}")
+    print(f"figures written to {args.json}")
     return 0
 
 
