@@ -20,7 +20,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load as st_load
 
 import sparta
 from sparta.tasks import ArtifactError, Task, export
@@ -50,7 +49,7 @@ def _parts(data: bytes) -> tuple[dict, dict]:
     """``(stored tensors, manifest)`` of a task file's bytes (masks still packed)."""
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8 : 8 + n])["__metadata__"]
-    return st_load(data), json.loads(taskfile.manifest_text(meta))  # (format 4: compressed)
+    return taskfile.stored_tensors(data), json.loads(taskfile.manifest_text(meta))  # format 4
 
 
 def _write(stored: dict, manifest: dict, order=None) -> bytes:

@@ -18,6 +18,7 @@ import zlib
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
 
 from sparta.tasks import ArtifactError, Builder, Task, export
 from sparta.tasks.manifest import (
@@ -28,7 +29,14 @@ from sparta.tasks.manifest import (
     ZMANIFEST_KEY,
     check_manifest,
 )
-from sparta.tasks.taskfile import MAX_HEADER_BYTES, manifest_text, pack_masks, serialize
+from sparta.tasks.taskfile import (
+    MAX_HEADER_BYTES,
+    blob_name,
+    manifest_text,
+    pack_masks,
+    serialize,
+    stored_tensors,
+)
 from test_build import make_task
 from test_train import one_thread  # noqa: F401  (autouse: one thread, restored after)
 
@@ -67,6 +75,24 @@ def test_the_manifest_is_stored_deflated_and_reads_back_the_same(made):
     assert loaded.manifest == task.manifest and loaded.manifest["version"] == 3
     assert all(torch.equal(loaded.tensors[k], t) for k, t in task.tensors.items())
     assert Task.from_bytes(loaded.to_bytes()).to_bytes() == data  # deterministic
+
+
+def test_the_file_holds_one_safetensors_tensor_per_dtype(made):
+    _, task = made
+    data = task.to_bytes()
+    blobs = st_load(data)  # still a safetensors file any reader opens
+    stored = stored_tensors(data)
+    assert set(blobs) == {blob_name(c) for c in ("F32", "I64", "U8")}
+    for code, dtype in (("F32", torch.float32), ("I64", torch.int64), ("U8", torch.uint8)):
+        parts = sorted((k, t) for k, t in stored.items() if t.dtype == dtype)
+        assert parts and blobs[blob_name(code)].numel() == sum(t.numel() for _, t in parts)
+        flat = torch.cat([t.reshape(-1) for _, t in parts])  # by name: one dtype, one size
+        assert torch.equal(blobs[blob_name(code)], flat)
+    packed = pack_masks(task.tensors, task.manifest)
+    assert set(stored) == set(packed)
+    assert all(torch.equal(stored[k], t) for k, t in packed.items())
+    n = int.from_bytes(data[:8], "little")
+    assert n < len(json.dumps(task.manifest)) // 3  # header: 3 entries and the deflated text
 
 
 def test_a_plain_manifest_file_still_loads_and_builds_the_same(made):
@@ -183,3 +209,36 @@ def test_the_bulk_cuts_check_is_never_more_lenient_than_the_loop():
                     assert loop_ok(cuts, n), (cuts, n)
     assert plan_module._cuts_ok([[0, 1], [None, 1], [1, None]], 2)  # and it accepts good ones
     assert not plan_module._cuts_ok([[0, 2]], 2) and not plan_module._cuts_ok([[None, None]], 2)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["dtype", "shape", "offsets", "extra", "missing", "named tensor", "short body", "long body"],
+)
+def test_a_format_4_header_off_its_manifest_is_refused(made, edit):
+    _, task = made
+    data = task.to_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
+    f32 = header[blob_name("F32")]
+    if edit == "dtype":
+        f32["dtype"] = "F16"
+    elif edit == "shape":
+        f32["shape"] = [f32["shape"][0] - 1]
+    elif edit == "offsets":
+        f32["data_offsets"][1] -= 4
+    elif edit == "extra":
+        header[blob_name("F64")] = {"dtype": "F64", "shape": [0], "data_offsets": [0, 0]}
+    elif edit == "missing":
+        del header[blob_name("I64")]
+    elif edit == "named tensor":  # a tensor listed by name beside the per-dtype ones
+        key = sorted(task.tensors)[0]
+        header[key] = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+    elif edit == "short body":
+        body = body[:-1]
+    else:
+        body = body + b"\0" * 8
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with pytest.raises(ArtifactError, match=r"header does not match its manifest|truncated"):
+        Task.from_bytes(len(text).to_bytes(8, "little") + text + body)

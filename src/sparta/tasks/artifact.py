@@ -19,7 +19,8 @@ version 2 packs masks into bits and stores statistics of kept channels only; ver
 compact plan (:mod:`.plan`), so a build slices the base without tracing. All are read; a task
 that cannot carry a plan (no recorded inputs, or a model only the traced graph can cut) is
 written as version 2. File format 4 changes the container only: the manifest (schema version
-1-3 as above) is stored deflated (:func:`.taskfile.manifest_meta`); plain ones are still read.
+1-3 as above) is stored deflated (:func:`.taskfile.manifest_meta`) and the safetensors header
+lists one tensor per dtype (:func:`.taskfile.serialize`); files of formats 1-3 are still read.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Reading, checking and writing task files: a safetensors file whose metadata holds the JSON
 manifest (see :mod:`sparta.tasks.artifact`), read without ever unpickling. Since file format 4
-the manifest is stored deflated (:func:`manifest_meta`, :func:`manifest_text`): a ResNet-50
-task's manifest is ~130 KB of JSON, mostly tensor names and checksums, and ~22 KB deflated.
+the manifest is stored deflated (:func:`manifest_meta`, :func:`manifest_text`: a ResNet-50
+task's is ~130 KB of JSON, mostly tensor names and checksums, ~22 KB deflated) and the header
+lists one tensor per dtype, the task's tensors back to back in an order the manifest gives
+(:func:`serialize`, :func:`_blob_layout`), not ~530 named entries (~50 KB): each tensor is still
+checked against its own manifest entry and checksum.
 
 A task file may come from anyone, so nothing in it is trusted before it is checked: only a
 regular file is opened (never a pipe or a device, which could block or never end), its size
@@ -66,25 +69,41 @@ _STUB_SHA256 = hashlib.sha256(STUB.encode()).hexdigest()
 # -- writing ---------------------------------------------------------------------------------------
 def serialize(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
     """safetensors bytes with a deterministic layout: header keys sorted, tensors ordered by
-    element size (largest first, as safetensors aligns them) then name. ``safetensors.save``
-    writes the metadata in hash-map order, which differs from one process to the next."""
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    element size (largest first, as safetensors aligns them), dtype, then name.
+    ``safetensors.save`` writes the metadata in hash-map order, which differs from one process
+    to the next. With a compressed manifest (file format 4, :func:`manifest_meta`) the header
+    lists one tensor per dtype (:func:`blob_name`): the task's tensors of that dtype back to
+    back, in this order, which the reader derives from the manifest (:func:`_blob_layout`)."""
+    codes = {k: _CODES[str(t.dtype).removeprefix("torch.")] for k, t in tensors.items()}
+    order = sorted(tensors, key=lambda k: _order_key(k, codes[k]))
     header: dict = {"__metadata__": dict(sorted(meta.items()))}
+    blobs = ZMANIFEST_KEY in meta
     chunks, offset = [], 0
     for key in order:
         t = tensors[key].detach().cpu().contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        name = str(t.dtype).removeprefix("torch.")
-        header[key] = {
-            "dtype": _CODES[name],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
+        code, shape, start = codes[key], list(t.shape), offset
+        if blobs:
+            key, blob = blob_name(code), header.get(blob_name(code))
+            shape = [t.numel() + (0 if blob is None else blob["shape"][0])]
+            start = offset if blob is None else blob["data_offsets"][0]
+        header[key] = {"dtype": code, "shape": shape, "data_offsets": [start, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the body starts 8-byte aligned
     return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def blob_name(code: str) -> str:
+    """The header name of a format 4 file's tensor of all the task's tensors of dtype ``code``."""
+    return f"sparta.tensors.{code}"
+
+
+def _order_key(key: str, code: str) -> tuple:
+    """Where a tensor (file dtype ``code``) goes in a file body: by element size (largest
+    first: each starts aligned), dtype (a format 4 dtype's tensors back to back), name."""
+    return -_SIZES[code], code, key
 
 
 def manifest_meta(manifest: dict) -> dict[str, str]:
@@ -249,6 +268,8 @@ def inspect(prefix: bytes, size: int, path: str) -> tuple[dict, list[Span]]:
             "sparta manifest), or it is corrupted"
         ) from None
     manifest = read_manifest(meta, path)
+    if ZMANIFEST_KEY in meta:  # file format 4: one tensor per dtype
+        return manifest, _blob_layout(header, manifest, size - 8 - n, path)
     return manifest, _check_layout(header, manifest, size - 8 - n, path)
 
 
@@ -304,6 +325,59 @@ def _inflate(packed, path: str) -> str:
     return text
 
 
+def _file_shapes(entries: list[dict]) -> tuple[list[list[int]], list[str]]:
+    """``(shapes, dtype codes)`` of manifest entries as a file stores them: the kept entries,
+    or the packed bytes of a mask."""
+    shapes = [
+        [(math.prod(e["shape"]) + 7) // 8] if e.get("packed") else e.get("stored", e["shape"])
+        for e in entries
+    ]
+    codes = ["U8" if e.get("packed") else _CODES[e["dtype"]] for e in entries]
+    return shapes, codes
+
+
+def _blob_layout(header: dict, manifest: dict, body: int, path: str) -> list[Span]:
+    """The spans of a format 4 file's tensors, from its manifest alone (its tensors of each
+    dtype back to back, in :func:`_order_key` order), after checking that the header lists
+    exactly those per-dtype tensors and that they tile the body."""
+    keys = list(manifest["tensors"])
+    entries = list(manifest["tensors"].values())
+    shapes, codes = _file_shapes(entries)
+    layout, expected, offset = [], {}, 0
+    for i in sorted(range(len(keys)), key=lambda i: _order_key(keys[i], codes[i])):
+        size = math.prod(shapes[i]) * _SIZES[codes[i]]
+        layout.append((offset, offset + size, keys[i], entries[i], shapes[i]))
+        blob = expected.setdefault(blob_name(codes[i]), {"dtype": codes[i], "shape": [0]})
+        blob["shape"] = [blob["shape"][0] + math.prod(shapes[i])]
+        blob.setdefault("data_offsets", [offset, 0])[1] = offset + size
+        offset += size
+    if header != expected or offset != body:
+        odd = sorted(set(header) ^ set(expected)) or [
+            k for k in sorted(expected) if header[k] != expected[k]
+        ]
+        found = _short(header.get(odd[0])) if odd else f"a body of {body:,} bytes"
+        want = _short(expected.get(odd[0])) if odd else f"{offset:,}"
+        raise ArtifactError(
+            f"task file {path!r}: its safetensors header does not match its manifest (file "
+            f"format 4 stores one tensor per dtype): {odd[0] if odd else 'the body'} is "
+            f"{found}, expected {want}"
+        )
+    return layout
+
+
+def stored_tensors(data: bytes, path: str = "<bytes>") -> dict[str, Tensor]:
+    """The tensors of task file bytes ``data`` by manifest key, as stored (kept entries only,
+    masks packed as bytes), for either layout; copies, checked no further than the header."""
+    n = header_length(data[:9], len(data), path)
+    manifest, layout = inspect(data[: 8 + n], len(data), path)
+    body = torch.frombuffer(bytearray(data[8 + n :]) or bytearray(1), dtype=torch.uint8)
+    out = {}
+    for start, stop, key, e, shape in layout:
+        dtype = torch.uint8 if e.get("packed") else _DTYPES[e["dtype"]]
+        out[key] = body[start:stop].clone().view(dtype).view(shape)
+    return out
+
+
 def _check_layout(header: dict, manifest: dict, body: int, path: str) -> list[Span]:
     """The header's tensors are the manifest's, at its dtypes and shapes, and tile the body
     exactly (no gap, no overlap). Returns their spans, in body order. Checked in bulk passes
@@ -312,11 +386,7 @@ def _check_layout(header: dict, manifest: dict, body: int, path: str) -> list[Sp
     check_listed(header, table, path)
     keys, found = list(header), list(header.values())
     entries = [table[k] for k in keys]
-    shapes = [  # as in the file: the kept entries, or the packed bytes of a mask
-        [(math.prod(e["shape"]) + 7) // 8] if e.get("packed") else e.get("stored", e["shape"])
-        for e in entries
-    ]
-    codes = ["U8" if e.get("packed") else _CODES[e["dtype"]] for e in entries]
+    shapes, codes = _file_shapes(entries)  # as in the file
     offsets = _field(found, "data_offsets") if _all_type(found, dict) else []
     if not (
         offsets
