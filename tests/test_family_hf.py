@@ -186,12 +186,21 @@ def test_a_vision_transformer_classifier_builds_exactly(tmp_path, adapter):
         assert _size(compact) < _size(base)
 
 
-def test_llama_channels_are_refused_naming_the_reshapes_block_pruning_works(tmp_path):
-    """Llama's bias-free projections and RMSNorm leave the grouping unable to prove how its
-    reshapes carry channels: refused, naming them; block pruning (above) handles Llama."""
-    callback = SpartaCallback("splora", pruner_options={"criterion": "l1", "target": 0.5})
-    with pytest.raises(ConfigError, match="found no prunable group.*rearranges the channels"):
-        _trainer(tmp_path, _base("llama"), [callback]).train()
+def test_llama_prunes_its_gated_mlps_and_names_what_it_leaves(tmp_path):
+    """Llama's bias-free projections fold their inputs with a view before the matmul; behind
+    a gated product or RMSNorm (several inputs, no known layer) the grouping could not tell
+    the channels' layout and refused every group. Inputs that agree now give the layout:
+    the MLPs prune, the attention (heads reshaped, rotary halves swapped) stays whole."""
+    base, trainer, callback, path = _train(tmp_path, "llama", "splora", CHANNELS)
+    pruner = callback.pruner
+    assert sorted(g.name for g in pruner.groups) == [
+        f"model.layers.{i}.mlp.up_proj" for i in range(2)
+    ]
+    assert any("self_attn" in n and "rearranges the channels" in n for n in pruner.notes)
+    compact = _check_task(base, trainer, path)
+    mlp = compact.model.layers[0].mlp
+    assert mlp.up_proj.out_features == mlp.gate_proj.out_features == mlp.down_proj.in_features
+    assert mlp.up_proj.out_features < 64 and _size(compact) < _size(base)
 
 
 @pytest.mark.parametrize(

@@ -302,12 +302,14 @@ def _classify_reshape(node) -> str:
 
 def _layout(node, depth: int = 64) -> str | None:
     """``"first"`` (channels on dim 1) or ``"last"`` for the tensor entering ``node``, from the
-    nearest producing layer upstream through single-input operations; ``None`` if unknown
-    (a permute or transpose on the way, several inputs, too far)."""
+    nearest producing layer upstream through single-input operations, and through operations
+    of several inputs whose inputs all have that layout (a gated MLP's product, a residual
+    addition); ``None`` if unknown (a permute or transpose on the way, inputs that disagree,
+    too far)."""
     for _ in range(depth):
         inputs = [n for n in node.inputs if n.type.name != "PARAMETER"]
         if len(inputs) != 1:
-            return None
+            return _agreed_layout(node, inputs, depth)
         node = inputs[0]
         module = node.module
         if isinstance(module, nn.Linear | nn.LayerNorm | nn.MultiheadAttention | nn.Embedding):
@@ -320,6 +322,36 @@ def _layout(node, depth: int = 64) -> str | None:
         if node.type.name == "RESHAPE" and _reshape_kind(node) != "identity":
             return None
     return None
+
+
+def _agreed_layout(node, inputs: list, depth: int) -> str | None:
+    """The layout all ``inputs`` of ``node`` have (each traced as :func:`_layout` does from
+    its own producer), or ``None``; remembered per node, so that a residual stream is walked
+    once, not once per path."""
+    cached = getattr(node, "sparta_layout", False)
+    if cached is not False:
+        return cached
+    node.sparta_layout = None  # a cycle or a deep revisit reads as unknown
+    if not inputs or depth <= 0:
+        return None
+    layouts = {_layout_of(n, depth - 1) for n in inputs}
+    node.sparta_layout = layouts.pop() if len(layouts) == 1 else None
+    return node.sparta_layout
+
+
+def _layout_of(node, depth: int) -> str | None:
+    """The layout of the tensor ``node`` produces (its own layer's, else traced upstream)."""
+    module = node.module
+    if isinstance(module, nn.Linear | nn.LayerNorm | nn.MultiheadAttention | nn.Embedding):
+        return "last"
+    if isinstance(module, _ConvNd | nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
+        return "first"
+    name = _op_name(node).lower()
+    if "permute" in name or "transpose" in name or name.startswith("tbackward"):
+        return None
+    if node.type.name == "RESHAPE" and _reshape_kind(node) != "identity":
+        return None
+    return _layout(node, depth)
 
 
 def _is_flatten(node) -> bool:
