@@ -215,7 +215,7 @@ def test_run_report_and_adapters_as_csv_and_json(done):
     assert rows[0]["name"] == NAME and rows[0]["accuracy"] == final["accuracy"]
     table = _ok(_run("--output-dir", str(done), "--resume", "--format", "csv")).stdout
     (row,) = list(csv.DictReader(io.StringIO(table)))  # "done before" went to stderr
-    assert row["filter density"] == f"{final['density']:.4f}"
+    assert row["density"] == f"{final['density']:.4f}" and row["of"] == "filters"
     assert int(row["MACs"]) == final["macs"]  # a plain number, no thousands separators
 
     report = json.loads(_ok(runner.invoke(app, ["report", str(done), "--format", "json"])).stdout)

@@ -4,7 +4,9 @@ real offline assets, with a tiny budget)."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -66,6 +68,10 @@ def test_sparta_run_block_spa_from_flags(text_files, tmp_path):
 
     assert run_record(record)["criterion"] == "magnitude"  # sparta report: the block criterion
     assert abs(record["final"]["density"] - 0.5) <= 0.13
+    again = runner.invoke(app, ["run", "--output-dir", str(out), "--resume", "--format", "csv"])
+    assert again.exit_code == 0, again.output
+    (row,) = csv.DictReader(io.StringIO(again.stdout))
+    assert row["of"] == "blocks" and float(row["density"]) == pytest.approx(0.5, abs=0.13)
     assert record["final"]["macs_fraction"] < 1.0  # whole heads / neurons removed
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # sparta eval tokenises the test split with the model's tokenizer and scores the compact

@@ -90,13 +90,15 @@ def parse_args(args: list[str]) -> tuple[str | None, dict, dict]:
 # -- sparta run -----------------------------------------------------------------------------------
 def summary_table(results: list) -> Table:
     """Per run (name over its folder): test accuracy, validation accuracy when the run held out
-    a split, learned parameters as stored and as the paper counts them, MACs, filter density
+    a split, learned parameters as stored and as the paper counts them, MACs, the density
+    reached and of which units (filters for the channel pruner, blocks for the blocks pruner)
     and artifact bytes."""
     from ..app.results import run_record
+    from ..config.pruning import pruner_granularity
 
     table = Table(title="runs")
     table.add_column("run / output dir", overflow="fold")
-    columns = ("test acc", "val acc", "learned", "learned (paper)", "MACs", "filter density")
+    columns = ("test acc", "val acc", "learned", "learned (paper)", "MACs", "density", "of")
     for column in (*columns, "artifact bytes"):
         table.add_column(column, justify="right")
     for res in results:
@@ -115,6 +117,7 @@ def summary_table(results: list) -> Table:
             "-" if paper is None else f"{paper:,}",
             f"{r['macs']:,}",
             f"{r['density']:.4f}",
+            "blocks" if pruner_granularity(res.config) == "blocks" else "filters",
             size,
         )
     return table
