@@ -115,7 +115,7 @@ def switch_section(base, task: Task, switches: int, folder: Path) -> dict:
     """Median, min and max of ``switches`` task switches (``Task.load`` + ``Builder.build``)
     per format and torch thread count (1 and 2), all interleaved: one switch of each in turn,
     so machine load hits them alike; plus the torch ops one build runs (torch.profiler)."""
-    formats = {"v3 (plan inside)": task}
+    formats = {"format 4 (plan inside)": task}
     if hasattr(Task, "without_plan"):
         formats["old format (no plan)"] = task.without_plan()
     else:
