@@ -18,23 +18,9 @@ from test_train import one_thread  # noqa: F401  (autouse: tiny matrices run fas
 
 pl = pytest.importorskip("lightning.pytorch")
 from sparta.integrations.lightning import SpartaCallback  # noqa: E402
+from test_integrations_lightning import _cnn  # noqa: E402  (the same small CNN)
 
 PATH = "model.backbone.inner"  # where the network sits in the LightningModule
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 24, 3, padding=1, stride=2),
-        nn.BatchNorm2d(24),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(24, 3),
-    )
 
 
 def _mlp() -> nn.Module:

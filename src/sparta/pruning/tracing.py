@@ -311,16 +311,9 @@ def _layout(node, depth: int = 64) -> str | None:
         if len(inputs) != 1:
             return _agreed_layout(node, inputs, depth)
         node = inputs[0]
-        module = node.module
-        if isinstance(module, nn.Linear | nn.LayerNorm | nn.MultiheadAttention | nn.Embedding):
-            return "last"
-        if isinstance(module, _ConvNd | nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
-            return "first"
-        name = _op_name(node).lower()
-        if "permute" in name or "transpose" in name or name.startswith("tbackward"):
-            return None
-        if node.type.name == "RESHAPE" and _reshape_kind(node) != "identity":
-            return None
+        own = _own_layout(node)
+        if own is not _UPSTREAM:
+            return own
     return None
 
 
@@ -341,6 +334,18 @@ def _agreed_layout(node, inputs: list, depth: int) -> str | None:
 
 def _layout_of(node, depth: int) -> str | None:
     """The layout of the tensor ``node`` produces (its own layer's, else traced upstream)."""
+    own = _own_layout(node)
+    return _layout(node, depth) if own is _UPSTREAM else own
+
+
+#: :func:`_own_layout`'s answer for a node that keeps its input's layout.
+_UPSTREAM = object()
+
+
+def _own_layout(node):
+    """``"last"`` / ``"first"`` for a node whose module fixes the channel dim, ``None`` where
+    the layout becomes unknown (a permute, a transpose, a reshape that moves channels), else
+    :data:`_UPSTREAM` (the node's input decides)."""
     module = node.module
     if isinstance(module, nn.Linear | nn.LayerNorm | nn.MultiheadAttention | nn.Embedding):
         return "last"
@@ -351,7 +356,7 @@ def _layout_of(node, depth: int) -> str | None:
         return None
     if node.type.name == "RESHAPE" and _reshape_kind(node) != "identity":
         return None
-    return _layout(node, depth)
+    return _UPSTREAM
 
 
 def _is_flatten(node) -> bool:
