@@ -44,7 +44,9 @@ def test_subsets_have_the_asked_sizes_and_balance(n_train, n_test):
 
 
 def test_too_many_examples_is_one_clear_error():
-    with pytest.raises(ConfigError, match=r"train_examples=100000 is more than the 1,347 examples of the train set"):
+    with pytest.raises(
+        ConfigError, match=r"train_examples=100000 is more than the 1,347 examples of the train set"
+    ):
         load_datasets(RunConfig(dataset="digits", train_examples=100_000))
     with pytest.raises(ConfigError, match="test_examples"):
         RunConfig(dataset="digits", test_examples=0)
@@ -53,9 +55,20 @@ def test_too_many_examples_is_one_clear_error():
 def test_a_run_trains_and_evaluates_on_its_subsets_and_eval_reuses_them(tmp_path):
     out = tmp_path / "run"
     result = run(
-        RunConfig(model="digits_cnn", dataset="digits", method="splora", target=0.5, steps=1,
-                  epochs=1, recovery_epochs=0, batch_size=32, train_examples=160,
-                  test_examples=70, val_fraction=0.25, output_dir=str(out))  # fmt: skip
+        RunConfig(
+            model="digits_cnn",
+            dataset="digits",
+            method="splora",
+            target=0.5,
+            steps=1,
+            epochs=1,
+            recovery_epochs=0,
+            batch_size=32,
+            train_examples=160,
+            test_examples=70,
+            val_fraction=0.25,
+            output_dir=str(out),
+        )  # fmt: skip
     )
     saved = json.loads((out / "result.json").read_text())
     assert saved["data"] == {"train": 120, "val": 40, "test": 70}  # 160 = 120 + 40 held out
