@@ -40,6 +40,12 @@ def _sparta(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+def _terminal_signals() -> None:
+    """SIGINT at its default, as under a terminal: a test run started in the background (``cmd
+    &`` in a script, nohup) inherits SIGINT ignored, and Python then installs no Ctrl-C handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "sparta", *args],
@@ -47,6 +53,7 @@ def _start(*args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=_terminal_signals,
     )
 
 
