@@ -16,6 +16,7 @@ from sparta.config import RunConfig
 from sparta.data import dataset_labels
 from sparta.errors import ConfigError
 from sparta.train import load_datasets, run
+from test_train import small_config
 
 
 def _labels(part) -> torch.Tensor:
@@ -54,22 +55,10 @@ def test_too_many_examples_is_one_clear_error():
 
 def test_a_run_trains_and_evaluates_on_its_subsets_and_eval_reuses_them(tmp_path):
     out = tmp_path / "run"
-    result = run(
-        RunConfig(
-            model="digits_cnn",
-            dataset="digits",
-            method="splora",
-            target=0.5,
-            steps=1,
-            epochs=1,
-            recovery_epochs=0,
-            batch_size=32,
-            train_examples=160,
-            test_examples=70,
-            val_fraction=0.25,
-            output_dir=str(out),
-        )  # fmt: skip
-    )
+    config = small_config(out, model="digits_cnn", dataset="digits", steps=1, epochs=1,
+                          recovery_epochs=0, train_examples=160, test_examples=70,
+                          val_fraction=0.25)  # fmt: skip
+    result = run(config, progress=False)
     saved = json.loads((out / "result.json").read_text())
     assert saved["data"] == {"train": 120, "val": 40, "test": 70}  # 160 = 120 + 40 held out
     assert result.final["accuracy"] == saved["final"]["accuracy"]
